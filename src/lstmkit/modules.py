@@ -1,0 +1,396 @@
+"""``nn.Module``\\ s that hold parameters and compose layers and directions.
+
+A module never computes a gate: :class:`LSTMCell` calls :mod:`lstmkit.cells`, and
+:class:`LSTM` loops over layers and directions, handing each layer-direction to
+:func:`lstmkit.runner.run_layer`, which owns the loop over time.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from lstmkit import cells, runner
+from lstmkit import validation as check
+
+
+def _init_uniform(module: nn.Module, hidden_size: int) -> None:
+    """``torch.nn.LSTM``'s initialisation: every parameter from U(-1/sqrt(H), 1/sqrt(H)),
+    drawn in registration order, so the same seed gives the same weights."""
+    bound = 1.0 / math.sqrt(hidden_size)
+    with torch.no_grad():
+        for weight in module.parameters():
+            weight.uniform_(-bound, bound)
+
+
+class LSTMCell(nn.Module):
+    r"""One LSTM step, a drop-in for ``torch.nn.LSTMCell``.
+
+    Computes :func:`lstmkit.cells.lstm_step`:
+
+    .. math::
+        (i, f, g, o) &= (\sigma, \sigma, \tanh, \sigma)(W_{ih} x + b_{ih} + W_{hh} h + b_{hh}) \\
+        c' &= f \odot c + i \odot g, \qquad h' = o \odot \tanh(c')
+
+    Args:
+        input_size: I, features of the input ``x``.
+        hidden_size: H, features of the hidden and cell state.
+        bias: if ``False``, no ``bias_ih`` / ``bias_hh``. Default ``True``.
+        device, dtype: where and in which dtype to create the parameters.
+
+    Inputs: ``input, (h_0, c_0)``
+        - ``input``: ``(N, I)`` or unbatched ``(I)``.
+        - ``h_0``, ``c_0``: ``(N, H)`` or ``(H)``; zeros when ``hx`` is omitted.
+
+    Outputs: ``(h_1, c_1)``, each ``(N, H)`` or ``(H)``.
+
+    Parameters, named, shaped and initialised as in ``torch.nn.LSTMCell``:
+    ``weight_ih`` ``(4H, I)``, ``weight_hh`` ``(4H, H)``, ``bias_ih`` and ``bias_hh`` ``(4H)``,
+    gate blocks in the order (i, f, g, o), all drawn from U(-1/sqrt(H), 1/sqrt(H)).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_size = check.check_positive_int("input_size", input_size)
+        self.hidden_size = check.check_positive_int("hidden_size", hidden_size)
+        self.bias = check.check_bool("bias", bias)
+        factory = {"device": device, "dtype": dtype}
+        gates = 4 * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(gates, input_size, **factory))
+        self.weight_hh = nn.Parameter(torch.empty(gates, hidden_size, **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(gates, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(gates, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init_uniform(self, self.hidden_size)
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, bias={self.bias}"
+
+    def forward(
+        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        x = check.check_input("input", input, (1, 2), self.input_size, self.weight_ih)
+        batched = x.dim() == 2
+        if not batched:
+            x = x.unsqueeze(0)
+        shape = (x.size(0), self.hidden_size) if batched else (self.hidden_size,)
+        if hx is None:
+            h = c = x.new_zeros(x.size(0), self.hidden_size)
+        else:
+            what = "for batched input" if batched else "for unbatched input"
+            h, c = check.check_hx(hx, shape, shape, input, what)
+            if not batched:
+                h, c = h.unsqueeze(0), c.unsqueeze(0)
+        xp = cells.project_input(x, self.weight_ih, self.bias_ih, self.bias_hh)  # (N, 4H)
+        h, c = cells.lstm_step(xp, h, c, self.weight_hh)
+        if not batched:
+            h, c = h.squeeze(0), c.squeeze(0)
+        return h, c
+
+
+class LSTM(nn.Module):
+    r"""A multi-layer LSTM, a drop-in for ``torch.nn.LSTM``, written on tensor operations.
+
+    Every layer and direction applies :func:`lstmkit.cells.lstm_step` at each time step:
+
+    .. math::
+        (i_t, f_t, g_t, o_t) &= (\sigma, \sigma, \tanh, \sigma)
+            (W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh}) \\
+        c_t &= f_t \odot c_{t-1} + i_t \odot g_t \\
+        h_t &= o_t \odot \tanh(c_t) \quad (\text{times } W_{hr} \text{ if } proj\_size > 0)
+
+    Layer ``k > 0`` takes the (direction-concatenated) output of layer ``k - 1`` as its
+    input, after dropout with probability ``dropout`` in training mode.
+
+    Shape legend: N = batch size, L = sequence length, D = 2 if bidirectional else 1,
+    H_in = ``input_size``, H_cell = ``hidden_size``, H_out = ``proj_size`` if it is > 0 else
+    ``hidden_size``.
+
+    Args:
+        input_size: H_in.
+        hidden_size: H_cell, features of the cell state (and of h without projection).
+        num_layers: stacked layers. Default 1.
+        bias: if ``False``, no ``bias_ih`` / ``bias_hh`` parameters. Default ``True``.
+        batch_first: input and output are ``(N, L, *)`` instead of ``(L, N, *)``; the state
+            ``(h, c)`` is never batch-first. Default ``False``.
+        dropout: dropout probability on the outputs of every layer but the last, applied in
+            training mode only. Default 0.
+        bidirectional: run a second, reversed direction in every layer. Default ``False``.
+        proj_size: if > 0, an LSTM with projections (LSTMP): ``h_t = W_hr h_t``, of size
+            ``proj_size``, which must be smaller than ``hidden_size``. Default 0.
+        device, dtype: where and in which dtype to create the parameters.
+
+    Inputs: ``input, hx=None, *, lengths=None``
+        - ``input``: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first``, unbatched
+          ``(L, H_in)``, or a ``PackedSequence`` (sorted or not).
+        - ``hx``: a tuple ``(h_0, c_0)`` of ``(D * num_layers, N, H_out)`` and
+          ``(D * num_layers, N, H_cell)`` (no N for unbatched input); zeros when omitted.
+        - ``lengths`` (lstmkit only): ``(N,)`` valid length of each padded sequence, in
+          ``[1, L]``. Steps past a length neither change that sequence's state nor produce
+          output, and the reverse direction starts at each sequence's own last valid step,
+          exactly as with a ``PackedSequence`` but without packing.
+
+    Outputs: ``output, (h_n, c_n)``
+        - ``output``: ``(L, N, D * H_out)`` (batch-first if asked; a ``PackedSequence`` for a
+          packed input); zero at padded steps when lengths are given.
+        - ``h_n``: ``(D * num_layers, N, H_out)``, ``c_n``: ``(D * num_layers, N, H_cell)``,
+          the state after each sequence's last valid step, ordered layer by layer, forward
+          direction before reverse (row ``2k + 1`` is layer ``k``'s reverse direction).
+
+    Trap: for a bidirectional LSTM ``h_n`` is *not* ``output[-1]``. The reverse direction
+    finishes at time step 0, so its final state is ``output[0, :, H_out:]``; only the forward
+    half of ``output[-1]`` equals ``h_n[-2]``.
+
+    Parameters (per layer ``k``; suffix ``_reverse`` for the reverse direction), named,
+    shaped, ordered and initialised exactly as in ``torch.nn.LSTM``, so ``state_dict`` moves
+    between the two with ``strict=True`` and the same seed gives the same weights:
+    ``weight_ih_l{k}`` ``(4H_cell, H_in or D*H_out)``, ``weight_hh_l{k}`` ``(4H_cell, H_out)``,
+    ``bias_ih_l{k}``, ``bias_hh_l{k}`` ``(4H_cell)``, ``weight_hr_l{k}`` ``(H_out, H_cell)``
+    (only with ``proj_size > 0``); all U(-1/sqrt(H_cell), 1/sqrt(H_cell)).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_size = check.check_positive_int("input_size", input_size)
+        self.hidden_size = check.check_positive_int("hidden_size", hidden_size)
+        self.num_layers = check.check_positive_int("num_layers", num_layers)
+        self.bias = check.check_bool("bias", bias)
+        self.batch_first = check.check_bool("batch_first", batch_first)
+        self.dropout = check.check_probability("dropout", dropout)
+        self.bidirectional = check.check_bool("bidirectional", bidirectional)
+        self.proj_size = check.check_proj_size(proj_size, hidden_size)
+        if self.dropout > 0 and num_layers == 1:
+            warnings.warn(
+                f"dropout={dropout} has no effect with num_layers=1: it is applied between "
+                "layers only",
+                stacklevel=2,
+            )
+        factory = {"device": device, "dtype": dtype}
+        directions = 2 if bidirectional else 1
+        out_size = proj_size or hidden_size
+        gates = 4 * hidden_size
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else out_size * directions
+            for direction in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                shapes = {"weight_ih": (gates, layer_input), "weight_hh": (gates, out_size)}
+                if bias:
+                    shapes |= {"bias_ih": (gates,), "bias_hh": (gates,)}
+                if proj_size:
+                    shapes |= {"weight_hr": (proj_size, hidden_size)}
+                names = []
+                for kind, shape in shapes.items():
+                    names.append(kind + suffix)
+                    setattr(self, names[-1], nn.Parameter(torch.empty(shape, **factory)))
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init_uniform(self, self.hidden_size)
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        """Parameters per layer-direction, in ``torch.nn.LSTM``'s order."""
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """A no-op kept for ``torch.nn.LSTM`` compatibility: lstmkit reads each parameter
+        where it is and never needs them in one contiguous buffer."""
+
+    def extra_repr(self) -> str:
+        text = f"{self.input_size}, {self.hidden_size}"
+        defaults = {
+            "num_layers": 1,
+            "bias": True,
+            "batch_first": False,
+            "dropout": 0.0,
+            "bidirectional": False,
+            "proj_size": 0,
+        }
+        for name, default in defaults.items():
+            if getattr(self, name) != default:
+                text += f", {name}={getattr(self, name)}"
+        return text
+
+    def _layer_weights(self, layer: int, direction: int) -> tuple[Tensor | None, ...]:
+        """``(w_ih, w_hh, b_ih, b_hh, w_hr)`` of one layer-direction, ``None`` where absent."""
+        suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+        kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+        return tuple(getattr(self, kind + suffix, None) for kind in kinds)
+
+    def forward(
+        self,
+        input: Tensor | PackedSequence,
+        hx: tuple[Tensor, Tensor] | None = None,
+        *,
+        lengths: Tensor | list[int] | None = None,
+    ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
+        weight = self.weight_ih_l0
+        if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError(
+                    "lengths must be None for a PackedSequence input, which carries its own "
+                    f"lengths; got {type(lengths).__name__}"
+                )
+            check.check_input("input.data", input.data, (2,), self.input_size, weight)
+            x, packed_lengths = pad_packed_sequence(input)  # (L, N, H_in), original order
+            lengths = packed_lengths.to(x.device)
+            batched = True
+        else:
+            x = check.check_input("input", input, (2, 3), self.input_size, weight)
+            batched = x.dim() == 3
+            if not batched:
+                x = x.unsqueeze(1)
+            elif self.batch_first:
+                x = x.transpose(0, 1)
+            if lengths is not None:
+                if not batched:
+                    raise ValueError(
+                        "lengths must be None for unbatched (2-D) input, got "
+                        f"{type(lengths).__name__}"
+                    )
+                lengths = check.check_lengths(lengths, x.size(1), x.size(0), x.device)
+        if x.size(0) == 0:
+            raise ValueError(f"input must have at least one time step, got shape {tuple(x.shape)}")
+        h0, c0 = self._initial_state(hx, x, batched)
+
+        directions = 2 if self.bidirectional else 1
+        h_n, c_n = [], []
+        layer_input = x  # (L, N, features)
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                k = layer * directions + direction
+                out, h, c = runner.run_layer(
+                    layer_input,
+                    h0[k],
+                    c0[k],
+                    *self._layer_weights(layer, direction),
+                    reverse=direction == 1,
+                    lengths=lengths,
+                )
+                outputs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = torch.cat(outputs, dim=2) if directions == 2 else outputs[0]
+            if self.training and self.dropout > 0 and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        output, h_n, c_n = layer_input, torch.stack(h_n), torch.stack(c_n)
+
+        if isinstance(input, PackedSequence):
+            order = input.sorted_indices
+            if order is not None:
+                output = output.index_select(1, order)
+                packed_lengths = packed_lengths[order.cpu()]
+            data = pack_padded_sequence(output, packed_lengths).data
+            return PackedSequence(
+                data, input.batch_sizes, input.sorted_indices, input.unsorted_indices
+            ), (h_n, c_n)
+        if not batched:
+            return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (h_n, c_n)
+
+    def _initial_state(self, hx: object, x: Tensor, batched: bool) -> tuple[Tensor, Tensor]:
+        """``(h_0, c_0)`` as ``(D * num_layers, N, H_out)`` and ``(..., H_cell)``."""
+        states = self.num_layers * (2 if self.bidirectional else 1)
+        out_size = self.proj_size or self.hidden_size
+        batch = (x.size(1),) if batched else ()
+        h_shape = (states, *batch, out_size)
+        c_shape = (states, *batch, self.hidden_size)
+        if hx is None:
+            h0 = x.new_zeros(states, x.size(1), out_size)
+            return h0, x.new_zeros(states, x.size(1), self.hidden_size)
+        what = "for batched input" if batched else "for unbatched input"
+        h0, c0 = check.check_hx(hx, h_shape, c_shape, x, what)
+        if not batched:
+            h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        return h0, c0
+
+
+class SimpleLSTM(nn.Module):
+    """The notebook's single-layer LSTM, fixed: a batch-first one-layer :class:`LSTM`.
+
+    Returns ``(output, h_n, c_n)``: ``output`` ``(N, L, H)``, and the final hidden and cell
+    state ``(N, H)`` (the notebook fed the *cell* state through time as the hidden state).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, **factory) -> None:
+        super().__init__()
+        self.lstm = LSTM(input_size, hidden_size, batch_first=True, **factory)
+
+    def forward(self, input_seq: Tensor, *, lengths=None) -> tuple[Tensor, Tensor, Tensor]:
+        output, (h_n, c_n) = self.lstm(input_seq, lengths=lengths)
+        return output, h_n[0], c_n[0]
+
+
+class BidirectionalLSTM(nn.Module):
+    """The notebook's bidirectional LSTM, fixed: a batch-first bidirectional :class:`LSTM`.
+
+    Returns ``(output, h_n, c_n)``: ``output`` ``(N, L, 2H)``, and ``h_n``, ``c_n`` of
+    ``(N, 2H)``: the forward direction's state after the last step beside the reverse
+    direction's state after step 0 (the notebook returned ``outputs[-1]``, the last *batch
+    element*, and appended a stale global instead of the reverse state).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, **factory) -> None:
+        super().__init__()
+        self.lstm = LSTM(input_size, hidden_size, batch_first=True, bidirectional=True, **factory)
+
+    def forward(self, input_seq: Tensor, *, lengths=None) -> tuple[Tensor, Tensor, Tensor]:
+        output, (h_n, c_n) = self.lstm(input_seq, lengths=lengths)
+        return output, torch.cat(tuple(h_n), dim=-1), torch.cat(tuple(c_n), dim=-1)
+
+
+class DeepLSTM(nn.Module):
+    """The notebook's stacked LSTM, fixed: a batch-first ``num_layers`` :class:`LSTM`.
+
+    Returns ``(output, (h_n, c_n))`` with ``output`` ``(N, L, H)`` from the top layer and
+    per-layer final states ``(num_layers, N, H)`` (the notebook returned no state, kept its
+    state lists on the CPU and sized them by sequence length).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, **factory) -> None:
+        super().__init__()
+        self.lstm = LSTM(input_size, hidden_size, num_layers, batch_first=True, **factory)
+
+    def forward(self, input_seq: Tensor, *, lengths=None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        return self.lstm(input_seq, lengths=lengths)

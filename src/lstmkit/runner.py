@@ -1,0 +1,76 @@
+"""The recurrence over time for one layer and one direction.
+
+The runner owns everything about *time*: the input projection hoisted out of the loop,
+per-sequence lengths, running a direction in reverse, and choosing the backend that executes
+the loop. It knows no gate equation; those live in :mod:`lstmkit.cells`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lstmkit import cells
+from lstmkit.backends import reference
+
+BACKENDS = {"reference": reference.run}
+
+
+def reverse_within_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """Reverse ``x`` (``(T, B, ...)``) along time, each sequence within its own length.
+
+    Sequence ``b`` of length ``L_b`` has its steps ``0 .. L_b - 1`` reversed; its padding
+    steps stay where they are. Applying the function twice gives ``x`` back.
+    """
+    if lengths is None:
+        return x.flip(0)
+    t = torch.arange(x.size(0), device=x.device).unsqueeze(1)  # (T, 1)
+    lengths = lengths.unsqueeze(0)  # (1, B)
+    index = torch.where(t < lengths, lengths - 1 - t, t)  # (T, B)
+    index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(0, index)
+
+
+def run_layer(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None,
+    *,
+    reverse: bool = False,
+    lengths: Tensor | None = None,
+    backend: str = "reference",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run one LSTM layer in one direction over a whole (padded) batch of sequences.
+
+    Args:
+        x: ``(T, B, I)`` time-major input.
+        h0, c0: ``(B, P)`` and ``(B, H)`` initial state.
+        w_ih, w_hh, b_ih, b_hh, w_hr: the layer's parameters, as in ``torch.nn.LSTM``
+            (biases ``None`` when ``bias=False``; ``w_hr`` ``None`` without projection).
+        reverse: run from each sequence's last valid step to its first.
+        lengths: ``(B,)`` int64 valid length of each sequence on ``x``'s device, or ``None``
+            when all are ``T`` long. Steps past a length neither change that sequence's
+            state nor produce output (their output is zero).
+        backend: a key of :data:`BACKENDS`.
+
+    Returns:
+        ``(output, h_n, c_n)``: ``(T, B, P)``, and each sequence's state after its last
+        valid step, ``(B, P)`` and ``(B, H)``.
+    """
+    if lengths is not None and bool((lengths == x.size(0)).all()):
+        lengths = None  # full-length batch: no masking needed
+    if reverse:
+        x = reverse_within_lengths(x, lengths)
+    xp = cells.project_input(x, w_ih, b_ih, b_hh)  # (T, B, 4H): one matmul for all steps
+    mask = None
+    if lengths is not None:
+        mask = torch.arange(x.size(0), device=x.device).unsqueeze(1) < lengths  # (T, B)
+    output, h_n, c_n = BACKENDS[backend](cells.lstm_step, xp, h0, c0, (w_hh, w_hr), mask)
+    if reverse:
+        output = reverse_within_lengths(output, lengths)
+    return output, h_n, c_n

@@ -1,0 +1,141 @@
+"""Every check of user input, in one style.
+
+Each check raises before anything is computed or changed, with a message that names the
+argument, what was expected and what was received: ``TypeError`` for a wrong type or dtype,
+``ValueError`` for a wrong value, shape or device.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a Tensor of shape {tuple(value.shape)}"
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {_describe(value)}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {_describe(value)}")
+    return value
+
+
+def check_probability(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1], got {_describe(value)}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return float(value)
+
+
+def check_proj_size(proj_size: object, hidden_size: int) -> int:
+    if isinstance(proj_size, bool) or not isinstance(proj_size, int):
+        raise TypeError(f"proj_size must be an int, got {_describe(proj_size)}")
+    if not 0 <= proj_size < hidden_size:
+        raise ValueError(
+            f"proj_size must be in [0, hidden_size={hidden_size}) (0 disables the projection), "
+            f"got {proj_size}"
+        )
+    return proj_size
+
+
+def check_tensor_like(name: str, value: Tensor, reference: Tensor, reference_name: str) -> None:
+    """``value`` must share ``reference``'s floating dtype and device."""
+    if value.dtype != reference.dtype:
+        raise TypeError(
+            f"{name}.dtype must match {reference_name}.dtype={reference.dtype}, got {value.dtype}"
+        )
+    if value.device != reference.device:
+        raise ValueError(
+            f"{name}.device must match {reference_name}.device={reference.device}, "
+            f"got {value.device}"
+        )
+
+
+def check_input(
+    name: str, x: object, ranks: tuple[int, ...], input_size: int, weight: Tensor
+) -> Tensor:
+    """An input tensor of one of ``ranks`` whose last dimension is ``input_size``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {_describe(x)}")
+    if x.dim() not in ranks:
+        expected = " or ".join(f"{r}-D" for r in ranks)
+        raise ValueError(f"{name} must be {expected}, got {x.dim()}-D of shape {tuple(x.shape)}")
+    if x.size(-1) != input_size:
+        raise ValueError(f"{name}.size(-1) must be input_size={input_size}, got {x.size(-1)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    check_tensor_like(name, x, weight, "the parameters'")
+    return x
+
+
+def check_state(
+    name: str, value: object, expected_shape: tuple[int, ...], x: Tensor, what: str
+) -> Tensor:
+    """One state tensor of exactly ``expected_shape``, like the input in dtype and device."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {_describe(value)}")
+    if tuple(value.shape) != expected_shape:
+        raise ValueError(
+            f"{name} must have shape {expected_shape} {what}, got {tuple(value.shape)}"
+        )
+    check_tensor_like(name, value, x, "input")
+    return value
+
+
+def check_hx(
+    hx: object,
+    h_shape: tuple[int, ...],
+    c_shape: tuple[int, ...],
+    x: Tensor,
+    what: str,
+) -> tuple[Tensor, Tensor]:
+    """``hx`` must be a pair ``(h_0, c_0)`` of the given shapes."""
+    if isinstance(hx, Tensor) or not isinstance(hx, Sequence) or len(hx) != 2:
+        raise TypeError(f"hx must be a tuple (h_0, c_0) of two Tensors, got {_describe(hx)}")
+    h, c = hx
+    return (
+        check_state("hx[0] (h_0)", h, h_shape, x, what),
+        check_state("hx[1] (c_0)", c, c_shape, x, what),
+    )
+
+
+def check_lengths(lengths: object, batch: int, steps: int, device: torch.device) -> Tensor:
+    """Per-sequence lengths: ``batch`` ints in ``[1, steps]``; returned as int64 on ``device``."""
+    if isinstance(lengths, Tensor):
+        if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+            raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
+        values = lengths.detach().to("cpu", torch.int64)
+    elif isinstance(lengths, Sequence) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in lengths
+    ):
+        values = torch.tensor(list(lengths), dtype=torch.int64)
+    else:
+        raise TypeError(
+            f"lengths must be a 1-D integer Tensor or a sequence of ints, got {_describe(lengths)}"
+        )
+    if values.dim() != 1 or values.numel() != batch:
+        raise ValueError(
+            f"lengths must have one entry per sequence (shape ({batch},)), "
+            f"got shape {tuple(values.shape)}"
+        )
+    if batch and not (values.min() >= 1 and values.max() <= steps):
+        raise ValueError(
+            f"lengths must lie in [1, {steps}] (the sequence length), "
+            f"got min {int(values.min())} and max {int(values.max())}"
+        )
+    return values.to(device)
