@@ -137,6 +137,10 @@ class LSTM(nn.Module):
         proj_size: if > 0, an LSTM with projections (LSTMP): ``h_t = W_hr h_t``, of size
             ``proj_size``, which must be smaller than ``hidden_size``. Default 0.
         device, dtype: where and in which dtype to create the parameters.
+        backend (keyword-only, lstmkit only): how the loop over time runs: ``"auto"``
+            (default: the fastest backend that supports the configuration) or one of
+            ``"reference"`` (the per-step autograd loop that is the oracle). May be changed
+            on an existing module.
 
     Inputs: ``input, hx=None, *, lengths=None``
         - ``input``: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first``, unbatched
@@ -179,10 +183,13 @@ class LSTM(nn.Module):
         proj_size: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.input_size = check.check_positive_int("input_size", input_size)
         self.hidden_size = check.check_positive_int("hidden_size", hidden_size)
+        self.backend = check.check_choice("backend", backend, runner.BACKEND_NAMES)
         self.num_layers = check.check_positive_int("num_layers", num_layers)
         self.bias = check.check_bool("bias", bias)
         self.batch_first = check.check_bool("batch_first", batch_first)
@@ -243,6 +250,7 @@ class LSTM(nn.Module):
             "dropout": 0.0,
             "bidirectional": False,
             "proj_size": 0,
+            "backend": "auto",
         }
         for name, default in defaults.items():
             if getattr(self, name) != default:
@@ -305,6 +313,7 @@ class LSTM(nn.Module):
                     *self._layer_weights(layer, direction),
                     reverse=direction == 1,
                     lengths=lengths,
+                    backend=self.backend,
                 )
                 outputs.append(out)
                 h_n.append(h)

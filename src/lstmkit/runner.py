@@ -14,6 +14,13 @@ from lstmkit import cells
 from lstmkit.backends import reference
 
 BACKENDS = {"reference": reference.run}
+BACKEND_NAMES = ("auto", *BACKENDS)
+
+
+def choose_backend(name: str) -> str:
+    """The backend that runs a layer: ``name`` itself, or for ``"auto"`` the fastest one
+    that supports the configuration."""
+    return "reference" if name == "auto" else name
 
 
 def reverse_within_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
@@ -43,7 +50,7 @@ def run_layer(
     *,
     reverse: bool = False,
     lengths: Tensor | None = None,
-    backend: str = "reference",
+    backend: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run one LSTM layer in one direction over a whole (padded) batch of sequences.
 
@@ -56,7 +63,7 @@ def run_layer(
         lengths: ``(B,)`` int64 valid length of each sequence on ``x``'s device, or ``None``
             when all are ``T`` long. Steps past a length neither change that sequence's
             state nor produce output (their output is zero).
-        backend: a key of :data:`BACKENDS`.
+        backend: one of :data:`BACKEND_NAMES`.
 
     Returns:
         ``(output, h_n, c_n)``: ``(T, B, P)``, and each sequence's state after its last
@@ -70,7 +77,9 @@ def run_layer(
     mask = None
     if lengths is not None:
         mask = torch.arange(x.size(0), device=x.device).unsqueeze(1) < lengths  # (T, B)
-    output, h_n, c_n = BACKENDS[backend](cells.lstm_step, xp, h0, c0, (w_hh, w_hr), mask)
+    output, h_n, c_n = BACKENDS[choose_backend(backend)](
+        cells.lstm_step, xp, h0, c0, (w_hh, w_hr), mask
+    )
     if reverse:
         output = reverse_within_lengths(output, lengths)
     return output, h_n, c_n

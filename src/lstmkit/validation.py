@@ -42,6 +42,12 @@ def check_probability(name: str, value: object) -> float:
     return float(value)
 
 
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
 def check_proj_size(proj_size: object, hidden_size: int) -> int:
     if isinstance(proj_size, bool) or not isinstance(proj_size, int):
         raise TypeError(f"proj_size must be an int, got {_describe(proj_size)}")

@@ -1,0 +1,86 @@
+"""A short demonstration: lstmkit agrees with ``torch.nn.LSTM``, then learns a small task.
+
+Run with ``lstmkit demo`` (or ``python -m lstmkit demo``). ``torch.nn.LSTM`` appears here
+only as the yardstick the library is compared against.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from lstmkit.modules import LSTM
+
+
+def parity(seed: int = 0) -> dict[str, float]:
+    """Largest absolute differences between lstmkit and ``torch.nn.LSTM`` with shared weights
+    (2 layers, bidirectional, float64): outputs, final states, input and weight gradients."""
+    torch.manual_seed(seed)
+    config = {"num_layers": 2, "bidirectional": True, "batch_first": True}
+    ours = LSTM(16, 32, **config).double()
+    theirs = nn.LSTM(16, 32, **config).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 25, 16, dtype=torch.float64)
+    results = []
+    for model in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        out, (h, c) = model(xi)
+        (out.sum() + h.sum() + c.sum()).backward()
+        grads = [p.grad for p in model.parameters()]
+        results.append((out, h, c, xi.grad, grads))
+    (o1, h1, c1, dx1, g1), (o2, h2, c2, dx2, g2) = results
+    return {
+        "output": (o1 - o2).abs().max().item(),
+        "h_n": (h1 - h2).abs().max().item(),
+        "c_n": (c1 - c2).abs().max().item(),
+        "input grad": (dx1 - dx2).abs().max().item(),
+        "weight grads": max((a - b).abs().max().item() for a, b in zip(g1, g2, strict=True)),
+    }
+
+
+class _NextValue(nn.Module):
+    """An LSTM that reads a noisy sine wave and predicts its next value."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.lstm = LSTM(1, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.head(out)
+
+
+def train_sine(steps: int = 200, seed: int = 0) -> tuple[float, float]:
+    """Train next-value prediction on random-phase sine waves; return (first, last) loss."""
+    torch.manual_seed(seed)
+    model = _NextValue(32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = last = float("nan")
+    for step in range(steps):
+        phase = torch.rand(32, 1) * 6.283
+        t = torch.arange(41, dtype=torch.float32) * 0.3
+        wave = torch.sin(t + phase).unsqueeze(-1)  # (32, 41, 1)
+        x, y = wave[:, :-1], wave[:, 1:]
+        loss = nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step == 0:
+            first = loss.item()
+        last = loss.item()
+    return first, last
+
+
+def main() -> int:
+    print("lstmkit vs torch.nn.LSTM (2 layers, bidirectional, float64, shared weights)")
+    for name, diff in parity().items():
+        print(f"  max |difference| in {name:<13} {diff:.2e}")
+    start = time.perf_counter()
+    first, last = train_sine()
+    seconds = time.perf_counter() - start
+    print("training lstmkit.LSTM on next-value prediction of sine waves, 200 Adam steps:")
+    print(f"  MSE {first:.4f} -> {last:.4f} in {seconds:.1f} s")
+    return 0
