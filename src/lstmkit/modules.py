@@ -288,6 +288,10 @@ class LSTM(nn.Module):
                 x = x.unsqueeze(1)
             elif self.batch_first:
                 x = x.transpose(0, 1)
+            if x.size(0) == 0:
+                raise ValueError(
+                    f"input must have at least one time step, got shape {tuple(input.shape)}"
+                )
             if lengths is not None:
                 if not batched:
                     raise ValueError(
@@ -295,8 +299,6 @@ class LSTM(nn.Module):
                         f"{type(lengths).__name__}"
                     )
                 lengths = check.check_lengths(lengths, x.size(1), x.size(0), x.device)
-        if x.size(0) == 0:
-            raise ValueError(f"input must have at least one time step, got shape {tuple(x.shape)}")
         h0, c0 = self._initial_state(hx, x, batched)
 
         directions = 2 if self.bidirectional else 1

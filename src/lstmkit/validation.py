@@ -14,9 +14,19 @@ import torch
 from torch import Tensor
 
 
+def _holds_tensor(value: object) -> bool:
+    return isinstance(value, Tensor) or (
+        isinstance(value, (tuple, list)) and any(_holds_tensor(v) for v in value)
+    )
+
+
 def _describe(value: object) -> str:
     if isinstance(value, Tensor):
         return f"a Tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)) and _holds_tensor(value):
+        # Shapes, not the tensors' values: a repr of the states would swamp the message.
+        items = ", ".join(_describe(v) for v in value)
+        return f"a {type(value).__name__} of {len(value)} ({items})"
     return f"{value!r} ({type(value).__name__})"
 
 
