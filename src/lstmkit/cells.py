@@ -11,9 +11,21 @@ row. One step then only adds the recurrent half and applies the gates (:func:`ls
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+class LSTMWeights(NamedTuple):
+    """The parameters of one layer-direction, named as in ``torch.nn.LSTM``."""
+
+    w_ih: Tensor  # (4H, I)
+    w_hh: Tensor  # (4H, P)
+    b_ih: Tensor | None  # (4H,), None without bias
+    b_hh: Tensor | None  # (4H,), None without bias
+    w_hr: Tensor | None  # (P, H), None without projection
 
 
 def project_input(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:

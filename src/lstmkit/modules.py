@@ -257,11 +257,11 @@ class LSTM(nn.Module):
                 text += f", {name}={getattr(self, name)}"
         return text
 
-    def _layer_weights(self, layer: int, direction: int) -> tuple[Tensor | None, ...]:
-        """``(w_ih, w_hh, b_ih, b_hh, w_hr)`` of one layer-direction, ``None`` where absent."""
+    def _layer_weights(self, layer: int, direction: int) -> cells.LSTMWeights:
+        """The parameters of one layer-direction, ``None`` where absent."""
         suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
         kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
-        return tuple(getattr(self, kind + suffix, None) for kind in kinds)
+        return cells.LSTMWeights(*(getattr(self, kind + suffix, None) for kind in kinds))
 
     def forward(
         self,
@@ -312,7 +312,7 @@ class LSTM(nn.Module):
                     layer_input,
                     h0[k],
                     c0[k],
-                    *self._layer_weights(layer, direction),
+                    self._layer_weights(layer, direction),
                     reverse=direction == 1,
                     lengths=lengths,
                     backend=self.backend,

@@ -42,11 +42,7 @@ def run_layer(
     x: Tensor,
     h0: Tensor,
     c0: Tensor,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    w_hr: Tensor | None,
+    weights: cells.LSTMWeights,
     *,
     reverse: bool = False,
     lengths: Tensor | None = None,
@@ -57,29 +53,35 @@ def run_layer(
     Args:
         x: ``(T, B, I)`` time-major input.
         h0, c0: ``(B, P)`` and ``(B, H)`` initial state.
-        w_ih, w_hh, b_ih, b_hh, w_hr: the layer's parameters, as in ``torch.nn.LSTM``
-            (biases ``None`` when ``bias=False``; ``w_hr`` ``None`` without projection).
+        weights: the layer-direction's parameters.
         reverse: run from each sequence's last valid step to its first.
-        lengths: ``(B,)`` int64 valid length of each sequence on ``x``'s device, or ``None``
-            when all are ``T`` long. Steps past a length neither change that sequence's
-            state nor produce output (their output is zero).
+        lengths: ``(B,)`` int64 valid length of each sequence, or ``None`` when all are
+            ``T`` long. Steps past a length neither change that sequence's state nor produce
+            output (their output is zero).
         backend: one of :data:`BACKEND_NAMES`.
 
     Returns:
         ``(output, h_n, c_n)``: ``(T, B, P)``, and each sequence's state after its last
         valid step, ``(B, P)`` and ``(B, H)``.
     """
-    if lengths is not None and bool((lengths == x.size(0)).all()):
-        lengths = None  # full-length batch: no masking needed
+    steps = x.size(0)
+    order = batch_sizes = None
+    if lengths is not None and not bool((lengths == steps).all()):
+        # Sort by decreasing length, so that the sequences still running at step t are the
+        # first batch_sizes[t] rows: backends then work on row prefixes instead of masks.
+        lengths, order = lengths.sort(descending=True, stable=True)
+        x, h0, c0 = x.index_select(1, order), h0.index_select(0, order), c0.index_select(0, order)
+        running = torch.arange(steps, device=lengths.device).unsqueeze(1) < lengths  # (T, B)
+        batch_sizes = running.sum(1).tolist()
+    else:
+        lengths = None
     if reverse:
         x = reverse_within_lengths(x, lengths)
-    xp = cells.project_input(x, w_ih, b_ih, b_hh)  # (T, B, 4H): one matmul for all steps
-    mask = None
-    if lengths is not None:
-        mask = torch.arange(x.size(0), device=x.device).unsqueeze(1) < lengths  # (T, B)
-    output, h_n, c_n = BACKENDS[choose_backend(backend)](
-        cells.lstm_step, xp, h0, c0, (w_hh, w_hr), mask
-    )
+    output, h_n, c_n = BACKENDS[choose_backend(backend)](x, h0, c0, weights, batch_sizes)
     if reverse:
         output = reverse_within_lengths(output, lengths)
+    if order is not None:
+        restore = order.argsort()
+        output = output.index_select(1, restore)
+        h_n, c_n = h_n.index_select(0, restore), c_n.index_select(0, restore)
     return output, h_n, c_n

@@ -1,51 +1,46 @@
-"""The reference backend: a plain per-step loop on autograd.
-
-It works for any step function and is the oracle every faster backend is tested against.
-"""
+"""The reference backend: a plain per-step loop on autograd, the oracle for every other one."""
 
 from __future__ import annotations
-
-from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-Step = Callable[..., tuple[Tensor, Tensor]]
+from lstmkit import cells
 
 
 def run(
-    step: Step,
-    xp: Tensor,
+    x: Tensor,
     h: Tensor,
     c: Tensor,
-    weights: Sequence[Tensor | None],
-    mask: Tensor | None,
+    weights: cells.LSTMWeights,
+    batch_sizes: list[int] | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Run ``step`` forward over time.
+    """Run one layer-direction forward over time.
 
     Args:
-        step: ``step(xp_t, h, c, *weights) -> (h, c)``, e.g. :func:`lstmkit.cells.lstm_step`.
-        xp: ``(T, B, G)`` input half of the pre-activations for every step.
+        x: ``(T, B, I)`` time-major input.
         h: ``(B, P)`` initial hidden state.
         c: ``(B, H)`` initial cell state.
-        weights: the step's remaining arguments.
-        mask: ``(T, B)`` bool, True where step ``t`` is inside sequence ``b``, or ``None``
-            when every sequence is full length. Masked steps keep the state and output zeros.
+        weights: the layer-direction's parameters.
+        batch_sizes: ``T`` non-increasing counts of the sequences still running at each step,
+            with the batch sorted by decreasing length (as in a ``PackedSequence``), or
+            ``None`` when every sequence is ``T`` long. A finished sequence keeps its state
+            and outputs zeros.
 
     Returns:
-        ``(output, h_T, c_T)`` of shapes ``(T, B, P)``, ``(B, P)``, ``(B, H)``.
+        ``(output, h_n, c_n)`` of shapes ``(T, B, P)``, ``(B, P)``, ``(B, H)``.
     """
+    xp = cells.project_input(x, weights.w_ih, weights.b_ih, weights.b_hh)  # (T, B, 4H)
+    batch = x.size(1)
     outputs = []
     # unbind, not xp[t]: indexing a tensor that requires grad makes backward O(T^2).
-    steps = xp.unbind(0)
-    if mask is None:
-        for xp_t in steps:
-            h, c = step(xp_t, h, c, *weights)
-            outputs.append(h)
-    else:
-        for xp_t, m in zip(steps, mask.unsqueeze(-1).unbind(0), strict=True):  # m: (B, 1)
-            h_t, c_t = step(xp_t, h, c, *weights)
-            h = torch.where(m, h_t, h)
-            c = torch.where(m, c_t, c)
-            outputs.append(h_t.masked_fill(~m, 0.0))
+    for t, xp_t in enumerate(xp.unbind(0)):
+        n = batch if batch_sizes is None else batch_sizes[t]
+        h_t, c_t = cells.lstm_step(xp_t[:n], h[:n], c[:n], weights.w_hh, weights.w_hr)
+        if n < batch:  # rows n: have finished: they keep their state and output zeros
+            outputs.append(torch.cat([h_t, h_t.new_zeros(batch - n, h_t.size(1))]))
+            h, c = torch.cat([h_t, h[n:]]), torch.cat([c_t, c[n:]])
+        else:
+            outputs.append(h_t)
+            h, c = h_t, c_t
     return torch.stack(outputs), h, c
