@@ -11,16 +11,16 @@ import torch
 from torch import Tensor
 
 from lstmkit import cells
-from lstmkit.backends import reference
+from lstmkit.backends import fused, reference
 
-BACKENDS = {"reference": reference.run}
+BACKENDS = {"reference": reference.run, "fused": fused.run}
 BACKEND_NAMES = ("auto", *BACKENDS)
 
 
 def choose_backend(name: str) -> str:
     """The backend that runs a layer: ``name`` itself, or for ``"auto"`` the fastest one
     that supports the configuration."""
-    return "reference" if name == "auto" else name
+    return "fused" if name == "auto" else name
 
 
 def reverse_within_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
