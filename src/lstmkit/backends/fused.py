@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from lstmkit import cells
 from lstmkit.backends import matmul
@@ -111,8 +110,12 @@ class FusedLSTM(torch.autograd.Function):
         return output, h_n, c_n
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the fused backend's backward is not itself differentiable (create_graph=True, "
+                "double backward); use LSTM(..., backend='reference') for higher-order gradients"
+            )
         x, h0, c0, w_ih, w_hh, w_hr, gates, cell, tanh_cell, output = ctx.saved_tensors
         steps, batch, _ = x.shape
         hidden = cell.size(2)

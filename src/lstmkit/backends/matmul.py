@@ -7,10 +7,11 @@ its blocked layout; see ``docs/performance.md``. Below about a million multiply-
 its fixed cost loses to ``torch.addmm``. The ops are private, so they are probed once at import
 (shape and value of a small product) and never used if anything about them is off.
 
-Packed weights of parameters are cached per parameter and rebuilt when the parameter changes:
-in place (its version counter moves, as every optimizer step and ``load_state_dict`` do) or by
-rebinding its storage. A write through ``param.data`` bypasses the version counter; call
-:func:`clear_cache` after one.
+Packed weights of parameters (``nn.Parameter``) are cached per parameter and rebuilt when the
+parameter changes: in place (its version counter moves, as every optimizer step and
+``load_state_dict`` do) or by rebinding its storage. An in-place write through ``param.data``
+bypasses the version counter; call :func:`clear_cache` after one. Other tensors (as
+``torch.func.functional_call`` or ``gradcheck`` pass) are never cached.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def uses_onednn(rows: int, weight: Tensor) -> bool:
 
 def cached(param: Tensor, key: Hashable, make: Callable[[Tensor], Tensor]) -> Tensor:
     """``make(param)``, remembered per ``(param, key)`` until ``param`` changes."""
+    if not isinstance(param, torch.nn.Parameter):
+        return make(param)
     stamp = (param._version, param.data_ptr())
     entries = _packed.setdefault(param, {})
     hit = entries.get(key)

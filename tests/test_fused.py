@@ -1,0 +1,134 @@
+"""The fused backend against the reference backend: outputs, final states, every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TOLERANCES, assert_all_close, run_with_grads
+from test_parity import GRID, IN, make_hx, make_input
+
+import lstmkit
+from lstmkit.backends import matmul
+
+
+def twin_backends(dtype=torch.float64, **config):
+    """Two lstmkit.LSTMs with the same weights, one per backend."""
+    fused = lstmkit.LSTM(**config, dtype=dtype, backend="fused")
+    reference = lstmkit.LSTM(**config, dtype=dtype, backend="reference")
+    reference.load_state_dict(fused.state_dict())
+    return fused, reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize(
+    ("layers", "bidirectional", "proj", "batch_first", "bias", "kind", "with_hx"), GRID
+)
+def test_fused_equals_reference(
+    dtype, layers, bidirectional, proj, batch_first, bias, kind, with_hx
+):
+    fused, reference = twin_backends(
+        dtype,
+        input_size=IN,
+        hidden_size=6,
+        num_layers=layers,
+        bias=bias,
+        batch_first=batch_first,
+        bidirectional=bidirectional,
+        proj_size=proj,
+    )
+    x = make_input(kind, 3, 5, batch_first, dtype, lengths=[2, 5, 1])
+    hx = make_hx(layers, bidirectional, proj, 3, dtype, kind == "unbatched") if with_hx else None
+    assert_all_close(
+        run_with_grads(fused, x, hx), run_with_grads(reference, x, hx), TOLERANCES[dtype]
+    )
+
+
+@pytest.fixture
+def onednn_everywhere(monkeypatch):
+    """Send every float32 CPU product to oneDNN, whatever its size."""
+    if not matmul.ONEDNN:
+        pytest.skip("oneDNN's linear ops are not usable in this torch build")
+    monkeypatch.setattr(matmul, "MIN_ONEDNN_MACS", 0)
+
+
+@pytest.mark.parametrize("proj", [0, 24])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_onednn_path_equals_reference(onednn_everywhere, proj, with_lengths):
+    fused, reference = twin_backends(
+        torch.float32, input_size=40, hidden_size=96, bidirectional=True, proj_size=proj
+    )
+    batch = 24
+    x = torch.randn(12, batch, 40)
+    lengths = torch.randint(1, 13, (batch,)) if with_lengths else None
+    hx = make_hx(1, True, proj or 96, batch, torch.float32)
+    hx = (hx[0][..., : proj or 96], torch.randn(2, batch, 96))
+    assert_all_close(
+        run_with_grads(fused, x, hx, lengths=lengths),
+        run_with_grads(reference, x, hx, lengths=lengths),
+        1e-5,
+    )
+
+
+def test_gradcheck_fused_backward():
+    shapes = [(12, 3), (12, 2), (12,), (12,), (2, 3)]  # H = 3 with projection to P = 2
+    weights = [(torch.randn(s, dtype=torch.float64) * 0.5).requires_grad_() for s in shapes]
+    x = torch.randn(5, 4, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    batch_sizes = [4, 4, 3, 1, 1]
+
+    def f(x, h0, c0, *w):
+        return lstmkit.backends.fused.run(x, h0, c0, lstmkit.cells.LSTMWeights(*w), batch_sizes)
+
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *weights))
+
+
+def test_second_backward_and_double_backward():
+    model = lstmkit.LSTM(3, 4, dtype=torch.float64, backend="fused")
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    out, _ = model(x)
+    (first,) = torch.autograd.grad(out.sum(), x, retain_graph=True)
+    (second,) = torch.autograd.grad(out.sum(), x, retain_graph=True)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    with pytest.raises(
+        RuntimeError, match=r"double backward\); use LSTM\(\.\.\., backend='reference'\)"
+    ):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+
+
+def test_reference_backend_supports_double_backward():
+    model = lstmkit.LSTM(2, 3, dtype=torch.float64, backend="reference")
+    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x: model(x)[0], (x,))
+
+
+def _train_step(model, x):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    out, _ = model(x)
+    out.square().sum().backward()
+    optimizer.step()
+
+
+def test_packed_weight_cache_is_never_stale(onednn_everywhere):
+    """After an optimizer step, load_state_dict, rebinding .data or an in-place change, the
+    fused backend sees the new weights, not a stale packed copy."""
+    fused, reference = twin_backends(torch.float32, input_size=64, hidden_size=128)
+    x = torch.randn(6, 16, 64)
+    for model in (fused, reference):
+        model(x)  # fill the cache
+        _train_step(model, x)
+    torch.testing.assert_close(fused(x)[0], reference(x)[0], atol=1e-5, rtol=1e-5)
+
+    state = {k: v + 0.01 for k, v in reference.state_dict().items()}
+    for model in (fused, reference):
+        model.load_state_dict(state)
+    torch.testing.assert_close(fused(x)[0], reference(x)[0], atol=1e-5, rtol=1e-5)
+
+    fused.weight_hh_l0.data = fused.weight_hh_l0.data * 0.5  # new storage
+    reference.weight_hh_l0.data = reference.weight_hh_l0.data * 0.5
+    torch.testing.assert_close(fused(x)[0], reference(x)[0], atol=1e-5, rtol=1e-5)
+
+    with torch.no_grad():
+        for model in (fused, reference):
+            model.weight_hh_l0.mul_(-1)  # in place: the version counter moves
+    torch.testing.assert_close(fused(x)[0], reference(x)[0], atol=1e-5, rtol=1e-5)
