@@ -1,9 +1,11 @@
-"""The ``lstmkit`` command line: ``lstmkit demo``."""
+"""The ``lstmkit`` command line: ``lstmkit demo`` and ``lstmkit bench``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from lstmkit.bench import cli as bench
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,11 +14,19 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "demo", help="show lstmkit agreeing with torch.nn.LSTM, then train a tiny model"
     )
+    bench.add_arguments(
+        commands.add_parser(
+            "bench",
+            help="time lstmkit against torch.nn.LSTM and a naive LSTM; write json/md/png",
+        )
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         from lstmkit import demo
 
         return demo.main()
+    if args.command == "bench":
+        return bench.main(args)
     return 2
 
 

@@ -1,0 +1,97 @@
+"""The ``lstmkit bench`` subcommand: its arguments and what it runs."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from lstmkit.bench.report import machine_info, write_reports
+from lstmkit.bench.suite import GRID, Config, run_suite
+from lstmkit.runner import BACKEND_NAMES
+
+DEFAULT_RUNS = {"repeats": 7, "warmup": 2}
+QUICK_RUNS = {"repeats": 3, "warmup": 1}
+
+
+def _configs(text: str) -> list[Config]:
+    """An argparse ``type``: comma-separated names from :data:`GRID`, in the given order."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in GRID]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {','.join(GRID)}, got {text!r}"
+        )
+    return [GRID[name] for name in dict.fromkeys(names)]
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--configs",
+        type=_configs,
+        default=list(GRID.values()),
+        help=f"comma-separated configurations to run (default: all of {','.join(GRID)})",
+    )
+    parser.add_argument(
+        "--backend",
+        action="append",
+        choices=BACKEND_NAMES,
+        help="an lstmkit backend to time; repeat for several (default: auto)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=_count(1),
+        help=f"timed runs per implementation (default {DEFAULT_RUNS['repeats']})",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=_count(0),
+        help=f"untimed rounds first (default {DEFAULT_RUNS['warmup']})",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: {repeats} repeats and {warmup} warm-up unless given".format(**QUICK_RUNS),
+    )
+    parser.add_argument("--threads", type=_count(1), default=2, help="torch threads (default 2)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/cpu"),
+        help="directory for bench.json, bench.md, bench.png (default benchmarks/cpu)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the suite the parsed ``args`` describe, print the tables and write the reports."""
+    runs = QUICK_RUNS if args.quick else DEFAULT_RUNS
+    repeats = runs["repeats"] if args.repeats is None else args.repeats
+    warmup = runs["warmup"] if args.warmup is None else args.warmup
+    backends = list(dict.fromkeys(args.backend or ["auto"]))
+    machine = machine_info(args.threads)
+    results = run_suite(args.configs, backends, repeats, warmup, args.threads)
+    settings = {
+        "repeats": repeats,
+        "warmup": warmup,
+        "backends": backends,
+        "implementations": list(results[0].saved),
+        "dtype": "float32",
+        "batch_first": True,
+    }
+    tables = write_reports(args.out, results, machine, settings)
+    print()
+    print(tables)
+    print(f"wrote {args.out / 'bench.json'}, bench.md, bench.png")
+    return 0

@@ -1,0 +1,204 @@
+"""Turning :class:`~lstmkit.bench.suite.ConfigResult`\\ s into a table, JSON, Markdown and a
+chart. Every ratio is an implementation's figure divided by ``nn.LSTM``'s (lower is better)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from lstmkit.bench.suite import BASELINE, ConfigResult
+
+MIB = 2**20
+
+NOTES = f"""\
+Times are medians of the timed runs; within each repetition the implementations run
+round-robin after untimed warm-up rounds. Training is forward plus backward of
+`output.sum()` with an input that requires grad; gradients are set to `None` before each run.
+Saved bytes are what autograd keeps for backward after one training forward, counted with
+`torch.autograd.graph.saved_tensors_hooks`, each storage once at its full size. The ratio
+uses the figure *excluding parameters*, which stay resident either way; the total is in
+parentheses. On CPU in float32, {BASELINE} runs through oneDNN, whose backward keeps one
+large uint8 workspace per layer and direction; it is counted like any other saved tensor.
+"""
+
+
+def cpu_model() -> str:
+    """The ``model name`` line of ``/proc/cpuinfo``, else ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(threads: int) -> dict[str, object]:
+    """The machine and software the numbers come from. Call it before the timing: the load
+    average it records is the best hint of other work on the machine spoiling the numbers."""
+    return {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def time_ratios(result: ConfigResult, mode: str) -> dict[str, float]:
+    """Median time of every implementation but ``nn.LSTM``, divided by ``nn.LSTM``'s."""
+    timings = result.timings[mode]
+    baseline = timings[BASELINE].median_s
+    return {name: t.median_s / baseline for name, t in timings.items() if name != BASELINE}
+
+
+def saved_ratios(result: ConfigResult) -> dict[str, float]:
+    """Saved bytes excluding parameters of every implementation but ``nn.LSTM``, divided by
+    ``nn.LSTM``'s."""
+    baseline = result.saved[BASELINE].excluding_parameters
+    return {
+        name: saved.excluding_parameters / baseline
+        for name, saved in result.saved.items()
+        if name != BASELINE
+    }
+
+
+def to_json(
+    results: Sequence[ConfigResult], machine: dict[str, object], settings: dict[str, object]
+) -> dict[str, object]:
+    """Everything measured, raw runs included, as JSON-ready data (times in ms)."""
+    configs = []
+    for result in results:
+        configs.append(
+            {
+                **asdict(result.config),
+                "description": result.config.describe(),
+                "max_abs_diff_vs_baseline": result.max_abs_diff,
+                "timings_ms": {
+                    mode: {
+                        name: {
+                            "median": timing.median_s * 1e3,
+                            "runs": [run * 1e3 for run in timing.runs_s],
+                        }
+                        for name, timing in timings.items()
+                    }
+                    for mode, timings in result.timings.items()
+                },
+                "time_ratio_vs_baseline": {
+                    mode: time_ratios(result, mode) for mode in result.timings
+                },
+                "saved_bytes": {name: asdict(saved) for name, saved in result.saved.items()},
+                "saved_bytes_ratio_vs_baseline": saved_ratios(result),
+            }
+        )
+    return {"baseline": BASELINE, "machine": machine, "settings": settings, "configs": configs}
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * 2 + ["--:"] * (len(header) - 2)) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown_tables(results: Sequence[ConfigResult]) -> str:
+    """The time table (median ms and ratios per configuration and mode) and the saved-bytes
+    table (MiB excluding parameters, total in parentheses, and ratios), in Markdown."""
+    names = list(results[0].saved)
+    others = [name for name in names if name != BASELINE]
+    ratio_header = [f"{name} ÷ {BASELINE}" for name in others]
+    time_rows = []
+    for result in results:
+        for mode, timings in result.timings.items():
+            ratios = time_ratios(result, mode)
+            time_rows.append(
+                [result.config.name, mode]
+                + [f"{timings[name].median_s * 1e3:.2f}" for name in names]
+                + [f"{ratios[name]:.2f}" for name in others]
+            )
+    saved_rows = []
+    for result in results:
+        ratios = saved_ratios(result)
+        saved_rows.append(
+            [result.config.name, result.config.describe()]
+            + [
+                f"{s.excluding_parameters / MIB:.2f} ({s.total / MIB:.2f})"
+                for s in (result.saved[name] for name in names)
+            ]
+            + [f"{ratios[name]:.2f}" for name in others]
+        )
+    times = _markdown_table(
+        ["config", "mode", *(f"{name} ms" for name in names), *ratio_header], time_rows
+    )
+    saved = _markdown_table(
+        ["config", "shape", *(f"{name} MiB" for name in names), *ratio_header], saved_rows
+    )
+    return (
+        f"Median time (ms) and ratio to {BASELINE}:\n\n{times}\n\n"
+        f"Saved for backward, MiB excluding parameters (total), and ratio of the former:\n\n"
+        f"{saved}\n"
+    )
+
+
+def plot_ratios(results: Sequence[ConfigResult], path: Path) -> None:
+    """A bar chart per mode of every time ratio per configuration, with a line at 1.0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(results[0].timings)
+    labels = [result.config.name for result in results]
+    figure, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+    for axis, mode in zip(axes[0], modes, strict=True):
+        ratios = [time_ratios(result, mode) for result in results]
+        names = list(ratios[0])
+        width = 0.8 / len(names)
+        for k, name in enumerate(names):
+            offsets = [i + (k - (len(names) - 1) / 2) * width for i in range(len(labels))]
+            bars = axis.bar(offsets, [r[name] for r in ratios], width, label=name)
+            axis.bar_label(bars, fmt="%.2f", fontsize=8)
+        axis.axhline(1.0, color="black", linestyle="--", linewidth=1, label=BASELINE)
+        axis.set_xticks(range(len(labels)), labels)
+        axis.set_title(mode)
+        axis.set_ylabel(f"median time ÷ {BASELINE}")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_reports(
+    out: Path,
+    results: Sequence[ConfigResult],
+    machine: dict[str, object],
+    settings: dict[str, object],
+) -> str:
+    """Write ``bench.json``, ``bench.md`` and ``bench.png`` into ``out`` (created if missing)
+    and return the Markdown tables, for printing."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = to_json(results, machine, settings)
+    (out / "bench.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tables = markdown_tables(results)
+    header = "\n".join(
+        f"- {key}: {', '.join(map(str, value)) if isinstance(value, list) else value}"
+        for key, value in {**machine, **settings}.items()
+    )
+    markdown = f"# lstmkit benchmark\n\n{header}\n\n{tables}\n{NOTES}"
+    (out / "bench.md").write_text(markdown, encoding="utf-8")
+    plot_ratios(results, out / "bench.png")
+    return tables

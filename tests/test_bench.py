@@ -1,0 +1,108 @@
+"""The benchmark's own pieces: the naive baseline against torch.nn.LSTM, the two measurements
+on hand-checkable inputs, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+from lstmkit.__main__ import main
+from lstmkit.bench.measure import saved_bytes, time_interleaved
+from lstmkit.bench.naive import NaiveLSTM
+from lstmkit.bench.suite import BASELINE, NAIVE, implementation_name
+
+
+@pytest.mark.parametrize(
+    ("num_layers", "bidirectional", "batch_first"), [(1, False, True), (2, True, False)]
+)
+def test_naive_lstm_matches_nn_lstm(num_layers: int, bidirectional: bool, batch_first: bool):
+    torch.manual_seed(0)
+    sizes = {
+        "input_size": 5,
+        "hidden_size": 7,
+        "num_layers": num_layers,
+        "bidirectional": bidirectional,
+        "batch_first": batch_first,
+    }
+    theirs = nn.LSTM(**sizes).double()
+    ours = NaiveLSTM(**sizes).double()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 6, 5, dtype=torch.float64)
+    results = []
+    for model in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        output, (h_n, c_n) = model(xi)
+        weighting = torch.Generator().manual_seed(1)  # the same random loss for both models
+        loss = sum(
+            (torch.randn(v.shape, dtype=v.dtype, generator=weighting) * v).sum()
+            for v in (output, h_n, c_n)
+        )
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        results.append(((output, h_n, c_n, xi.grad), grads))
+    (values, grads), (expected_values, expected_grads) = results
+    for value, expected in zip(values, expected_values, strict=True):
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-10)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=1e-10)
+
+
+def test_saved_bytes_counts_each_saved_storage_once():
+    a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)  # 96 bytes
+    b = torch.randn(3, 4, requires_grad=True)  # float32: 48 bytes
+    w = torch.randn(4, requires_grad=True)  # 16 bytes, treated as a parameter
+
+    def forward():
+        # mul saves a and b; the second mul saves w and (a * b) (96 bytes); a * a saves a twice.
+        return ((a * b) * w).sum() + (a * a).sum()
+
+    counted = saved_bytes(forward, [w])
+    assert counted.total == 96 + 48 + 16 + 96
+    assert counted.excluding_parameters == 96 + 48 + 96
+
+
+def test_time_interleaved_runs_round_robin_and_takes_medians():
+    now = [0.0]
+    calls = []
+    durations = {"a": iter([9.0, 1.0, 5.0, 3.0, 2.0]), "b": iter([7.0, 2.0, 8.0, 4.0, 6.0])}
+
+    def make(name):
+        def run():
+            calls.append(name)
+            now[0] += next(durations[name])
+
+        return run
+
+    timings = time_interleaved({"a": make("a"), "b": make("b")}, 4, 1, clock=lambda: now[0])
+    assert calls == ["a", "b"] * 5
+    assert timings["a"].runs_s == (1.0, 5.0, 3.0, 2.0)  # the warm-up's 9.0 is not timed
+    assert timings["b"].runs_s == (2.0, 8.0, 4.0, 6.0)
+    assert timings["a"].median_s == statistics.median([1.0, 5.0, 3.0, 2.0])
+    assert timings["b"].median_s == statistics.median([2.0, 8.0, 4.0, 6.0])
+
+
+def test_bench_cli_writes_reports(tmp_path, capsys):
+    assert main(["bench", "--configs", "S", "--quick", "--out", str(tmp_path)]) == 0
+    for name in ("bench.json", "bench.md", "bench.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["settings"]["repeats"] == 3
+    (config,) = data["configs"]
+    assert config["name"] == "S"
+    implementations = [implementation_name("auto"), BASELINE, NAIVE]
+    for mode in ("inference", "training"):
+        timings = config["timings_ms"][mode]
+        assert list(timings) == implementations
+        for timing in timings.values():
+            assert len(timing["runs"]) == 3
+            assert timing["median"] == statistics.median(timing["runs"]) > 0
+        assert set(config["time_ratio_vs_baseline"][mode]) == {implementations[0], NAIVE}
+    for name in implementations:
+        saved = config["saved_bytes"][name]
+        assert 0 < saved["excluding_parameters"] < saved["total"]
+    assert "lstmkit[auto] ÷ nn.LSTM" in capsys.readouterr().out
