@@ -1,20 +1,27 @@
 """The fused backend: a whole layer-direction as one ``torch.autograd.Function`` with a
 hand-written backward (back-propagation through time).
 
-Forward: the input projection for all steps is one matrix product; each step then adds one
-recurrent product into its row of a preallocated gate buffer, applies the activations in
-place and writes the cell state and output into preallocated buffers. Backward walks time in
-reverse computing only the gate gradients and ``dh = dgates W_hh``; every weight gradient, the
-bias gradient and the input gradient are then one matrix product or sum over all steps.
+Forward: step ``t`` is one matrix product ``[x_t, h_{t-1}] @ [W_ih, W_hh].T + b`` into a
+preallocated row of the gate buffer, followed by in-place element-wise updates; ``h_t`` is
+written straight into the next step's input row. Backward walks time in reverse computing
+only the gate gradients and ``dh = dgates W_hh``; the gradients of both weight matrices are
+then ONE product over all steps, the input gradient another, the bias gradient one sum.
 
-Inside this module the four gate blocks are kept in the order (i, f, o, g) instead of
-``torch.nn.LSTM``'s (i, f, g, o), so that the three sigmoid gates are one contiguous block and
-the activations are two operations per step. Weights are reordered on the way in (cached per
-parameter) and gradients on the way out.
+Three layout choices, each measured (``docs/performance.md``):
 
-Pure tensor operations: the same code runs on CUDA tensors; on the CPU the products go to
-oneDNN where that is faster (:mod:`lstmkit.backends.matmul`). Finished sequences
-(``batch_sizes``) are row suffixes, so each step works on the running prefix of the batch.
+- One product per step over the concatenated ``[x_t, h_{t-1}]`` instead of a separate input
+  projection for all steps followed by a recurrent product per step: on the CPU the per-step
+  products run near the matmul peak while the one huge projection does not.
+- The gate blocks are kept in the order (i, f, o, g) instead of ``torch.nn.LSTM``'s (i, f, g, o)
+  and the rows of the g block are doubled in the forward product, so that ONE sigmoid over the
+  whole gate row serves all four gates: ``tanh(z) = 2 sigmoid(2 z) - 1``. ``tanh(c_t)`` is
+  computed the same way. PyTorch's CPU ``tanh`` is several times slower than its ``sigmoid``.
+- Finished sequences (``batch_sizes``) are row suffixes, so each step works on the running
+  prefix of the batch, and rows that are never written stay zero.
+
+Weights are reordered (and packed for oneDNN, :mod:`lstmkit.backends.matmul`) once per
+parameter version; gradients are reordered back on the way out. Pure tensor operations: the
+same code runs on CUDA tensors.
 """
 
 from __future__ import annotations
@@ -25,89 +32,111 @@ from torch import Tensor
 from lstmkit import cells
 from lstmkit.backends import matmul
 
+_grad = torch.ops.aten  # sigmoid_backward / tanh_backward: d(activation) from its output
 
-def _to_ifog(w: Tensor) -> Tensor:
+
+def _ifog(w: Tensor) -> Tensor:
     """Reorder the gate blocks (dim 0) from (i, f, g, o) to (i, f, o, g)."""
     i, f, g, o = w.chunk(4, 0)
     return torch.cat([i, f, o, g])
 
 
-def _from_ifog(w: Tensor) -> Tensor:
+def _ifgo(w: Tensor) -> Tensor:
     """Reorder the gate blocks (dim 0) from (i, f, o, g) back to (i, f, g, o)."""
     i, f, o, g = w.chunk(4, 0)
     return torch.cat([i, f, g, o])
 
 
-def _ifog_transposed(w: Tensor) -> Tensor:
-    return _to_ifog(w).t()
+def _doubled_cell_gate(w: Tensor) -> Tensor:
+    """``_ifog(w)`` with the g block doubled: sigmoid of it gives ``(tanh + 1) / 2``."""
+    w = _ifog(w)
+    w[3 * (w.size(0) // 4) :] *= 2
+    return w
 
 
-def _weight(param: Tensor, transform, rows: int) -> matmul.Weight:
-    """``transform(param)`` ready for products with ``rows``-row inputs; the transformed and
-    packed matrices are cached per parameter version, so a step reuses them."""
-    w = matmul.cached(param, transform, transform)
+def _step_weight(w_ih, w_hh, b_ih, b_hh, rows: int) -> matmul.Weight:
+    """``[x, h] -> [x, h] @ [W_ih, W_hh].T + b_ih + b_hh`` in the forward's gate layout."""
+    key = (w_ih, w_hh)
+    w = matmul.cached(key, "step", lambda: _doubled_cell_gate(torch.cat([w_ih, w_hh], 1)))
     packed = None
     if matmul.uses_onednn(rows, w):
-        packed = matmul.cached(param, (transform, rows), lambda p: matmul.pack(transform(p), rows))
-    return matmul.Weight(w, rows, packed)
+        packed = matmul.cached(key, ("step", rows), lambda: matmul.pack(w, rows))
+    bias = None
+    if b_ih is not None:
+        bias = matmul.cached((b_ih, b_hh), "step", lambda: _doubled_cell_gate(b_ih + b_hh))
+    return matmul.Weight(w, rows, bias, packed)
+
+
+def _back_weight(w_hh: Tensor, rows: int) -> matmul.Weight:
+    """``dgates -> dgates @ W_hh`` with ``dgates`` in (i, f, o, g) order."""
+    w = matmul.cached((w_hh,), "back", lambda: _ifog(w_hh).t().contiguous())
+    packed = None
+    if matmul.uses_onednn(rows, w):
+        packed = matmul.cached((w_hh,), ("back", rows), lambda: matmul.pack(w, rows))
+    return matmul.Weight(w, rows, packed=packed)
 
 
 def _last_step(batch_sizes: list[int] | None, steps: int, batch: int, device) -> Tensor:
     """``(B,)`` index of each sequence's last step."""
     if batch_sizes is None:
         return torch.full((batch,), steps - 1, device=device)
-    counts = torch.tensor(batch_sizes).unsqueeze(0) > torch.arange(batch).unsqueeze(1)  # (B, T)
-    return (counts.sum(1) - 1).to(device)
+    running = torch.tensor(batch_sizes).unsqueeze(0) > torch.arange(batch).unsqueeze(1)  # (B, T)
+    return (running.sum(1) - 1).to(device)
 
 
 class FusedLSTM(torch.autograd.Function):
     """One LSTM layer-direction over a whole sequence; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes):
-        steps, batch, _ = x.shape
-        hidden = w_hh.size(0) // 4
-        out_size = w_hh.size(1)
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, training):
+        steps, batch, inp = x.shape
+        hidden, out_size = w_hh.size(0) // 4, w_hh.size(1)
         sizes = batch_sizes or [batch] * steps
-        # Gate buffer: the input half for every step at once, (T, B, 4H) in (i, f, o, g) order.
-        w_in = matmul.cached(w_ih, _to_ifog, _to_ifog)
-        gates = matmul.mm(x.reshape(steps * batch, x.size(2)), w_in.t())
-        if b_ih is not None:
-            gates.add_(_to_ifog(b_ih + b_hh))
-        gates = gates.view(steps, batch, 4 * hidden)
-        # Rows of finished sequences are never written; those read after the loop are zeroed.
-        new = x.new_zeros if batch_sizes else x.new_empty
-        cell = x.new_empty(steps, batch, hidden)  # c_t
-        tanh_cell = new(steps, batch, hidden)  # tanh(c_t)
-        output = new(steps, batch, out_size)  # h_t, zero once a sequence has finished
-        # o * tanh(c) before the projection; without one it is the output itself
-        hidden_seq = new(steps, batch, hidden) if w_hr is not None else output
-        recurrent = _weight(w_hh, _to_ifog, batch)
+        step = _step_weight(w_ih, w_hh, b_ih, b_hh, batch)
         project = matmul.Weight(w_hr, batch) if w_hr is not None else None
 
-        h, c = h0, c0
+        # xh[t] = [x_t, h_{t-1}], the input of step t's product; step t writes h_t into
+        # xh[t + 1]. Rows of finished sequences are never written again, so they stay zero.
+        xh = x.new_zeros(steps + 1, batch, inp + out_size)
+        xh[:steps, :, :inp] = x
+        xh[0, :, inp:] = h0
+        # Backward needs every step's gates and cell state; inference only the latest ones
+        # (and uses each step's product as its gate buffer directly).
+        kept = steps if training else 1
+        new = x.new_zeros if batch_sizes else x.new_empty  # rows never written stay zero
+        gates = new(steps, batch, 4 * hidden) if training else None  # (i, f, o, g)
+        cell = x.new_empty(steps if training else 2, batch, hidden)  # c_t
+        tanh_cell = new(kept, batch, hidden)
+        m = x.new_empty(batch, hidden) if project is not None else None  # o * tanh(c)
+
+        c_prev = c0
         for t, n in enumerate(sizes):
-            g = gates[t, :n]  # (n, 4H)
-            recurrent(h[:n], add=g, out=g)
-            g[:, : 3 * hidden].sigmoid_()
-            g[:, 3 * hidden :].tanh_()
+            slot, c_slot = (t, t) if training else (0, t % 2)
+            g = step(xh[t, :n], out=gates[slot, :n] if training else None)  # (n, 4H)
+            g.sigmoid_()
             i, f, o, cand = g.split(hidden, 1)
-            c_t, tc_t, m_t = cell[t, :n], tanh_cell[t, :n], hidden_seq[t, :n]
-            torch.mul(f, c[:n], out=c_t)
+            cand.mul_(2).sub_(1)  # tanh of the g pre-activation
+            c_t = cell[c_slot, :n]
+            torch.mul(f, c_prev[:n], out=c_t)
             c_t.addcmul_(i, cand)
-            torch.tanh(c_t, out=tc_t)
-            torch.mul(o, tc_t, out=m_t)
-            if project is not None:
-                project(m_t, out=output[t, :n])
-            h, c = output[t], cell[t]
+            tc = tanh_cell[slot, :n]
+            torch.mul(c_t, 2, out=tc).sigmoid_().mul_(2).sub_(1)  # tanh(c_t)
+            h_t = xh[t + 1, :n, inp:]
+            if project is None:
+                torch.mul(o, tc, out=h_t)
+            else:
+                project(torch.mul(o, tc, out=m[:n]), out=h_t)
+            c_prev = cell[c_slot]
 
         last = _last_step(batch_sizes, steps, batch, x.device)
         rows = torch.arange(batch, device=x.device)
-        h_n, c_n = output[last, rows], cell[last, rows]  # (B, P), (B, H): copies
+        h_n = xh[last + 1, rows, inp:]  # (B, P), a copy
+        c_n = cell[last if training else last % 2, rows]  # (B, H), a copy
         ctx.batch_sizes = sizes
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, gates, cell, tanh_cell, output)
         ctx.has_bias = b_ih is not None
-        return output, h_n, c_n
+        if training:
+            ctx.save_for_backward(xh, c0, w_ih, w_hh, w_hr, gates, cell, tanh_cell)
+        return xh[1:, :, inp:].contiguous(), h_n, c_n
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
@@ -116,24 +145,22 @@ class FusedLSTM(torch.autograd.Function):
                 "the fused backend's backward is not itself differentiable (create_graph=True, "
                 "double backward); use LSTM(..., backend='reference') for higher-order gradients"
             )
-        x, h0, c0, w_ih, w_hh, w_hr, gates, cell, tanh_cell, output = ctx.saved_tensors
-        steps, batch, _ = x.shape
-        hidden = cell.size(2)
-        sizes = ctx.batch_sizes
+        xh, c0, w_ih, w_hh, w_hr, gates, cell, tanh_cell = ctx.saved_tensors
+        steps, batch, hidden = cell.shape
+        inp = w_ih.size(1)
         # The state gradients flowing back in time start as those of (h_n, c_n): a finished
         # sequence's rows wait untouched until the step where it ended.
-        dh = grad_h_n.clone() if grad_h_n is not None else h0.new_zeros(h0.shape)
+        dh = grad_h_n.clone() if grad_h_n is not None else xh.new_zeros(batch, w_hh.size(1))
         dc = grad_c_n.clone() if grad_c_n is not None else c0.new_zeros(c0.shape)
         if grad_output is None:
-            grad_output = output.new_zeros(output.shape)
-        dgates = torch.zeros_like(gates)  # (T, B, 4H) in (i, f, o, g) order
-        dh_seq = grad_output.new_zeros(grad_output.shape) if w_hr is not None else None
-        back = _weight(w_hh, _ifog_transposed, batch)
+            grad_output = xh.new_zeros(steps, batch, w_hh.size(1))
+        dgates = torch.zeros_like(gates)  # (T, B, 4H), gradients of the pre-activations
+        dh_seq = xh.new_zeros(steps, batch, w_hh.size(1)) if w_hr is not None else None
+        back = _back_weight(w_hh, batch)
         unproject = matmul.Weight(w_hr.t(), batch) if w_hr is not None else None
-        grad = torch.ops.aten
 
         for t in range(steps - 1, -1, -1):
-            n = sizes[t]
+            n = ctx.batch_sizes[t]
             g, dg = gates[t, :n], dgates[t, :n]
             i, f, o, cand = g.split(hidden, 1)
             di, df, do, dcand = dg.split(hidden, 1)
@@ -143,49 +170,39 @@ class FusedLSTM(torch.autograd.Function):
             if unproject is not None:
                 dh_seq[t, :n] = dh_t
                 dh_t = unproject(dh_t)  # (n, H): gradient of o * tanh(c)
-            dc_t = dc[:n].add_(grad.tanh_backward(dh_t * o, tc))
+            dc_t = dc[:n].add_(_grad.tanh_backward(dh_t * o, tc))
             torch.mul(dh_t, tc, out=do)
             torch.mul(dc_t, cand, out=di)
             torch.mul(dc_t, c_prev, out=df)
             torch.mul(dc_t, i, out=dcand)
-            grad.sigmoid_backward(
-                dg[:, : 3 * hidden], g[:, : 3 * hidden], grad_input=dg[:, : 3 * hidden]
-            )
-            grad.tanh_backward(dcand, cand, grad_input=dcand)
+            sig, dsig = g[:, : 3 * hidden], dg[:, : 3 * hidden]
+            _grad.sigmoid_backward(dsig, sig, grad_input=dsig)
+            _grad.tanh_backward(dcand, cand, grad_input=dcand)
             dc_t.mul_(f)
             back(dg, out=dh[:n])
 
-        flat = dgates.view(steps * batch, 4 * hidden)
         needs = ctx.needs_input_grad
-        dx = (
-            matmul.mm(flat, matmul.cached(w_ih, _to_ifog, _to_ifog)).view(x.shape)
-            if needs[0]
-            else None
-        )
-        dw_ih = (
-            _from_ifog(matmul.mm(flat.t(), x.reshape(steps * batch, x.size(2))))
-            if needs[3]
-            else None
-        )
-        dw_hh = None
-        if needs[4]:
-            h_prev = torch.cat([h0.unsqueeze(0), output[:-1]]).view(steps * batch, h0.size(1))
-            dw_hh = _from_ifog(matmul.mm(flat.t(), h_prev))
-        db = _from_ifog(flat.sum(0)) if ctx.has_bias else None
+        flat = dgates.view(steps * batch, 4 * hidden)
+        dw = _ifgo(matmul.mm(flat.t(), xh[:steps].view(steps * batch, xh.size(2))))  # (4H, I + P)
+        dx = None
+        if needs[0]:
+            dx = matmul.mm(flat, _ifog(w_ih)).view(steps, batch, inp)
+        db = _ifgo(flat.sum(0)) if ctx.has_bias else None
         dw_hr = None
-        if w_hr is not None and needs[7]:
+        if unproject is not None and needs[7]:
             o = gates[..., 2 * hidden : 3 * hidden]
             m = (o * tanh_cell).view(steps * batch, hidden)
-            dw_hr = matmul.mm(dh_seq.view(steps * batch, h0.size(1)).t(), m)
+            dw_hr = matmul.mm(dh_seq.view(steps * batch, dh_seq.size(2)).t(), m)
         return (
             dx,
             dh if needs[1] else None,
             dc if needs[2] else None,
-            dw_ih,
-            dw_hh,
+            dw[:, :inp] if needs[3] else None,
+            dw[:, inp:] if needs[4] else None,
             db if needs[5] else None,
             db.clone() if needs[6] else None,
             dw_hr,
+            None,
             None,
         )
 
@@ -198,4 +215,6 @@ def run(
     batch_sizes: list[int] | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Same contract as :func:`lstmkit.backends.reference.run`."""
-    return FusedLSTM.apply(x, h, c, *weights, batch_sizes)
+    tensors = (x, h, c, *weights)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return FusedLSTM.apply(*tensors, batch_sizes, training)

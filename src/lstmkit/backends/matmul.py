@@ -51,15 +51,16 @@ def uses_onednn(rows: int, weight: Tensor) -> bool:
     )
 
 
-def cached(param: Tensor, key: Hashable, make: Callable[[Tensor], Tensor]) -> Tensor:
-    """``make(param)``, remembered per ``(param, key)`` until ``param`` changes."""
-    if not isinstance(param, torch.nn.Parameter):
-        return make(param)
-    stamp = (param._version, param.data_ptr())
-    entries = _packed.setdefault(param, {})
-    hit = entries.get(key)
+def cached(params: tuple[Tensor, ...], key: Hashable, make: Callable[[], Tensor]) -> Tensor:
+    """``make()``, a function of ``params``, remembered per ``(params, key)`` until one of
+    ``params`` changes. Computed afresh when any of them is not an ``nn.Parameter``."""
+    if not all(isinstance(p, torch.nn.Parameter) for p in params):
+        return make()
+    stamp = tuple((p._version, p.data_ptr()) for p in params)
+    entries = _packed.setdefault(params[0], {})
+    hit = entries.get((key, *map(id, params[1:])))
     if hit is None or hit[0] != stamp:
-        hit = entries[key] = (stamp, make(param))
+        hit = entries[(key, *map(id, params[1:]))] = (stamp, make())
     return hit[1]
 
 
@@ -69,26 +70,27 @@ def clear_cache() -> None:
 
 
 class Weight:
-    """A matrix ``W`` ready for repeated products ``x @ W.T`` with ``rows``-row inputs."""
+    """A matrix ``W`` (and optional bias ``b``) ready for repeated products ``x @ W.T + b``
+    with inputs of at most ``rows`` rows; ``packed`` is ``W`` already in oneDNN's layout."""
 
-    def __init__(self, w: Tensor, rows: int, packed: Tensor | None = None) -> None:
+    def __init__(
+        self, w: Tensor, rows: int, bias: Tensor | None = None, packed: Tensor | None = None
+    ) -> None:
         self.w = w  # (out, in), as in F.linear
+        self.bias = bias  # (out,)
         self.onednn = uses_onednn(rows, w)
-        self.packed = None
-        if self.onednn:
-            self.packed = packed if packed is not None else pack(w, rows)
+        if self.onednn and packed is None:
+            packed = pack(w, rows)
+        self.packed = packed
 
-    def __call__(self, x: Tensor, add: Tensor | None = None, out: Tensor | None = None) -> Tensor:
-        """``x @ W.T``, plus ``add`` when given; written into ``out`` when given."""
-        if not self.onednn:
-            if add is None:
-                return torch.mm(x, self.w.t(), out=out)
-            return torch.addmm(add, x, self.w.t(), out=out)
-        if add is None:
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        else:
-            y = torch.ops.mkldnn._linear_pointwise.binary(x, add, self.packed, None, "add")
-        return y if out is None else out.copy_(y)
+    def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """``x @ W.T + b``, written into ``out`` when given."""
+        if self.onednn:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return y if out is None else out.copy_(y)
+        if self.bias is None:
+            return torch.mm(x, self.w.t(), out=out)
+        return torch.addmm(self.bias, x, self.w.t(), out=out)
 
 
 def pack(w: Tensor, rows: int) -> Tensor:
