@@ -76,6 +76,11 @@ def _back_weight(w_hh: Tensor, rows: int) -> matmul.Weight:
     return matmul.Weight(w, rows, packed=packed)
 
 
+def _head(rows: Tensor, n: int) -> Tensor:
+    """The first ``n`` rows: the sequences still running at a step."""
+    return rows if n == rows.size(0) else rows[:n]
+
+
 def _last_step(batch_sizes: list[int] | None, steps: int, batch: int, device) -> Tensor:
     """``(B,)`` index of each sequence's last step."""
     if batch_sizes is None:
@@ -100,33 +105,37 @@ class FusedLSTM(torch.autograd.Function):
         xh = x.new_zeros(steps + 1, batch, inp + out_size)
         xh[:steps, :, :inp] = x
         xh[0, :, inp:] = h0
-        # Backward needs every step's gates and cell state; inference only the latest ones
-        # (and uses each step's product as its gate buffer directly).
+        # Backward needs every step's gates and cell state; inference only the latest ones.
         kept = steps if training else 1
         new = x.new_zeros if batch_sizes else x.new_empty  # rows never written stay zero
-        gates = new(steps, batch, 4 * hidden) if training else None  # (i, f, o, g)
+        gates = new(kept, batch, 4 * hidden)  # activated, (i, f, o, g) order
         cell = x.new_empty(steps if training else 2, batch, hidden)  # c_t
         tanh_cell = new(kept, batch, hidden)
         m = x.new_empty(batch, hidden) if project is not None else None  # o * tanh(c)
+        one, two = x.new_tensor(1.0), x.new_tensor(2.0)  # 0-d: cheaper than Python scalars
 
+        # Per-step views, made once: slicing inside the loop costs more than the math at
+        # small sizes.
+        xs, hs = xh.unbind(0), xh[:, :, inp:].unbind(0)
+        gs, cs, tcs = gates.unbind(0), cell.unbind(0), tanh_cell.unbind(0)
+        blocks = [block.unbind(0) for block in gates.split(hidden, 2)]  # i, f, o, g
         c_prev = c0
         for t, n in enumerate(sizes):
             slot, c_slot = (t, t) if training else (0, t % 2)
-            g = step(xh[t, :n], out=gates[slot, :n] if training else None)  # (n, 4H)
-            g.sigmoid_()
-            i, f, o, cand = g.split(hidden, 1)
-            cand.mul_(2).sub_(1)  # tanh of the g pre-activation
-            c_t = cell[c_slot, :n]
-            torch.mul(f, c_prev[:n], out=c_t)
+            step(_head(xs[t], n), out=_head(gs[slot], n)).sigmoid_()  # (n, 4H)
+            i, f, o, cand = [_head(block[slot], n) for block in blocks]
+            cand.mul_(two).sub_(one)  # tanh of the g pre-activation
+            c_t = _head(cs[c_slot], n)
+            torch.mul(f, _head(c_prev, n), out=c_t)
             c_t.addcmul_(i, cand)
-            tc = tanh_cell[slot, :n]
-            torch.mul(c_t, 2, out=tc).sigmoid_().mul_(2).sub_(1)  # tanh(c_t)
-            h_t = xh[t + 1, :n, inp:]
+            tc = _head(tcs[slot], n)
+            torch.add(c_t, c_t, out=tc).sigmoid_().mul_(two).sub_(one)  # tanh(c_t)
+            h_t = _head(hs[t + 1], n)
             if project is None:
                 torch.mul(o, tc, out=h_t)
             else:
-                project(torch.mul(o, tc, out=m[:n]), out=h_t)
-            c_prev = cell[c_slot]
+                project(torch.mul(o, tc, out=_head(m, n)), out=h_t)
+            c_prev = cs[c_slot]
 
         last = _last_step(batch_sizes, steps, batch, x.device)
         rows = torch.arange(batch, device=x.device)
@@ -159,18 +168,22 @@ class FusedLSTM(torch.autograd.Function):
         back = _back_weight(w_hh, batch)
         unproject = matmul.Weight(w_hr.t(), batch) if w_hr is not None else None
 
+        gs, dgs, cs, tcs = gates.unbind(0), dgates.unbind(0), cell.unbind(0), tanh_cell.unbind(0)
+        blocks = [block.unbind(0) for block in gates.split(hidden, 2)]  # i, f, o, g
+        dblocks = [block.unbind(0) for block in dgates.split(hidden, 2)]
+        grads = grad_output.unbind(0)
         for t in range(steps - 1, -1, -1):
             n = ctx.batch_sizes[t]
-            g, dg = gates[t, :n], dgates[t, :n]
-            i, f, o, cand = g.split(hidden, 1)
-            di, df, do, dcand = dg.split(hidden, 1)
-            tc = tanh_cell[t, :n]
-            c_prev = cell[t - 1, :n] if t > 0 else c0[:n]
-            dh_t = dh[:n].add_(grad_output[t, :n])  # (n, P)
+            g, dg = _head(gs[t], n), _head(dgs[t], n)
+            i, f, o, cand = [_head(block[t], n) for block in blocks]
+            di, df, do, dcand = [_head(block[t], n) for block in dblocks]
+            tc = _head(tcs[t], n)
+            c_prev = _head(cs[t - 1] if t > 0 else c0, n)
+            dh_t = _head(dh, n).add_(_head(grads[t], n))  # (n, P)
             if unproject is not None:
                 dh_seq[t, :n] = dh_t
                 dh_t = unproject(dh_t)  # (n, H): gradient of o * tanh(c)
-            dc_t = dc[:n].add_(_grad.tanh_backward(dh_t * o, tc))
+            dc_t = _head(dc, n).add_(_grad.tanh_backward(dh_t * o, tc))
             torch.mul(dh_t, tc, out=do)
             torch.mul(dc_t, cand, out=di)
             torch.mul(dc_t, c_prev, out=df)
@@ -179,7 +192,7 @@ class FusedLSTM(torch.autograd.Function):
             _grad.sigmoid_backward(dsig, sig, grad_input=dsig)
             _grad.tanh_backward(dcand, cand, grad_input=dcand)
             dc_t.mul_(f)
-            back(dg, out=dh[:n])
+            back(dg, out=_head(dh, n))
 
         needs = ctx.needs_input_grad
         flat = dgates.view(steps * batch, 4 * hidden)

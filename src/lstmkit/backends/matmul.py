@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 MIN_ONEDNN_MACS = 1 << 20  # multiply-adds per call below which torch.addmm is faster
+ONE_SHOT_FACTOR = 64  # a product computed once must also repay packing its weight (~0.2 ms)
 
 
 def _probe_onednn() -> bool:
@@ -41,13 +42,13 @@ ONEDNN = _probe_onednn()
 _packed: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def uses_onednn(rows: int, weight: Tensor) -> bool:
+def uses_onednn(rows: int, weight: Tensor, factor: int = 1) -> bool:
     """Whether ``x @ weight.T`` with ``rows`` rows of ``x`` goes to oneDNN."""
     return (
         ONEDNN
         and weight.device.type == "cpu"
         and weight.dtype == torch.float32
-        and rows * weight.numel() >= MIN_ONEDNN_MACS
+        and rows * weight.numel() >= factor * MIN_ONEDNN_MACS
     )
 
 
@@ -99,5 +100,7 @@ def pack(w: Tensor, rows: int) -> Tensor:
 
 
 def mm(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` for one large product (weight gradients, input projections)."""
-    return Weight(b.t(), a.size(0))(a)
+    """``a @ b``, computed once (weight and input gradients)."""
+    if uses_onednn(a.size(0), b, ONE_SHOT_FACTOR):
+        return Weight(b.t(), a.size(0))(a)
+    return torch.mm(a, b)
