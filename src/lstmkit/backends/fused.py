@@ -100,14 +100,15 @@ class FusedLSTM(torch.autograd.Function):
         step = _step_weight(w_ih, w_hh, b_ih, b_hh, batch)
         project = matmul.Weight(w_hr, batch) if w_hr is not None else None
 
-        # xh[t] = [x_t, h_{t-1}], the input of step t's product; step t writes h_t into
-        # xh[t + 1]. Rows of finished sequences are never written again, so they stay zero.
-        xh = x.new_zeros(steps + 1, batch, inp + out_size)
+        # Rows of finished sequences are never written again; where there are any, buffers
+        # start zeroed, so those rows read as zero (outputs past a sequence's end).
+        new = x.new_zeros if batch_sizes else x.new_empty
+        # xh[t] = [x_t, h_{t-1}], the input of step t's product; step t writes h_t into xh[t + 1].
+        xh = new(steps + 1, batch, inp + out_size)
         xh[:steps, :, :inp] = x
         xh[0, :, inp:] = h0
         # Backward needs every step's gates and cell state; inference only the latest ones.
         kept = steps if training else 1
-        new = x.new_zeros if batch_sizes else x.new_empty  # rows never written stay zero
         gates = new(kept, batch, 4 * hidden)  # activated, (i, f, o, g) order
         cell = x.new_empty(steps if training else 2, batch, hidden)  # c_t
         tanh_cell = new(kept, batch, hidden)
