@@ -26,6 +26,8 @@ same code runs on CUDA tensors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -81,6 +83,11 @@ def _head(rows: Tensor, n: int) -> Tensor:
     return rows if n == rows.size(0) else rows[:n]
 
 
+def _steps(buffers: Sequence[Tensor], slots: Sequence[int], sizes: list[int]) -> list[Tensor]:
+    """For each step ``t``, the running rows of ``buffers[slots[t]]``."""
+    return [_head(buffers[k], n) for k, n in zip(slots, sizes, strict=True)]
+
+
 def _last_step(batch_sizes: list[int] | None, steps: int, batch: int, device) -> Tensor:
     """``(B,)`` index of each sequence's last step."""
     if batch_sizes is None:
@@ -115,28 +122,31 @@ class FusedLSTM(torch.autograd.Function):
         m = x.new_empty(batch, hidden) if project is not None else None  # o * tanh(c)
         one, two = x.new_tensor(1.0), x.new_tensor(2.0)  # 0-d: cheaper than Python scalars
 
-        # Per-step views, made once: slicing inside the loop costs more than the math at
-        # small sizes.
-        xs, hs = xh.unbind(0), xh[:, :, inp:].unbind(0)
-        gs, cs, tcs = gates.unbind(0), cell.unbind(0), tanh_cell.unbind(0)
-        blocks = [block.unbind(0) for block in gates.split(hidden, 2)]  # i, f, o, g
-        c_prev = c0
-        for t, n in enumerate(sizes):
-            slot, c_slot = (t, t) if training else (0, t % 2)
-            step(_head(xs[t], n), out=_head(gs[slot], n)).sigmoid_()  # (n, 4H)
-            i, f, o, cand = [_head(block[slot], n) for block in blocks]
-            cand.mul_(two).sub_(one)  # tanh of the g pre-activation
-            c_t = _head(cs[c_slot], n)
-            torch.mul(f, _head(c_prev, n), out=c_t)
-            c_t.addcmul_(i, cand)
-            tc = _head(tcs[slot], n)
+        # Per-step views, made before the loop: at small sizes indexing inside the loop costs
+        # more than the math. Inference reuses one gate slot and alternates two cell slots.
+        slots = range(steps) if training else [0] * steps
+        c_slots = range(steps) if training else [t % 2 for t in range(steps)]
+        i, f, o, cand = (_steps(block.unbind(0), slots, sizes) for block in gates.split(hidden, 2))
+        cs = _steps(cell.unbind(0), c_slots, sizes)
+        c_prev = _steps((c0, *(cell[k] for k in c_slots[:-1])), range(steps), sizes)
+        per_step = zip(
+            _steps(xh.unbind(0), range(steps), sizes),  # [x_t, h_{t-1}]
+            _steps(gates.unbind(0), slots, sizes),
+            *(i, f, o, cand, cs, c_prev),
+            _steps(tanh_cell.unbind(0), slots, sizes),
+            _steps(xh[:, :, inp:].unbind(0), range(1, steps + 1), sizes),  # h_t
+            strict=True,
+        )
+        for x_t, g, i_t, f_t, o_t, cand_t, c_t, c_prev_t, tc, h_t in per_step:
+            step(x_t, out=g).sigmoid_()  # (n, 4H)
+            cand_t.mul_(two).sub_(one)  # tanh of the g pre-activation
+            torch.mul(f_t, c_prev_t, out=c_t)
+            c_t.addcmul_(i_t, cand_t)
             torch.add(c_t, c_t, out=tc).sigmoid_().mul_(two).sub_(one)  # tanh(c_t)
-            h_t = _head(hs[t + 1], n)
             if project is None:
-                torch.mul(o, tc, out=h_t)
+                torch.mul(o_t, tc, out=h_t)
             else:
-                project(torch.mul(o, tc, out=_head(m, n)), out=h_t)
-            c_prev = cs[c_slot]
+                project(torch.mul(o_t, tc, out=m[: h_t.size(0)]), out=h_t)
 
         last = _last_step(batch_sizes, steps, batch, x.device)
         rows = torch.arange(batch, device=x.device)
@@ -169,31 +179,54 @@ class FusedLSTM(torch.autograd.Function):
         back = _back_weight(w_hh, batch)
         unproject = matmul.Weight(w_hr.t(), batch) if w_hr is not None else None
 
-        gs, dgs, cs, tcs = gates.unbind(0), dgates.unbind(0), cell.unbind(0), tanh_cell.unbind(0)
-        blocks = [block.unbind(0) for block in gates.split(hidden, 2)]  # i, f, o, g
-        dblocks = [block.unbind(0) for block in dgates.split(hidden, 2)]
-        grads = grad_output.unbind(0)
-        for t in range(steps - 1, -1, -1):
-            n = ctx.batch_sizes[t]
-            g, dg = _head(gs[t], n), _head(dgs[t], n)
-            i, f, o, cand = [_head(block[t], n) for block in blocks]
-            di, df, do, dcand = [_head(block[t], n) for block in dblocks]
-            tc = _head(tcs[t], n)
-            c_prev = _head(cs[t - 1] if t > 0 else c0, n)
-            dh_t = _head(dh, n).add_(_head(grads[t], n))  # (n, P)
+        sizes, every = ctx.batch_sizes, range(steps)
+        views = [
+            _steps(buffer.unbind(0), every, sizes)
+            for buffer in (
+                gates,
+                dgates,
+                *gates.split(hidden, 2),  # i, f, o, g
+                *dgates.split(hidden, 2),
+                tanh_cell,
+                grad_output,
+            )
+        ]
+        c_prev = _steps((c0, *cell[:-1].unbind(0)), every, sizes)
+        dh_rows, dc_rows = _steps([dh] * steps, every, sizes), _steps([dc] * steps, every, sizes)
+        per_step = list(zip(*views, c_prev, dh_rows, dc_rows, every, strict=True))
+        for (
+            g,
+            dg,
+            i,
+            f,
+            o,
+            cand,
+            di,
+            df,
+            do,
+            dcand,
+            tc,
+            grad_t,
+            c_prev_t,
+            dh_t,
+            dc_t,
+            t,
+        ) in reversed(per_step):
+            dh_t.add_(grad_t)  # (n, P): everything that reaches h_t
+            dm = dh_t  # gradient of o * tanh(c_t)
             if unproject is not None:
-                dh_seq[t, :n] = dh_t
-                dh_t = unproject(dh_t)  # (n, H): gradient of o * tanh(c)
-            dc_t = _head(dc, n).add_(_grad.tanh_backward(dh_t * o, tc))
-            torch.mul(dh_t, tc, out=do)
+                dh_seq[t, : dh_t.size(0)] = dh_t
+                dm = unproject(dh_t)  # (n, H)
+            dc_t.add_(_grad.tanh_backward(dm * o, tc))
+            torch.mul(dm, tc, out=do)
             torch.mul(dc_t, cand, out=di)
-            torch.mul(dc_t, c_prev, out=df)
+            torch.mul(dc_t, c_prev_t, out=df)
             torch.mul(dc_t, i, out=dcand)
             sig, dsig = g[:, : 3 * hidden], dg[:, : 3 * hidden]
             _grad.sigmoid_backward(dsig, sig, grad_input=dsig)
             _grad.tanh_backward(dcand, cand, grad_input=dcand)
             dc_t.mul_(f)
-            back(dg, out=_head(dh, n))
+            back(dg, out=dh_t)
 
         needs = ctx.needs_input_grad
         flat = dgates.view(steps * batch, 4 * hidden)
