@@ -230,7 +230,7 @@ class FusedLSTM(torch.autograd.Function):
 
         needs = ctx.needs_input_grad
         flat = dgates.view(steps * batch, 4 * hidden)
-        dw = _ifgo(matmul.mm(flat.t(), xh[:steps].view(steps * batch, xh.size(2))))  # (4H, I + P)
+        dw = _ifgo(matmul.mm_t(flat, xh[:steps].view(steps * batch, xh.size(2))))  # (4H, I + P)
         dx = None
         if needs[0]:
             dx = matmul.mm(flat, _ifog(w_ih)).view(steps, batch, inp)
@@ -239,7 +239,7 @@ class FusedLSTM(torch.autograd.Function):
         if unproject is not None and needs[7]:
             o = gates[..., 2 * hidden : 3 * hidden]
             m = (o * tanh_cell).view(steps * batch, hidden)
-            dw_hr = matmul.mm(dh_seq.view(steps * batch, dh_seq.size(2)).t(), m)
+            dw_hr = matmul.mm_t(dh_seq.view(steps * batch, dh_seq.size(2)), m)
         return (
             dx,
             dh if needs[1] else None,
