@@ -14,8 +14,10 @@ Three layout choices, each measured (``docs/performance.md``):
   products run near the matmul peak while the one huge projection does not.
 - The gate blocks are kept in the order (i, f, o, g) instead of ``torch.nn.LSTM``'s (i, f, g, o)
   and the rows of the g block are doubled in the forward product, so that ONE sigmoid over the
-  whole gate row serves all four gates: ``tanh(z) = 2 sigmoid(2 z) - 1``. ``tanh(c_t)`` is
-  computed the same way. PyTorch's CPU ``tanh`` is several times slower than its ``sigmoid``.
+  whole gate row serves all four gates: ``tanh(z) = 2 sigmoid(2 z) - 1``. The cell state's
+  tanh is kept as ``s_t = sigmoid(-2 c_t) = (1 - tanh(c_t)) / 2``, which makes
+  ``h_t = o_t - 2 o_t s_t`` one operation. PyTorch's CPU ``tanh`` is several times slower than
+  its ``sigmoid``.
 - Finished sequences (``batch_sizes``) are row suffixes, so each step works on the running
   prefix of the batch, and rows that are never written stay zero.
 
@@ -118,7 +120,7 @@ class FusedLSTM(torch.autograd.Function):
         kept = steps if training else 1
         gates = new(kept, batch, 4 * hidden)  # activated, (i, f, o, g) order
         cell = x.new_empty(steps if training else 2, batch, hidden)  # c_t
-        tanh_cell = new(kept, batch, hidden)
+        sig_cell = new(kept, batch, hidden)  # s_t = sigmoid(-2 c_t) = (1 - tanh(c_t)) / 2
         m = x.new_empty(batch, hidden) if project is not None else None  # o * tanh(c)
         one, two = x.new_tensor(1.0), x.new_tensor(2.0)  # 0-d: cheaper than Python scalars
 
@@ -133,20 +135,20 @@ class FusedLSTM(torch.autograd.Function):
             _steps(xh.unbind(0), range(steps), sizes),  # [x_t, h_{t-1}]
             _steps(gates.unbind(0), slots, sizes),
             *(i, f, o, cand, cs, c_prev),
-            _steps(tanh_cell.unbind(0), slots, sizes),
+            _steps(sig_cell.unbind(0), slots, sizes),
             _steps(xh[:, :, inp:].unbind(0), range(1, steps + 1), sizes),  # h_t
             strict=True,
         )
-        for x_t, g, i_t, f_t, o_t, cand_t, c_t, c_prev_t, tc, h_t in per_step:
+        for x_t, g, i_t, f_t, o_t, cand_t, c_t, c_prev_t, s_t, h_t in per_step:
             step(x_t, out=g).sigmoid_()  # (n, 4H)
             cand_t.mul_(two).sub_(one)  # tanh of the g pre-activation
             torch.mul(f_t, c_prev_t, out=c_t)
             c_t.addcmul_(i_t, cand_t)
-            torch.add(c_t, c_t, out=tc).sigmoid_().mul_(two).sub_(one)  # tanh(c_t)
+            torch.mul(c_t, -two, out=s_t).sigmoid_()
             if project is None:
-                torch.mul(o_t, tc, out=h_t)
+                torch.addcmul(o_t, o_t, s_t, value=-2, out=h_t)  # o * tanh(c)
             else:
-                project(torch.mul(o_t, tc, out=m[: h_t.size(0)]), out=h_t)
+                project(torch.addcmul(o_t, o_t, s_t, value=-2, out=m[: h_t.size(0)]), out=h_t)
 
         last = _last_step(batch_sizes, steps, batch, x.device)
         rows = torch.arange(batch, device=x.device)
@@ -155,7 +157,7 @@ class FusedLSTM(torch.autograd.Function):
         ctx.batch_sizes = sizes
         ctx.has_bias = b_ih is not None
         if training:
-            ctx.save_for_backward(xh, c0, w_ih, w_hh, w_hr, gates, cell, tanh_cell)
+            ctx.save_for_backward(xh, c0, w_ih, w_hh, w_hr, gates, cell, sig_cell)
         return xh[1:, :, inp:].contiguous(), h_n, c_n
 
     @staticmethod
@@ -165,7 +167,7 @@ class FusedLSTM(torch.autograd.Function):
                 "the fused backend's backward is not itself differentiable (create_graph=True, "
                 "double backward); use LSTM(..., backend='reference') for higher-order gradients"
             )
-        xh, c0, w_ih, w_hh, w_hr, gates, cell, tanh_cell = ctx.saved_tensors
+        xh, c0, w_ih, w_hh, w_hr, gates, cell, sig_cell = ctx.saved_tensors
         steps, batch, hidden = cell.shape
         inp = w_ih.size(1)
         # The state gradients flowing back in time start as those of (h_n, c_n): a finished
@@ -179,46 +181,33 @@ class FusedLSTM(torch.autograd.Function):
         back = _back_weight(w_hh, batch)
         unproject = matmul.Weight(w_hr.t(), batch) if w_hr is not None else None
 
+        # Per-step views (running rows only), made before the loop.
         sizes, every = ctx.batch_sizes, range(steps)
-        views = [
-            _steps(buffer.unbind(0), every, sizes)
+        gs, i_s, f_s, o_s, cand_s, dgs, di_s, df_s, do_s, dcand_s, ss, grads, dhs, dcs = (
+            _steps(buffer, every, sizes)
             for buffer in (
-                gates,
-                dgates,
-                *gates.split(hidden, 2),  # i, f, o, g
-                *dgates.split(hidden, 2),
-                tanh_cell,
-                grad_output,
+                gates.unbind(0),
+                *(block.unbind(0) for block in gates.split(hidden, 2)),  # i, f, o, g
+                dgates.unbind(0),
+                *(block.unbind(0) for block in dgates.split(hidden, 2)),
+                sig_cell.unbind(0),
+                grad_output.unbind(0),
+                [dh] * steps,
+                [dc] * steps,
             )
-        ]
-        c_prev = _steps((c0, *cell[:-1].unbind(0)), every, sizes)
-        dh_rows, dc_rows = _steps([dh] * steps, every, sizes), _steps([dc] * steps, every, sizes)
-        per_step = list(zip(*views, c_prev, dh_rows, dc_rows, every, strict=True))
-        for (
-            g,
-            dg,
-            i,
-            f,
-            o,
-            cand,
-            di,
-            df,
-            do,
-            dcand,
-            tc,
-            grad_t,
-            c_prev_t,
-            dh_t,
-            dc_t,
-            t,
-        ) in reversed(per_step):
+        )
+        c_prevs = _steps((c0, *cell[:-1].unbind(0)), every, sizes)
+        for t in range(steps - 1, -1, -1):
+            g, i, f, o, cand, s_t = gs[t], i_s[t], f_s[t], o_s[t], cand_s[t], ss[t]
+            dg, di, df, do, dcand = dgs[t], di_s[t], df_s[t], do_s[t], dcand_s[t]
+            dh_t, dc_t, grad_t, c_prev_t = dhs[t], dcs[t], grads[t], c_prevs[t]
             dh_t.add_(grad_t)  # (n, P): everything that reaches h_t
             dm = dh_t  # gradient of o * tanh(c_t)
             if unproject is not None:
                 dh_seq[t, : dh_t.size(0)] = dh_t
                 dm = unproject(dh_t)  # (n, H)
-            dc_t.add_(_grad.tanh_backward(dm * o, tc))
-            torch.mul(dm, tc, out=do)
+            dc_t.add_(_grad.sigmoid_backward(dm * o, s_t), alpha=4)  # 1 - tanh^2 = 4 s (1 - s)
+            torch.addcmul(dm, dm, s_t, value=-2, out=do)  # dm * tanh(c)
             torch.mul(dc_t, cand, out=di)
             torch.mul(dc_t, c_prev_t, out=df)
             torch.mul(dc_t, i, out=dcand)
@@ -238,7 +227,7 @@ class FusedLSTM(torch.autograd.Function):
         dw_hr = None
         if unproject is not None and needs[7]:
             o = gates[..., 2 * hidden : 3 * hidden]
-            m = (o * tanh_cell).view(steps * batch, hidden)
+            m = torch.addcmul(o, o, sig_cell, value=-2).view(steps * batch, hidden)
             dw_hr = matmul.mm_t(dh_seq.view(steps * batch, dh_seq.size(2)), m)
         return (
             dx,
