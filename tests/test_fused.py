@@ -8,7 +8,11 @@ from conftest import TOLERANCES, assert_all_close, run_with_grads
 from test_parity import GRID, IN, make_hx, make_input
 
 import lstmkit
-from lstmkit.backends import matmul
+from lstmkit.backends import fused, matmul
+from lstmkit.cells import CELLS
+from lstmkit.runner import NO_MASKS
+
+NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 
 
 def twin_backends(dtype=torch.float64, **config):
@@ -78,7 +82,8 @@ def test_gradcheck_fused_backward():
     batch_sizes = [4, 4, 3, 1, 1]
 
     def f(x, h0, c0, *w):
-        return lstmkit.backends.fused.run(x, h0, c0, lstmkit.cells.LSTMWeights(*w), batch_sizes)
+        params = dict(zip(NAMES, w, strict=True))
+        return fused.run(CELLS["lstm"], x, h0, c0, params, batch_sizes, NO_MASKS)
 
     assert torch.autograd.gradcheck(f, (x, h0, c0, *weights))
 

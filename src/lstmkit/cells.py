@@ -1,39 +1,38 @@
-"""One time step of an LSTM, as plain functions of tensors.
+"""One time step of each cell, as plain functions of (parameters, inputs).
 
 Shape legend: B = batch, I = input size, H = hidden (cell) size, P = output size
-(``proj_size`` when a projection is used, else H). Gate order is (i, f, g, o), as in
-``torch.nn.LSTM``: every ``(4H, ...)`` weight is four ``(H, ...)`` blocks stacked in that order.
+(``proj_size`` when a projection is used, else H), G = gate blocks (4 for an LSTM). Gate order
+is (i, f, g, o), as in ``torch.nn.LSTM``: every ``(4H, ...)`` weight is four ``(H, ...)``
+blocks stacked in that order.
 
-The input half of the gates, ``W_ih x_t + b_ih + b_hh``, does not depend on the state, so
-callers compute it for all time steps at once (:func:`project_input`) and hand each step its
-row. One step then only adds the recurrent half and applies the gates (:func:`lstm_step`).
+A cell's step is split in two. The input half of the gates does not depend on the state, so
+the runner computes it for all time steps at once (:meth:`Cell.project_input`) and hands each
+step its row; :meth:`Cell.step` then adds the recurrent half and applies the gates.
+
+Every cell owns the parameters of ``torch.nn.LSTM`` (``weight_ih``, ``weight_hh``, ``bias_ih``,
+``bias_hh``, ``weight_hr``; ``G`` blocks of rows instead of 4) and may declare more in
+:attr:`Cell.extra`. Steps receive them in a dict keyed by those names, ``None`` where absent.
+Write your own cell by subclassing :class:`Cell`: see ``docs/custom_cells.md``.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-class LSTMWeights(NamedTuple):
-    """The parameters of one layer-direction, named as in ``torch.nn.LSTM``."""
-
-    w_ih: Tensor  # (4H, I)
-    w_hh: Tensor  # (4H, P)
-    b_ih: Tensor | None  # (4H,), None without bias
-    b_hh: Tensor | None  # (4H,), None without bias
-    w_hr: Tensor | None  # (P, H), None without projection
+Params = Mapping[str, Tensor | None]
+# extra parameters: name -> (shape from (H, P), initialisation: "uniform" | "ones" | "zeros")
+Extra = Mapping[str, tuple[Callable[[int, int], tuple[int, ...]], str]]
+LAYER_NORM_EPS = 1e-5
 
 
 def project_input(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:
-    """The state-independent part of the gate pre-activations.
-
-    ``x`` is ``(..., I)``; returns ``(..., 4H) = x W_ih^T + b_ih + b_hh``. Both biases are
-    folded into one vector: the LSTM only ever uses their sum.
-    """
+    """``(..., I) -> (..., GH)``: ``x W_ih^T + b_ih + b_hh``, both biases folded into one
+    vector (only their sum is ever used)."""
     bias = None if b_ih is None else b_ih + b_hh
     return F.linear(x, w_ih, bias)
 
@@ -65,7 +64,136 @@ def lstm_step(
     gates = torch.addmm(xp, h, w_hh.t())  # (B, 4H)
     i, f, g, o = gates.chunk(4, dim=1)  # each (B, H)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h = torch.sigmoid(o) * torch.tanh(c)  # (B, H)
-    if w_hr is not None:
-        h = h @ w_hr.t()  # (B, P)
-    return h, c
+    return _output(torch.sigmoid(o) * torch.tanh(c), w_hr), c
+
+
+def _output(h: Tensor, w_hr: Tensor | None) -> Tensor:
+    """``h`` (``(B, H)``), projected to ``(B, P)`` when there is a projection."""
+    return h if w_hr is None else h @ w_hr.t()
+
+
+class Cell:
+    """What a recurrent cell is: its gate count, its extra parameters and its step.
+
+    Subclasses set :attr:`name`, :attr:`gates`, :attr:`forget_gate` and :attr:`extra`, and
+    override :meth:`step` (and :meth:`project_input` when the input half is not a plain
+    linear map). Everything else — stacking, bidirectional, lengths and PackedSequence,
+    dropout between layers, the regularisers, the reference backend — comes from the LSTM
+    module and the runner.
+    """
+
+    name = "custom"
+    gates = 4  # blocks of H rows in weight_ih / weight_hh / the biases
+    forget_gate: int | None = 1  # block that forget_bias= adds to; None if there is none
+    extra: ClassVar[Extra] = {}  # parameters beyond torch.nn.LSTM's
+
+    def project_input(self, x: Tensor, p: Params) -> Tensor:
+        """``(T, B, I) -> (T, B, GH)``: the state-independent part of the gates, all steps."""
+        return project_input(x, p["weight_ih"], p["bias_ih"], p["bias_hh"])
+
+    def step(self, xp: Tensor, h: Tensor, c: Tensor, p: Params) -> tuple[Tensor, Tensor]:
+        """One step: ``xp`` ``(B, GH)``, ``h`` ``(B, P)``, ``c`` ``(B, H)`` -> ``(h, c)``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return repr(self.name)
+
+
+class LSTM(Cell):
+    """The standard LSTM of ``torch.nn.LSTM``: :func:`lstm_step`."""
+
+    name = "lstm"
+
+    def step(self, xp, h, c, p):
+        return lstm_step(xp, h, c, p["weight_hh"], p["weight_hr"])
+
+
+def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    return F.layer_norm(x, x.shape[-1:], weight, bias, LAYER_NORM_EPS)
+
+
+class LayerNorm(Cell):
+    r"""Layer-normalised LSTM (Ba, Kiros & Hinton 2016, "Layer Normalization", section 3.1).
+
+    .. math::
+        (i, f, g, o) &= LN(W_{ih} x_t; \gamma_{ih}, \beta_{ih})
+                        + LN(W_{hh} h_{t-1}; \gamma_{hh}, \beta_{hh}) + b_{ih} + b_{hh} \\
+        c_t &= \sigma(f) \odot c_{t-1} + \sigma(i) \odot \tanh(g) \\
+        h_t &= \sigma(o) \odot \tanh(LN(c_t; \gamma_c, \beta_c))
+
+    ``LN(v; w, b) = w (v - mean(v)) / sqrt(var(v) + 1e-5) + b`` over the whole 4H (or H)
+    vector of each example. Extra parameters: ``ln_ih_weight``, ``ln_ih_bias``,
+    ``ln_hh_weight``, ``ln_hh_bias`` ``(4H)`` and ``ln_c_weight``, ``ln_c_bias`` ``(H)``;
+    gains start at 1, biases at 0.
+    """
+
+    name = "layernorm"
+    extra: ClassVar[Extra] = {
+        "ln_ih_weight": (lambda h, p: (4 * h,), "ones"),
+        "ln_ih_bias": (lambda h, p: (4 * h,), "zeros"),
+        "ln_hh_weight": (lambda h, p: (4 * h,), "ones"),
+        "ln_hh_bias": (lambda h, p: (4 * h,), "zeros"),
+        "ln_c_weight": (lambda h, p: (h,), "ones"),
+        "ln_c_bias": (lambda h, p: (h,), "zeros"),
+    }
+
+    def project_input(self, x, p):
+        xp = _layer_norm(F.linear(x, p["weight_ih"]), p["ln_ih_weight"], p["ln_ih_bias"])
+        return xp if p["bias_ih"] is None else xp + (p["bias_ih"] + p["bias_hh"])
+
+    def step(self, xp, h, c, p):
+        recurrent = _layer_norm(h @ p["weight_hh"].t(), p["ln_hh_weight"], p["ln_hh_bias"])
+        i, f, g, o = (xp + recurrent).chunk(4, dim=1)  # each (B, H)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        c_norm = _layer_norm(c, p["ln_c_weight"], p["ln_c_bias"])
+        return _output(torch.sigmoid(o) * torch.tanh(c_norm), p["weight_hr"]), c
+
+
+class Peephole(Cell):
+    r"""LSTM with peephole connections (Gers & Schmidhuber 2000, "Recurrent nets that time
+    and count"): the gates also see the cell state through diagonal weights.
+
+    .. math::
+        i_t &= \sigma(W_{ii} x_t + W_{hi} h_{t-1} + p_i \odot c_{t-1} + b_i) \\
+        f_t &= \sigma(W_{if} x_t + W_{hf} h_{t-1} + p_f \odot c_{t-1} + b_f) \\
+        g_t &= \tanh(W_{ig} x_t + W_{hg} h_{t-1} + b_g) \\
+        c_t &= f_t \odot c_{t-1} + i_t \odot g_t \\
+        o_t &= \sigma(W_{io} x_t + W_{ho} h_{t-1} + p_o \odot c_t + b_o) \\
+        h_t &= o_t \odot \tanh(c_t)
+
+    Extra parameter: ``weight_ch`` ``(3H)``, the blocks ``(p_i, p_f, p_o)``, initialised like
+    the other weights, U(-1/sqrt(H), 1/sqrt(H)).
+    """
+
+    name = "peephole"
+    extra: ClassVar[Extra] = {"weight_ch": (lambda h, p: (3 * h,), "uniform")}
+
+    def step(self, xp, h, c, p):
+        i, f, g, o = torch.addmm(xp, h, p["weight_hh"].t()).chunk(4, dim=1)  # each (B, H)
+        p_i, p_f, p_o = p["weight_ch"].chunk(3)  # each (H,)
+        c = torch.sigmoid(f + p_f * c) * c + torch.sigmoid(i + p_i * c) * torch.tanh(g)
+        return _output(torch.sigmoid(o + p_o * c) * torch.tanh(c), p["weight_hr"]), c
+
+
+class CIFG(Cell):
+    r"""Coupled input-forget gate (Greff et al. 2017, "LSTM: A Search Space Odyssey"):
+    the input gate is ``1 - f``, so there are three gate blocks, in the order (f, g, o).
+
+    .. math::
+        f_t &= \sigma(W_{if} x_t + W_{hf} h_{t-1} + b_f) \\
+        c_t &= f_t \odot c_{t-1} + (1 - f_t) \odot \tanh(W_{ig} x_t + W_{hg} h_{t-1} + b_g) \\
+        h_t &= \sigma(W_{io} x_t + W_{ho} h_{t-1} + b_o) \odot \tanh(c_t)
+    """
+
+    name = "cifg"
+    gates = 3
+    forget_gate = 0
+
+    def step(self, xp, h, c, p):
+        f, g, o = torch.addmm(xp, h, p["weight_hh"].t()).chunk(3, dim=1)  # each (B, H)
+        f = torch.sigmoid(f)
+        c = torch.lerp(torch.tanh(g), c, f)  # f c + (1 - f) tanh(g)
+        return _output(torch.sigmoid(o) * torch.tanh(c), p["weight_hr"]), c
+
+
+CELLS: dict[str, Cell] = {cell.name: cell for cell in (LSTM(), LayerNorm(), Peephole(), CIFG())}

@@ -19,13 +19,18 @@ from lstmkit import cells, runner
 from lstmkit import validation as check
 
 
-def _init_uniform(module: nn.Module, hidden_size: int) -> None:
-    """``torch.nn.LSTM``'s initialisation: every parameter from U(-1/sqrt(H), 1/sqrt(H)),
-    drawn in registration order, so the same seed gives the same weights."""
+def _initialise(module: nn.Module, kinds: dict[str, str], hidden_size: int) -> None:
+    """``torch.nn.LSTM``'s initialisation for every ``"uniform"`` parameter,
+    U(-1/sqrt(H), 1/sqrt(H)), drawn in registration order so that the same seed gives the same
+    weights; ``"ones"`` and ``"zeros"`` parameters are filled."""
     bound = 1.0 / math.sqrt(hidden_size)
     with torch.no_grad():
-        for weight in module.parameters():
-            weight.uniform_(-bound, bound)
+        for name, kind in kinds.items():
+            weight = getattr(module, name)
+            if kind == "uniform":
+                weight.uniform_(-bound, bound)
+            else:
+                weight.fill_(1.0 if kind == "ones" else 0.0)
 
 
 class LSTMCell(nn.Module):
@@ -79,7 +84,9 @@ class LSTMCell(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        _init_uniform(self, self.hidden_size)
+        _initialise(
+            self, {name: "uniform" for name, _ in self.named_parameters()}, self.hidden_size
+        )
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, bias={self.bias}"
@@ -137,8 +144,28 @@ class LSTM(nn.Module):
         proj_size: if > 0, an LSTM with projections (LSTMP): ``h_t = W_hr h_t``, of size
             ``proj_size``, which must be smaller than ``hidden_size``. Default 0.
         device, dtype: where and in which dtype to create the parameters.
-        backend (keyword-only, lstmkit only): how the loop over time runs: ``"auto"``
-            (default: the fastest backend that supports the configuration) or one of
+
+    Keyword-only options (lstmkit only):
+        cell: ``"lstm"`` (default, the equations above), ``"layernorm"`` (Ba et al. 2016),
+            ``"peephole"`` (Gers & Schmidhuber 2000), ``"cifg"`` (coupled input-forget gate,
+            Greff et al. 2017; three gate blocks), or your own :class:`lstmkit.cells.Cell`
+            instance. Each cell's equations and extra parameters are in
+            :mod:`lstmkit.cells`; extra parameters follow the same ``_l{k}`` / ``_reverse``
+            suffixes.
+        forget_bias: added to the forget-gate block of every ``bias_ih`` at initialisation
+            (Jozefowicz et al. 2015 recommend 1). Default 0, which keeps nn.LSTM's weights.
+        recurrent_dropout: variational dropout of ``h_{t-1}`` before the recurrent product
+            (Gal & Ghahramani 2016): one mask per sequence, the same at every step. Training
+            only. In [0, 1), default 0.
+        weight_drop: DropConnect on ``weight_hh`` (AWD-LSTM, Merity et al. 2018): one mask per
+            forward pass, applied to a copy; the parameter itself is never replaced. Training
+            only. In [0, 1), default 0.
+        zoneout: probability that a unit keeps its previous value at a step (Krueger et al.
+            2017), one float for both ``h`` and ``c`` or a pair ``(p_h, p_c)``; in evaluation
+            every unit moves by the expectation ``p * old + (1 - p) * new``. Default 0.
+        backend: how the loop over time runs: ``"auto"`` (default: ``"fused"`` where it
+            supports the cell and regularisers, else ``"reference"``), ``"fused"`` (one
+            autograd Function per layer-direction with a hand-written backward) or
             ``"reference"`` (the per-step autograd loop that is the oracle). May be changed
             on an existing module.
 
@@ -184,49 +211,83 @@ class LSTM(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        cell: str | cells.Cell = "lstm",
+        forget_bias: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        weight_drop: float = 0.0,
+        zoneout: float | tuple[float, float] = 0.0,
         backend: str = "auto",
     ) -> None:
         super().__init__()
         self.input_size = check.check_positive_int("input_size", input_size)
         self.hidden_size = check.check_positive_int("hidden_size", hidden_size)
-        self.backend = check.check_choice("backend", backend, runner.BACKEND_NAMES)
         self.num_layers = check.check_positive_int("num_layers", num_layers)
         self.bias = check.check_bool("bias", bias)
         self.batch_first = check.check_bool("batch_first", batch_first)
         self.dropout = check.check_probability("dropout", dropout)
         self.bidirectional = check.check_bool("bidirectional", bidirectional)
         self.proj_size = check.check_proj_size(proj_size, hidden_size)
+        self.cell = check.check_cell(cell, cells.CELLS)
+        self.forget_bias = check.check_real("forget_bias", forget_bias)
+        zoneout_h, zoneout_c = zoneout if isinstance(zoneout, tuple | list) else (zoneout,) * 2
+        self.regularizers = runner.Regularizers(
+            recurrent_dropout=check.check_rate("recurrent_dropout", recurrent_dropout),
+            weight_drop=check.check_rate("weight_drop", weight_drop),
+            zoneout_h=check.check_rate("zoneout (for h)", zoneout_h),
+            zoneout_c=check.check_rate("zoneout (for c)", zoneout_c),
+        )
+        self.backend = check.check_choice("backend", backend, runner.BACKEND_NAMES)
         if self.dropout > 0 and num_layers == 1:
             warnings.warn(
                 f"dropout={dropout} has no effect with num_layers=1: it is applied between "
                 "layers only",
                 stacklevel=2,
             )
+        if self.forget_bias and (not bias or self.cell.forget_gate is None):
+            raise ValueError(
+                f"forget_bias={forget_bias} needs bias=True and a cell with a forget gate, "
+                f"got bias={bias} and cell={self.cell.name!r}"
+            )
         factory = {"device": device, "dtype": dtype}
         directions = 2 if bidirectional else 1
         out_size = proj_size or hidden_size
-        gates = 4 * hidden_size
+        gates = self.cell.gates * hidden_size
+        self._init: dict[str, str] = {}  # parameter name -> "uniform" | "ones" | "zeros"
         self._flat_weights_names: list[str] = []
         self._all_weights: list[list[str]] = []
         for layer in range(num_layers):
             layer_input = input_size if layer == 0 else out_size * directions
             for direction in range(directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-                shapes = {"weight_ih": (gates, layer_input), "weight_hh": (gates, out_size)}
+                # torch.nn.LSTM's parameters, in its order, then the cell's own
+                shapes = {
+                    "weight_ih": ((gates, layer_input), "uniform"),
+                    "weight_hh": ((gates, out_size), "uniform"),
+                }
                 if bias:
-                    shapes |= {"bias_ih": (gates,), "bias_hh": (gates,)}
+                    shapes |= {"bias_ih": ((gates,), "uniform"), "bias_hh": ((gates,), "uniform")}
                 if proj_size:
-                    shapes |= {"weight_hr": (proj_size, hidden_size)}
+                    shapes |= {"weight_hr": ((proj_size, hidden_size), "uniform")}
+                for kind, (shape_of, init) in self.cell.extra.items():
+                    shapes[kind] = (shape_of(hidden_size, out_size), init)
                 names = []
-                for kind, shape in shapes.items():
+                for kind, (shape, init) in shapes.items():
                     names.append(kind + suffix)
                     setattr(self, names[-1], nn.Parameter(torch.empty(shape, **factory)))
+                    self._init[names[-1]] = init
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        _init_uniform(self, self.hidden_size)
+        """nn.LSTM's initialisation (U(-1/sqrt(H), 1/sqrt(H)), drawn in registration order),
+        the cell's extra parameters as it declares, then ``forget_bias`` on ``bias_ih``."""
+        _initialise(self, self._init, self.hidden_size)
+        if self.forget_bias:
+            with torch.no_grad():
+                for names in self._all_weights:
+                    bias = getattr(self, names[2])  # bias_ih of the layer-direction
+                    bias.view(self.cell.gates, -1)[self.cell.forget_gate] += self.forget_bias
 
     @property
     def _flat_weights(self) -> list[Tensor]:
@@ -250,6 +311,9 @@ class LSTM(nn.Module):
             "dropout": 0.0,
             "bidirectional": False,
             "proj_size": 0,
+            "cell": cells.CELLS["lstm"],
+            "forget_bias": 0.0,
+            "regularizers": runner.Regularizers(),
             "backend": "auto",
         }
         for name, default in defaults.items():
@@ -257,11 +321,12 @@ class LSTM(nn.Module):
                 text += f", {name}={getattr(self, name)}"
         return text
 
-    def _layer_weights(self, layer: int, direction: int) -> cells.LSTMWeights:
-        """The parameters of one layer-direction, ``None`` where absent."""
+    def _layer_params(self, layer: int, direction: int) -> dict[str, Tensor | None]:
+        """The parameters of one layer-direction by name without suffix, ``None`` where
+        absent."""
         suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-        kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
-        return cells.LSTMWeights(*(getattr(self, kind + suffix, None) for kind in kinds))
+        kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr", *self.cell.extra)
+        return {kind: getattr(self, kind + suffix, None) for kind in kinds}
 
     def forward(
         self,
@@ -312,10 +377,13 @@ class LSTM(nn.Module):
                     layer_input,
                     h0[k],
                     c0[k],
-                    self._layer_weights(layer, direction),
+                    self._layer_params(layer, direction),
+                    cell=self.cell,
                     reverse=direction == 1,
                     lengths=lengths,
                     backend=self.backend,
+                    regularizers=self.regularizers,
+                    training=self.training,
                 )
                 outputs.append(out)
                 h_n.append(h)

@@ -1,11 +1,14 @@
 """The recurrence over time for one layer and one direction.
 
-The runner owns everything about *time*: the input projection hoisted out of the loop,
-per-sequence lengths, running a direction in reverse, and choosing the backend that executes
-the loop. It knows no gate equation; those live in :mod:`lstmkit.cells`.
+The runner owns everything about *time*: per-sequence lengths, running a direction in
+reverse, the regularisers that act across steps (their masks are drawn here, once, so every
+backend sees the same ones), and choosing the backend that executes the loop. It knows no gate
+equation; those live in :mod:`lstmkit.cells`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -13,14 +16,96 @@ from torch import Tensor
 from lstmkit import cells
 from lstmkit.backends import fused, reference
 
-BACKENDS = {"reference": reference.run, "fused": fused.run}
+BACKENDS = {"reference": reference, "fused": fused}
 BACKEND_NAMES = ("auto", *BACKENDS)
 
 
-def choose_backend(name: str) -> str:
+@dataclass(frozen=True)
+class Regularizers:
+    """Probabilities of the regularisers inside a layer; 0 turns one off.
+
+    - ``recurrent_dropout``: variational dropout (Gal & Ghahramani 2016) of the recurrent
+      input ``h_{t-1}``: one mask per sequence and unit, the same at every step.
+    - ``weight_drop``: DropConnect on ``W_hh`` (Wan et al. 2013; Merity et al. 2018), one mask
+      per forward pass, applied to a copy, never to the parameter.
+    - ``zoneout_h``, ``zoneout_c``: zoneout (Krueger et al. 2017): each unit keeps its previous
+      value with this probability at each step; in evaluation every unit moves by the
+      expectation, ``p * previous + (1 - p) * new``.
+
+    Dropout-style options are active in training only.
+    """
+
+    recurrent_dropout: float = 0.0
+    weight_drop: float = 0.0
+    zoneout_h: float = 0.0
+    zoneout_c: float = 0.0
+
+
+@dataclass(frozen=True)
+class Masks:
+    """What a backend applies inside its loop, drawn by :func:`draw_masks`.
+
+    ``recurrent``: ``(B, P)``, multiplies ``h_{t-1}`` before the recurrent product (already
+    scaled by ``1 / (1 - p)``). ``zoneout_h`` / ``zoneout_c``: in training a bool
+    ``(T, B, P)`` / ``(T, B, H)`` tensor, True where a unit keeps its previous value; in
+    evaluation the probability ``p`` itself. ``None`` where a regulariser is off.
+    """
+
+    recurrent: Tensor | None = None
+    zoneout_h: Tensor | float | None = None
+    zoneout_c: Tensor | float | None = None
+
+    def active(self) -> bool:
+        return any(m is not None for m in (self.recurrent, self.zoneout_h, self.zoneout_c))
+
+
+NO_MASKS = Masks()
+
+
+def _keep(shape: tuple[int, ...], p: float, like: Tensor) -> Tensor:
+    """Bernoulli(1 - p) draws as a float mask scaled by ``1 / (1 - p)``."""
+    return torch.bernoulli(like.new_full(shape, 1.0 - p)) / (1.0 - p)
+
+
+def draw_masks(reg: Regularizers, training: bool, steps: int, h0: Tensor, c0: Tensor) -> Masks:
+    """The masks of one layer-direction's forward pass (in this order, from torch's RNG)."""
+    if not training:
+        return Masks(
+            zoneout_h=reg.zoneout_h or None,
+            zoneout_c=reg.zoneout_c or None,
+        )
+    recurrent = _keep(h0.shape, reg.recurrent_dropout, h0) if reg.recurrent_dropout else None
+    zone_h = zone_c = None
+    if reg.zoneout_h:
+        zone_h = torch.bernoulli(h0.new_full((steps, *h0.shape), reg.zoneout_h)).bool()
+    if reg.zoneout_c:
+        zone_c = torch.bernoulli(c0.new_full((steps, *c0.shape), reg.zoneout_c)).bool()
+    return Masks(recurrent, zone_h, zone_c)
+
+
+def drop_weights(params: cells.Params, p: float, training: bool) -> cells.Params:
+    """``params`` with ``weight_hh`` replaced by a DropConnect copy in training."""
+    if not (training and p):
+        return params
+    w_hh = params["weight_hh"]
+    return {**params, "weight_hh": w_hh * _keep(w_hh.shape, p, w_hh)}
+
+
+def choose_backend(name: str, cell: cells.Cell, masks: Masks) -> str:
     """The backend that runs a layer: ``name`` itself, or for ``"auto"`` the fastest one
-    that supports the configuration."""
-    return "fused" if name == "auto" else name
+    that supports the configuration.
+
+    Raises:
+        ValueError: ``name`` is a backend that cannot run this configuration.
+    """
+    if name == "auto":
+        return "fused" if fused.supports(cell, masks) else "reference"
+    if not BACKENDS[name].supports(cell, masks):
+        raise ValueError(
+            f"backend={name!r} cannot run cell={cell.name!r} with these regularisers; "
+            "use backend='auto' or 'reference'"
+        )
+    return name
 
 
 def reverse_within_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
@@ -42,23 +127,29 @@ def run_layer(
     x: Tensor,
     h0: Tensor,
     c0: Tensor,
-    weights: cells.LSTMWeights,
+    params: cells.Params,
     *,
+    cell: cells.Cell = cells.CELLS["lstm"],
     reverse: bool = False,
     lengths: Tensor | None = None,
     backend: str = "auto",
+    regularizers: Regularizers = Regularizers(),
+    training: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Run one LSTM layer in one direction over a whole (padded) batch of sequences.
+    """Run one layer in one direction over a whole (padded) batch of sequences.
 
     Args:
         x: ``(T, B, I)`` time-major input.
         h0, c0: ``(B, P)`` and ``(B, H)`` initial state.
-        weights: the layer-direction's parameters.
+        params: the layer-direction's parameters, by name (see :mod:`lstmkit.cells`).
+        cell: the step to run.
         reverse: run from each sequence's last valid step to its first.
         lengths: ``(B,)`` int64 valid length of each sequence, or ``None`` when all are
             ``T`` long. Steps past a length neither change that sequence's state nor produce
             output (their output is zero).
         backend: one of :data:`BACKEND_NAMES`.
+        regularizers: in-layer regularisers; their masks are drawn here.
+        training: whether dropout-style regularisers are active.
 
     Returns:
         ``(output, h_n, c_n)``: ``(T, B, P)``, and each sequence's state after its last
@@ -77,7 +168,10 @@ def run_layer(
         lengths = None
     if reverse:
         x = reverse_within_lengths(x, lengths)
-    output, h_n, c_n = BACKENDS[choose_backend(backend)](x, h0, c0, weights, batch_sizes)
+    masks = draw_masks(regularizers, training, steps, h0, c0)
+    params = drop_weights(params, regularizers.weight_drop, training)
+    run = BACKENDS[choose_backend(backend, cell, masks)].run
+    output, h_n, c_n = run(cell, x, h0, c0, params, batch_sizes, masks)
     if reverse:
         output = reverse_within_lengths(output, lengths)
     if order is not None:

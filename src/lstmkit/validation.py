@@ -8,7 +8,7 @@ argument, what was expected and what was received: ``TypeError`` for a wrong typ
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -50,6 +50,35 @@ def check_probability(name: str, value: object) -> float:
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
     return float(value)
+
+
+def check_real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
+        raise TypeError(f"{name} must be a real number, got {_describe(value)}")
+    return float(value)
+
+
+def check_rate(name: str, value: object) -> float:
+    """A drop or keep probability in [0, 1): 1 would drop everything."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {_describe(value)}")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return float(value)
+
+
+def check_cell(value: object, cells: Mapping[str, object]) -> object:
+    """A cell name from ``cells`` or an instance of :class:`lstmkit.cells.Cell`."""
+    from lstmkit.cells import Cell
+
+    if isinstance(value, Cell):
+        return value
+    if isinstance(value, str) and value in cells:
+        return cells[value]
+    raise ValueError(
+        f"cell must be one of {', '.join(map(repr, cells))} or a lstmkit.cells.Cell instance, "
+        f"got {_describe(value)}"
+    )
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:

@@ -243,14 +243,23 @@ class FusedLSTM(torch.autograd.Function):
         )
 
 
+def supports(cell: cells.Cell, masks) -> bool:
+    """The standard LSTM cell without in-loop regularisers (weight drop is applied to the
+    weights before the loop, so it is supported)."""
+    return type(cell) is cells.LSTM and not masks.active()
+
+
 def run(
+    cell: cells.Cell,
     x: Tensor,
     h: Tensor,
     c: Tensor,
-    weights: cells.LSTMWeights,
+    params: cells.Params,
     batch_sizes: list[int] | None,
+    masks,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Same contract as :func:`lstmkit.backends.reference.run`."""
-    tensors = (x, h, c, *weights)
+    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+    tensors = (x, h, c, *(params[name] for name in names))
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return FusedLSTM.apply(*tensors, batch_sizes, training)

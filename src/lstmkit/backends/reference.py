@@ -1,4 +1,5 @@
-"""The reference backend: a plain per-step loop on autograd, the oracle for every other one."""
+"""The reference backend: a plain per-step loop on autograd, the oracle for every other one.
+It runs any :class:`~lstmkit.cells.Cell` with any regulariser."""
 
 from __future__ import annotations
 
@@ -8,35 +9,56 @@ from torch import Tensor
 from lstmkit import cells
 
 
+def supports(cell: cells.Cell, masks) -> bool:
+    return True
+
+
+def _zoneout(new: Tensor, old: Tensor, zone: Tensor | float | None, t: int) -> Tensor:
+    """Keep ``old`` where the step-``t`` mask says so (training), or move by the expectation
+    ``p * old + (1 - p) * new`` (evaluation)."""
+    if zone is None:
+        return new
+    if isinstance(zone, Tensor):
+        return torch.where(zone[t, : new.size(0)], old, new)
+    return torch.lerp(new, old, zone)
+
+
 def run(
+    cell: cells.Cell,
     x: Tensor,
     h: Tensor,
     c: Tensor,
-    weights: cells.LSTMWeights,
+    params: cells.Params,
     batch_sizes: list[int] | None,
+    masks,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run one layer-direction forward over time.
 
     Args:
+        cell: the step.
         x: ``(T, B, I)`` time-major input.
         h: ``(B, P)`` initial hidden state.
         c: ``(B, H)`` initial cell state.
-        weights: the layer-direction's parameters.
+        params: the layer-direction's parameters, by name.
         batch_sizes: ``T`` non-increasing counts of the sequences still running at each step,
             with the batch sorted by decreasing length (as in a ``PackedSequence``), or
             ``None`` when every sequence is ``T`` long. A finished sequence keeps its state
             and outputs zeros.
+        masks: the regularisers' masks (:class:`lstmkit.runner.Masks`).
 
     Returns:
         ``(output, h_n, c_n)`` of shapes ``(T, B, P)``, ``(B, P)``, ``(B, H)``.
     """
-    xp = cells.project_input(x, weights.w_ih, weights.b_ih, weights.b_hh)  # (T, B, 4H)
+    xp = cell.project_input(x, params)  # (T, B, GH)
     batch = x.size(1)
     outputs = []
     # unbind, not xp[t]: indexing a tensor that requires grad makes backward O(T^2).
     for t, xp_t in enumerate(xp.unbind(0)):
         n = batch if batch_sizes is None else batch_sizes[t]
-        h_t, c_t = cells.lstm_step(xp_t[:n], h[:n], c[:n], weights.w_hh, weights.w_hr)
+        h_in = h[:n] if masks.recurrent is None else h[:n] * masks.recurrent[:n]
+        h_t, c_t = cell.step(xp_t[:n], h_in, c[:n], params)
+        h_t = _zoneout(h_t, h[:n], masks.zoneout_h, t)
+        c_t = _zoneout(c_t, c[:n], masks.zoneout_c, t)
         if n < batch:  # rows n: have finished: they keep their state and output zeros
             outputs.append(torch.cat([h_t, h_t.new_zeros(batch - n, h_t.size(1))]))
             h, c = torch.cat([h_t, h[n:]]), torch.cat([c_t, c[n:]])
