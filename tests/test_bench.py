@@ -13,7 +13,7 @@ from torch import nn
 from lstmkit.__main__ import main
 from lstmkit.bench.measure import saved_bytes, time_interleaved
 from lstmkit.bench.naive import NaiveLSTM
-from lstmkit.bench.suite import BASELINE, NAIVE, implementation_name
+from lstmkit.bench.suite import BASELINE, NAIVE, Config, implementation_name, run_config
 
 
 @pytest.mark.parametrize(
@@ -106,3 +106,16 @@ def test_bench_cli_writes_reports(tmp_path, capsys):
         saved = config["saved_bytes"][name]
         assert 0 < saved["excluding_parameters"] < saved["total"]
     assert "lstmkit[auto] ÷ nn.LSTM" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cell", ["layernorm", "peephole", "cifg"])
+def test_run_config_times_a_variant_against_its_reference(cell):
+    """``--cell``: lstmkit models of the variant are checked against the variant on the
+    reference backend (their outputs are recorded), the baselines against nn.LSTM."""
+    tiny = Config("tiny", batch=2, seq_len=3, input_size=4, hidden_size=5)
+    result = run_config(tiny, ["auto", "reference"], repeats=1, warmup=0, cell=cell)
+    names = [implementation_name(b, cell) for b in ("auto", "reference")]
+    assert list(result.timings["training"]) == [*names, BASELINE, NAIVE]
+    for name in names:
+        assert result.max_abs_diff[name] < 1e-5
+    assert result.max_abs_diff[NAIVE] < 1e-5  # the naive plain LSTM against nn.LSTM

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lstmkit.bench.report import machine_info, write_reports
 from lstmkit.bench.suite import GRID, Config, run_suite
+from lstmkit.cells import CELLS
 from lstmkit.runner import BACKEND_NAMES
 
 DEFAULT_RUNS = {"repeats": 7, "warmup": 2}
@@ -51,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="an lstmkit backend to time; repeat for several (default: auto)",
     )
     parser.add_argument(
+        "--cell",
+        choices=list(CELLS),
+        default="lstm",
+        help="the lstmkit cell to time; the baselines stay the plain LSTM (default: lstm)",
+    )
+    parser.add_argument(
         "--repeats",
         type=_count(1),
         help=f"timed runs per implementation (default {DEFAULT_RUNS['repeats']})",
@@ -81,11 +88,12 @@ def main(args: argparse.Namespace) -> int:
     warmup = runs["warmup"] if args.warmup is None else args.warmup
     backends = list(dict.fromkeys(args.backend or ["auto"]))
     machine = machine_info(args.threads)
-    results = run_suite(args.configs, backends, repeats, warmup, args.threads)
+    results = run_suite(args.configs, backends, repeats, warmup, args.threads, args.cell)
     settings = {
         "repeats": repeats,
         "warmup": warmup,
         "backends": backends,
+        "cell": args.cell,
         "implementations": list(results[0].saved),
         "dtype": "float32",
         "batch_first": True,

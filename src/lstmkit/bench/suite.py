@@ -14,6 +14,7 @@ from lstmkit.modules import LSTM
 
 BASELINE = "nn.LSTM"
 NAIVE = "naive"
+ORACLE = "lstmkit reference (oracle)"
 AGREEMENT_TOLERANCE = 1e-4  # largest |output - nn.LSTM's| in float32 worth timing
 
 
@@ -63,7 +64,8 @@ class ConfigResult:
 
     ``timings[mode][implementation]``, ``saved[implementation]`` (one training forward), and
     ``max_abs_diff[implementation]``: the largest difference of its inference output from
-    ``nn.LSTM``'s, checked before any timing.
+    the oracle's (``nn.LSTM`` for the plain cell, lstmkit's reference backend for the
+    others), checked before any timing.
     """
 
     config: Config
@@ -72,28 +74,41 @@ class ConfigResult:
     max_abs_diff: dict[str, float]
 
 
-def implementation_name(backend: str) -> str:
-    return f"lstmkit[{backend}]"
-
-
-def build_models(config: Config, backends: Sequence[str]) -> dict[str, nn.Module]:
-    """The compared models with one set of weights, in timing order: an ``lstmkit.LSTM`` per
-    backend, then ``torch.nn.LSTM``, then :class:`~lstmkit.bench.naive.NaiveLSTM`."""
-    sizes = {
+def _sizes(config: Config) -> dict[str, object]:
+    return {
         "input_size": config.input_size,
         "hidden_size": config.hidden_size,
         "num_layers": config.num_layers,
         "batch_first": True,
         "bidirectional": config.bidirectional,
     }
+
+
+def implementation_name(backend: str, cell: str = "lstm") -> str:
+    return f"lstmkit[{backend}]" if cell == "lstm" else f"lstmkit[{cell}, {backend}]"
+
+
+def build_models(
+    config: Config, backends: Sequence[str], cell: str = "lstm"
+) -> dict[str, nn.Module]:
+    """The compared models with one set of weights, in timing order: an ``lstmkit.LSTM`` of
+    ``cell`` per backend, then ``torch.nn.LSTM``, then :class:`~lstmkit.bench.naive.NaiveLSTM`.
+
+    The baselines are always the plain LSTM; lstmkit models of another cell share nn.LSTM's
+    weights only when the cell is the plain LSTM."""
+    sizes = _sizes(config)
     baseline = nn.LSTM(**sizes)
     models: dict[str, nn.Module] = {
-        implementation_name(backend): LSTM(**sizes, backend=backend) for backend in backends
+        implementation_name(backend, cell): LSTM(**sizes, cell=cell, backend=backend)
+        for backend in backends
     }
     models[BASELINE] = baseline
     models[NAIVE] = NaiveLSTM(**sizes)
-    for model in models.values():
-        model.load_state_dict(baseline.state_dict())
+    first = models[implementation_name(backends[0], cell)]
+    if cell == "lstm":
+        first.load_state_dict(baseline.state_dict())
+    for name, model in models.items():
+        model.load_state_dict((baseline if name in (BASELINE, NAIVE) else first).state_dict())
     return models
 
 
@@ -122,23 +137,33 @@ def training_run(model: nn.Module, x: Tensor) -> Callable[[], None]:
     return run
 
 
-def run_config(config: Config, backends: Sequence[str], repeats: int, warmup: int) -> ConfigResult:
-    """Check every implementation agrees with ``nn.LSTM``, count what each saves for
+def run_config(
+    config: Config, backends: Sequence[str], repeats: int, warmup: int, cell: str = "lstm"
+) -> ConfigResult:
+    """Check every implementation agrees with its oracle, count what each saves for
     backward, then time each mode with all implementations interleaved.
 
     Raises:
-        RuntimeError: an implementation's output differs from ``nn.LSTM``'s by more than
+        RuntimeError: an implementation's output differs from its oracle's by more than
             :data:`AGREEMENT_TOLERANCE`.
     """
     torch.manual_seed(0)
-    models = build_models(config, backends)
+    models = build_models(config, backends, cell)
     x = torch.randn(config.batch, config.seq_len, config.input_size)
     x_grad = x.clone().requires_grad_()
 
     with torch.no_grad():
         outputs = {name: model(x)[0] for name, model in models.items()}
+    if cell == "lstm":
+        oracle = {name: BASELINE for name in outputs}
+    else:  # lstmkit models against the reference backend of their cell; baselines against nn
+        reference = LSTM(**_sizes(config), cell=cell, backend="reference")
+        reference.load_state_dict(models[implementation_name(backends[0], cell)].state_dict())
+        with torch.no_grad():
+            outputs[ORACLE] = reference(x)[0]
+        oracle = {name: ORACLE if name.startswith("lstmkit") else BASELINE for name in models}
     max_abs_diff = {
-        name: (output - outputs[BASELINE]).abs().max().item() for name, output in outputs.items()
+        name: (outputs[name] - outputs[oracle[name]]).abs().max().item() for name in models
     }
     wrong = {name: diff for name, diff in max_abs_diff.items() if diff > AGREEMENT_TOLERANCE}
     if wrong:
@@ -164,6 +189,7 @@ def run_suite(
     repeats: int,
     warmup: int,
     threads: int,
+    cell: str = "lstm",
 ) -> list[ConfigResult]:
     """:func:`run_config` for each configuration with ``threads`` intra-op threads; the
     previous thread count is restored afterwards."""
@@ -173,7 +199,7 @@ def run_suite(
         results = []
         for config in configs:
             print(f"running {config.name}: {config.describe()}", flush=True)
-            results.append(run_config(config, backends, repeats, warmup))
+            results.append(run_config(config, backends, repeats, warmup, cell))
         return results
     finally:
         torch.set_num_threads(previous)
