@@ -229,7 +229,7 @@ class LSTM(nn.Module):
         self.proj_size = check.check_proj_size(proj_size, hidden_size)
         self.cell = check.check_cell(cell, cells.CELLS)
         self.forget_bias = check.check_real("forget_bias", forget_bias)
-        zoneout_h, zoneout_c = zoneout if isinstance(zoneout, tuple | list) else (zoneout,) * 2
+        zoneout_h, zoneout_c = check.check_pair("zoneout", zoneout)
         self.regularizers = runner.Regularizers(
             recurrent_dropout=check.check_rate("recurrent_dropout", recurrent_dropout),
             weight_drop=check.check_rate("weight_drop", weight_drop),

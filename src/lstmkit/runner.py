@@ -100,11 +100,12 @@ def choose_backend(name: str, cell: cells.Cell, masks: Masks) -> str:
     """
     if name == "auto":
         return "fused" if fused.supports(cell, masks) else "reference"
-    if not BACKENDS[name].supports(cell, masks):
-        raise ValueError(
-            f"backend={name!r} cannot run cell={cell.name!r} with these regularisers; "
-            "use backend='auto' or 'reference'"
-        )
+    backend = BACKENDS[name]
+    if not backend.supports(cell, masks):
+        what = f"cell={cell.name!r}"
+        if backend.supports(cell, NO_MASKS):
+            what += " with recurrent_dropout or zoneout"
+        raise ValueError(f"backend={name!r} cannot run {what}; use backend='auto' or 'reference'")
     return name
 
 

@@ -7,6 +7,7 @@ argument, what was expected and what was received: ``TypeError`` for a wrong typ
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 
@@ -53,9 +54,22 @@ def check_probability(name: str, value: object) -> float:
 
 
 def check_real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {_describe(value)}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
+
+
+def check_pair(name: str, value: object) -> tuple[object, object]:
+    """One value for two things, or a pair ``(a, b)`` of them."""
+    if isinstance(value, tuple | list):
+        if len(value) != 2:
+            raise ValueError(
+                f"{name} must be a float or a pair (for h, for c), got {len(value)} values"
+            )
+        return value[0], value[1]
+    return value, value
 
 
 def check_rate(name: str, value: object) -> float:
@@ -73,12 +87,12 @@ def check_cell(value: object, cells: Mapping[str, object]) -> object:
 
     if isinstance(value, Cell):
         return value
-    if isinstance(value, str) and value in cells:
-        return cells[value]
-    raise ValueError(
-        f"cell must be one of {', '.join(map(repr, cells))} or a lstmkit.cells.Cell instance, "
-        f"got {_describe(value)}"
-    )
+    expected = f"one of {', '.join(map(repr, cells))} or a lstmkit.cells.Cell instance"
+    if not isinstance(value, str):
+        raise TypeError(f"cell must be {expected}, got {_describe(value)}")
+    if value not in cells:
+        raise ValueError(f"cell must be {expected}, got {value!r}")
+    return cells[value]
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
