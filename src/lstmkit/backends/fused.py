@@ -28,7 +28,7 @@ same code runs on CUDA tensors.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from torch import Tensor
@@ -36,7 +36,10 @@ from torch import Tensor
 from lstmkit import cells
 from lstmkit.backends import matmul
 
-_grad = torch.ops.aten  # sigmoid_backward / tanh_backward: d(activation) from its output
+# d(activation) from its output; resolved overloads: torch.ops.aten.<op>(...) costs ~3 us more
+_sigmoid_backward = torch.ops.aten.sigmoid_backward.default
+_sigmoid_backward_into = torch.ops.aten.sigmoid_backward.grad_input
+_tanh_backward_into = torch.ops.aten.tanh_backward.grad_input
 
 
 def _ifog(w: Tensor) -> Tensor:
@@ -58,26 +61,37 @@ def _doubled_cell_gate(w: Tensor) -> Tensor:
     return w
 
 
-def _step_weight(w_ih, w_hh, b_ih, b_hh, rows: int) -> matmul.Weight:
-    """``[x, h] -> [x, h] @ [W_ih, W_hh].T + b_ih + b_hh`` in the forward's gate layout."""
-    key = (w_ih, w_hh)
-    w = matmul.cached(key, "step", lambda: _doubled_cell_gate(torch.cat([w_ih, w_hh], 1)))
+def _weight(
+    params: tuple[Tensor, ...],
+    key: Hashable,
+    make: Callable[[], Tensor],
+    rows: int,
+    bias: Tensor | None = None,
+) -> matmul.Weight:
+    """``make()``, a matrix computed from ``params``, cached (:func:`matmul.cached`) and
+    packed for oneDNN where products with ``rows`` rows go there."""
+    w = matmul.cached(params, key, make)
     packed = None
     if matmul.uses_onednn(rows, w):
-        packed = matmul.cached(key, ("step", rows), lambda: matmul.pack(w, rows))
+        packed = matmul.cached(params, (key, rows), lambda: matmul.pack(w, rows))
+    return matmul.Weight(w, rows, bias, packed)
+
+
+def _step_weight(
+    w_ih, w_hh, b_ih, b_hh, rows: int, layout: Callable[[Tensor], Tensor] = _doubled_cell_gate
+) -> matmul.Weight:
+    """``[x, h] -> [x, h] @ [W_ih, W_hh].T + b_ih + b_hh`` with the gate rows of the weight and
+    bias rearranged by ``layout`` (by default the forward's, :func:`_doubled_cell_gate`)."""
+    key = ("step", layout)
     bias = None
     if b_ih is not None:
-        bias = matmul.cached((b_ih, b_hh), "step", lambda: _doubled_cell_gate(b_ih + b_hh))
-    return matmul.Weight(w, rows, bias, packed)
+        bias = matmul.cached((b_ih, b_hh), key, lambda: layout(b_ih + b_hh))
+    return _weight((w_ih, w_hh), key, lambda: layout(torch.cat([w_ih, w_hh], 1)), rows, bias)
 
 
 def _back_weight(w_hh: Tensor, rows: int) -> matmul.Weight:
     """``dgates -> dgates @ W_hh`` with ``dgates`` in (i, f, o, g) order."""
-    w = matmul.cached((w_hh,), "back", lambda: _ifog(w_hh).t().contiguous())
-    packed = None
-    if matmul.uses_onednn(rows, w):
-        packed = matmul.cached((w_hh,), ("back", rows), lambda: matmul.pack(w, rows))
-    return matmul.Weight(w, rows, packed=packed)
+    return _weight((w_hh,), "back", lambda: _ifog(w_hh).t().contiguous(), rows)
 
 
 def _head(rows: Tensor, n: int) -> Tensor:
@@ -96,6 +110,15 @@ def _last_step(batch_sizes: list[int] | None, steps: int, batch: int, device) ->
         return torch.full((batch,), steps - 1, device=device)
     running = torch.tensor(batch_sizes).unsqueeze(0) > torch.arange(batch).unsqueeze(1)  # (B, T)
     return (running.sum(1) - 1).to(device)
+
+
+def _refuse_double_backward() -> None:
+    """Called first in a hand-written backward, which autograd cannot differentiate."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the fused backend's backward is not itself differentiable (create_graph=True, "
+            "double backward); use LSTM(..., backend='reference') for higher-order gradients"
+        )
 
 
 class FusedLSTM(torch.autograd.Function):
@@ -162,11 +185,7 @@ class FusedLSTM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "the fused backend's backward is not itself differentiable (create_graph=True, "
-                "double backward); use LSTM(..., backend='reference') for higher-order gradients"
-            )
+        _refuse_double_backward()
         xh, c0, w_ih, w_hh, w_hr, gates, cell, sig_cell = ctx.saved_tensors
         steps, batch, hidden = cell.shape
         inp = w_ih.size(1)
@@ -206,14 +225,14 @@ class FusedLSTM(torch.autograd.Function):
             if unproject is not None:
                 dh_seq[t, : dh_t.size(0)] = dh_t
                 dm = unproject(dh_t)  # (n, H)
-            dc_t.add_(_grad.sigmoid_backward(dm * o, s_t), alpha=4)  # 1 - tanh^2 = 4 s (1 - s)
+            dc_t.add_(_sigmoid_backward(dm * o, s_t), alpha=4)  # 1 - tanh^2 = 4 s (1 - s)
             torch.addcmul(dm, dm, s_t, value=-2, out=do)  # dm * tanh(c)
             torch.mul(dc_t, cand, out=di)
             torch.mul(dc_t, c_prev_t, out=df)
             torch.mul(dc_t, i, out=dcand)
             sig, dsig = g[:, : 3 * hidden], dg[:, : 3 * hidden]
-            _grad.sigmoid_backward(dsig, sig, grad_input=dsig)
-            _grad.tanh_backward(dcand, cand, grad_input=dcand)
+            _sigmoid_backward_into(dsig, sig, grad_input=dsig)
+            _tanh_backward_into(dcand, cand, grad_input=dcand)
             dc_t.mul_(f)
             back(dg, out=dh_t)
 
@@ -244,9 +263,11 @@ class FusedLSTM(torch.autograd.Function):
 
 
 def supports(cell: cells.Cell, masks) -> bool:
-    """The standard LSTM cell without in-loop regularisers (weight drop is applied to the
-    weights before the loop, so it is supported)."""
-    return type(cell) is cells.LSTM and not masks.active()
+    """The lstm, layernorm and peephole cells with any regulariser (weight drop is applied to
+    the weights before the loop; the rest by :mod:`lstmkit.backends.fused_cells`)."""
+    from lstmkit.backends import fused_cells  # which builds on this module
+
+    return fused_cells.supports(cell, masks)
 
 
 def run(
@@ -258,7 +279,13 @@ def run(
     batch_sizes: list[int] | None,
     masks,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Same contract as :func:`lstmkit.backends.reference.run`."""
+    """Same contract as :func:`lstmkit.backends.reference.run`: :class:`FusedLSTM` for the
+    standard LSTM cell without in-loop regularisers, :mod:`lstmkit.backends.fused_cells` for
+    everything else."""
+    if type(cell) is not cells.LSTM or masks.active():
+        from lstmkit.backends import fused_cells  # which builds on this module
+
+        return fused_cells.run(cell, x, h, c, params, batch_sizes, masks)
     names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
     tensors = (x, h, c, *(params[name] for name in names))
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
