@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
 
+import lstmkit
 from lstmkit.backends import matmul
 
 
@@ -58,3 +62,13 @@ def test_cache_follows_parameter_changes():
     assert matmul.cached((plain,), "x", lambda: plain * 2) is not matmul.cached(
         (plain,), "x", lambda: plain * 2
     )
+
+
+@pytest.mark.parametrize("cell", ["lstm", "layernorm", "peephole"])
+def test_cache_does_not_keep_parameters_alive(cell):
+    model = lstmkit.LSTM(8, 16, cell=cell, recurrent_dropout=0.1, backend="fused")
+    model(torch.randn(3, 2, 8, requires_grad=True))[0].sum().backward()  # fills the caches
+    refs = [weakref.ref(p) for p in model.parameters()]
+    del model
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)

@@ -1,6 +1,15 @@
 """lstmkit: LSTMs written from scratch on PyTorch tensor operations."""
 
 from lstmkit.modules import LSTM, BidirectionalLSTM, DeepLSTM, LSTMCell, SimpleLSTM
+from lstmkit.state import LSTMState, detach_state
 
-__all__ = ["LSTM", "BidirectionalLSTM", "DeepLSTM", "LSTMCell", "SimpleLSTM"]
+__all__ = [
+    "LSTM",
+    "BidirectionalLSTM",
+    "DeepLSTM",
+    "LSTMCell",
+    "LSTMState",
+    "SimpleLSTM",
+    "detach_state",
+]
 __version__ = "0.1.0"

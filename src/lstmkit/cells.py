@@ -34,7 +34,27 @@ def project_input(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | N
     """``(..., I) -> (..., GH)``: ``x W_ih^T + b_ih + b_hh``, both biases folded into one
     vector (only their sum is ever used)."""
     bias = None if b_ih is None else b_ih + b_hh
-    return F.linear(x, w_ih, bias)
+    return linear(x, w_ih, bias)
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype of the matrix products of float32 ``x`` inside ``torch.autocast`` on its
+    device (bfloat16 on the CPU by default), or ``None`` when they run in ``x``'s dtype."""
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+def linear(x: Tensor, w: Tensor, add: Tensor | None = None) -> Tensor:
+    """``x @ w.T + add``, ``add`` a bias ``(out,)`` or pre-activations ``(B, out)``.
+
+    Inside ``torch.autocast`` the product alone runs in low precision (:func:`autocast_dtype`)
+    and comes back in ``x``'s dtype before ``add``: gates and cell states stay float32.
+    """
+    if autocast_dtype(x) is None:
+        return F.linear(x, w, add)
+    y = F.linear(x, w).to(x.dtype)
+    return y if add is None else y + add
 
 
 def lstm_step(
@@ -61,7 +81,7 @@ def lstm_step(
     Returns:
         ``(h_t, c_t)`` of shapes ``(B, P)`` and ``(B, H)``.
     """
-    gates = torch.addmm(xp, h, w_hh.t())  # (B, 4H)
+    gates = linear(h, w_hh, xp)  # (B, 4H)
     i, f, g, o = gates.chunk(4, dim=1)  # each (B, H)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     return _output(torch.sigmoid(o) * torch.tanh(c), w_hr), c
@@ -69,7 +89,7 @@ def lstm_step(
 
 def _output(h: Tensor, w_hr: Tensor | None) -> Tensor:
     """``h`` (``(B, H)``), projected to ``(B, P)`` when there is a projection."""
-    return h if w_hr is None else h @ w_hr.t()
+    return h if w_hr is None else linear(h, w_hr)
 
 
 class Cell:
@@ -138,11 +158,11 @@ class LayerNorm(Cell):
     }
 
     def project_input(self, x, p):
-        xp = _layer_norm(F.linear(x, p["weight_ih"]), p["ln_ih_weight"], p["ln_ih_bias"])
+        xp = _layer_norm(linear(x, p["weight_ih"]), p["ln_ih_weight"], p["ln_ih_bias"])
         return xp if p["bias_ih"] is None else xp + (p["bias_ih"] + p["bias_hh"])
 
     def step(self, xp, h, c, p):
-        recurrent = _layer_norm(h @ p["weight_hh"].t(), p["ln_hh_weight"], p["ln_hh_bias"])
+        recurrent = _layer_norm(linear(h, p["weight_hh"]), p["ln_hh_weight"], p["ln_hh_bias"])
         i, f, g, o = (xp + recurrent).chunk(4, dim=1)  # each (B, H)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         c_norm = _layer_norm(c, p["ln_c_weight"], p["ln_c_bias"])
@@ -169,7 +189,7 @@ class Peephole(Cell):
     extra: ClassVar[Extra] = {"weight_ch": (lambda h, p: (3 * h,), "uniform")}
 
     def step(self, xp, h, c, p):
-        i, f, g, o = torch.addmm(xp, h, p["weight_hh"].t()).chunk(4, dim=1)  # each (B, H)
+        i, f, g, o = linear(h, p["weight_hh"], xp).chunk(4, dim=1)  # each (B, H)
         p_i, p_f, p_o = p["weight_ch"].chunk(3)  # each (H,)
         c = torch.sigmoid(f + p_f * c) * c + torch.sigmoid(i + p_i * c) * torch.tanh(g)
         return _output(torch.sigmoid(o + p_o * c) * torch.tanh(c), p["weight_hr"]), c
@@ -190,7 +210,7 @@ class CIFG(Cell):
     forget_gate = 0
 
     def step(self, xp, h, c, p):
-        f, g, o = torch.addmm(xp, h, p["weight_hh"].t()).chunk(3, dim=1)  # each (B, H)
+        f, g, o = linear(h, p["weight_hh"], xp).chunk(3, dim=1)  # each (B, H)
         f = torch.sigmoid(f)
         c = torch.lerp(torch.tanh(g), c, f)  # f c + (1 - f) tanh(g)
         return _output(torch.sigmoid(o) * torch.tanh(c), p["weight_hr"]), c

@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from lstmkit import cells, runner
 from lstmkit import validation as check
+from lstmkit.state import LSTMState, detach_state
 
 
 def _initialise(module: nn.Module, kinds: dict[str, str], hidden_size: int) -> None:
@@ -407,6 +408,91 @@ class LSTM(nn.Module):
         if self.batch_first:
             output = output.transpose(0, 1)
         return output, (h_n, c_n)
+
+    def step(
+        self, input: Tensor, state: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, LSTMState]:
+        """Run one time step through every layer, for streaming (unidirectional models only).
+
+        Calling ``step`` on ``x[0], x[1], ...`` in turn, feeding back the returned state, gives
+        the outputs and final state of ``forward(x)`` (the same values up to rounding). The
+        per-layer step is :func:`lstmkit.runner.step_layer`; layers are stacked as in
+        :meth:`forward`, with ``dropout`` between them in training mode (fresh masks per step,
+        as ``forward`` draws one per element).
+
+        In evaluation mode zoneout moves each unit by its expectation, exactly as ``forward``
+        does. In training mode ``step`` raises if ``recurrent_dropout``, ``weight_drop`` or
+        ``zoneout`` is on: their masks are drawn per sequence, which a step does not see.
+
+        Args:
+            input: ``(N, H_in)``, or unbatched ``(H_in)``: the input at this step.
+            state: an :class:`~lstmkit.state.LSTMState` or a tuple ``(h, c)`` of
+                ``(num_layers, N, H_out)`` and ``(num_layers, N, H_cell)`` (no N for unbatched
+                input), as ``torch.nn.LSTM``'s ``(h_n, c_n)``; zeros when omitted.
+
+        Returns:
+            ``(output, state)``: the top layer's ``(N, H_out)`` (or ``(H_out)``) output and the
+            new :class:`~lstmkit.state.LSTMState`. Cut it from the graph with
+            :meth:`detach_state` for truncated back-propagation through time.
+
+        Raises:
+            ValueError: a bidirectional model, a wrong input size or state shape, or an active
+                regulariser in training mode. TypeError: a wrong type or dtype.
+        """
+        if self.bidirectional:
+            raise ValueError(
+                "step() needs a unidirectional LSTM (bidirectional=False): the reverse "
+                "direction starts from the end of the sequence, which a stream has not seen; "
+                "got bidirectional=True, use forward() on whole sequences"
+            )
+        x = check.check_input("input", input, (1, 2), self.input_size, self.weight_ih_l0)
+        batched = x.dim() == 2
+        if not batched:
+            x = x.unsqueeze(0)
+        if state is None:
+            h0 = x.new_zeros(self.num_layers, x.size(0), self.proj_size or self.hidden_size)
+            c0 = x.new_zeros(self.num_layers, x.size(0), self.hidden_size)
+        else:
+            if isinstance(state, Tensor) or not isinstance(state, tuple | list) or len(state) != 2:
+                raise TypeError(
+                    "state must be an LSTMState or a tuple (h, c) of two Tensors, got "
+                    f"{check._describe(state)}"
+                )
+            batch = (x.size(0),) if batched else ()
+            what = "for batched input" if batched else "for unbatched input"
+            h_shape = (self.num_layers, *batch, self.proj_size or self.hidden_size)
+            h0 = check.check_state("state.h", state[0], h_shape, x, what)
+            c_shape = (self.num_layers, *batch, self.hidden_size)
+            c0 = check.check_state("state.c", state[1], c_shape, x, what)
+            if not batched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        hs, cs = [], []
+        layer_input = x
+        for layer in range(self.num_layers):
+            h, c = runner.step_layer(
+                layer_input,
+                h0[layer],
+                c0[layer],
+                self._layer_params(layer, 0),
+                cell=self.cell,
+                regularizers=self.regularizers,
+                training=self.training,
+            )
+            hs.append(h)
+            cs.append(c)
+            layer_input = h
+            if self.training and self.dropout > 0 and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        h_n, c_n = torch.stack(hs), torch.stack(cs)
+        if not batched:
+            return layer_input.squeeze(0), LSTMState(h_n.squeeze(1), c_n.squeeze(1))
+        return layer_input, LSTMState(h_n, c_n)
+
+    @staticmethod
+    def detach_state(state: tuple[Tensor, Tensor] | None) -> LSTMState | None:
+        """:func:`lstmkit.state.detach_state`: ``state`` cut from the autograd graph, for
+        truncated back-propagation through time."""
+        return detach_state(state)
 
     def _initial_state(self, hx: object, x: Tensor, batched: bool) -> tuple[Tensor, Tensor]:
         """``(h_0, c_0)`` as ``(D * num_layers, N, H_out)`` and ``(..., H_cell)``."""

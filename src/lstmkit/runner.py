@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lstmkit import cells
-from lstmkit.backends import fused, reference
+from lstmkit.backends import fused, matmul, reference
 
 BACKENDS = {"reference": reference, "fused": fused}
 BACKEND_NAMES = ("auto", *BACKENDS)
@@ -180,3 +180,67 @@ def run_layer(
         output = output.index_select(1, restore)
         h_n, c_n = h_n.index_select(0, restore), c_n.index_select(0, restore)
     return output, h_n, c_n
+
+
+def _stacked_weight(params: cells.Params) -> tuple[Tensor, Tensor]:
+    """``(b_ih + b_hh, [W_ih, W_hh])`` of a plain LSTM layer, cached until a parameter changes:
+    one ``addmm`` of ``[x, h]`` then gives every gate's pre-activation. The weight is the
+    transpose of a contiguous ``(I + P, 4H)`` matrix, so that the product reads it row by row
+    (about 20% faster at B=1 than the transposed read of a contiguous ``(4H, I + P)``)."""
+    w_ih, w_hh, b_ih, b_hh = (params[k] for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+
+    def make() -> tuple[Tensor, Tensor]:
+        weight = torch.cat([w_ih, w_hh], 1).t().contiguous().t()
+        bias = w_ih.new_zeros(w_ih.size(0)) if b_ih is None else b_ih + b_hh
+        return bias, weight
+
+    both = (w_ih, w_hh) if b_ih is None else (w_ih, w_hh, b_ih, b_hh)
+    return matmul.cached(both, "step", make)
+
+
+def step_layer(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    params: cells.Params,
+    *,
+    cell: cells.Cell = cells.CELLS["lstm"],
+    regularizers: Regularizers = Regularizers(),
+    training: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One time step of one layer in the forward direction, for streaming.
+
+    Equals one step of :func:`run_layer` (any backend), zoneout included as its expectation
+    in evaluation. In training the in-layer regularisers are not supported: their masks belong
+    to a whole sequence, which a single step does not know.
+
+    Args:
+        x: ``(B, I)`` input at this step.
+        h, c: ``(B, P)`` and ``(B, H)`` state before it.
+        params, cell, regularizers, training: as for :func:`run_layer`.
+
+    Returns:
+        ``(h_t, c_t)``, ``(B, P)`` and ``(B, H)``.
+
+    Raises:
+        ValueError: ``training`` with a regulariser switched on.
+    """
+    if training and any(vars(regularizers).values()):
+        raise ValueError(
+            "step() supports recurrent_dropout, weight_drop and zoneout only in evaluation "
+            f"mode (call .eval()), got {regularizers} in training mode"
+        )
+    if type(cell) is cells.LSTM and not torch.is_grad_enabled():
+        # one addmm of [x, h] against the cached [W_ih, W_hh]; the gates are lstm_step's
+        bias, weight = _stacked_weight(params)
+        h_t, c_t = cells.lstm_step(bias, torch.cat([x, h], 1), c, weight, params["weight_hr"])
+    else:
+        xp = cell.project_input(x.unsqueeze(0), params)[0]
+        h_t, c_t = cell.step(xp, h, c, params)
+    if not (regularizers.zoneout_h or regularizers.zoneout_c):
+        return h_t, c_t
+    masks = draw_masks(regularizers, False, 1, h, c)  # evaluation: zoneout's expectation
+    return (
+        reference._zoneout(h_t, h, masks.zoneout_h, 0),
+        reference._zoneout(c_t, c, masks.zoneout_c, 0),
+    )

@@ -67,26 +67,41 @@ def _weight(
     make: Callable[[], Tensor],
     rows: int,
     bias: Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> matmul.Weight:
     """``make()``, a matrix computed from ``params``, cached (:func:`matmul.cached`) and
-    packed for oneDNN where products with ``rows`` rows go there."""
-    w = matmul.cached(params, key, make)
+    packed for oneDNN where products with ``rows`` rows go there; cast to ``dtype`` for
+    low-precision products (:func:`lstmkit.cells.autocast_dtype`) when given."""
+    key = (key, dtype)
+    w = matmul.cached(params, key, lambda: _cast(make(), dtype))
     packed = None
     if matmul.uses_onednn(rows, w):
         packed = matmul.cached(params, (key, rows), lambda: matmul.pack(w, rows))
     return matmul.Weight(w, rows, bias, packed)
 
 
+def _cast(w: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``w`` in ``dtype`` for low-precision products, or as it is for ``None``."""
+    return w if dtype is None else w.to(dtype)
+
+
 def _step_weight(
-    w_ih, w_hh, b_ih, b_hh, rows: int, layout: Callable[[Tensor], Tensor] = _doubled_cell_gate
+    w_ih,
+    w_hh,
+    b_ih,
+    b_hh,
+    rows: int,
+    layout: Callable[[Tensor], Tensor] = _doubled_cell_gate,
+    dtype: torch.dtype | None = None,
 ) -> matmul.Weight:
     """``[x, h] -> [x, h] @ [W_ih, W_hh].T + b_ih + b_hh`` with the gate rows of the weight and
-    bias rearranged by ``layout`` (by default the forward's, :func:`_doubled_cell_gate`)."""
+    bias rearranged by ``layout`` (by default the forward's, :func:`_doubled_cell_gate`), the
+    product in ``dtype`` when given (the bias stays in its own)."""
     key = ("step", layout)
     bias = None
     if b_ih is not None:
         bias = matmul.cached((b_ih, b_hh), key, lambda: layout(b_ih + b_hh))
-    return _weight((w_ih, w_hh), key, lambda: layout(torch.cat([w_ih, w_hh], 1)), rows, bias)
+    return _weight((w_ih, w_hh), key, lambda: layout(torch.cat([w_ih, w_hh], 1)), rows, bias, dtype)
 
 
 def _back_weight(w_hh: Tensor, rows: int) -> matmul.Weight:
@@ -125,12 +140,12 @@ class FusedLSTM(torch.autograd.Function):
     """One LSTM layer-direction over a whole sequence; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, training):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, training, dtype):
         steps, batch, inp = x.shape
         hidden, out_size = w_hh.size(0) // 4, w_hh.size(1)
         sizes = batch_sizes or [batch] * steps
-        step = _step_weight(w_ih, w_hh, b_ih, b_hh, batch)
-        project = matmul.Weight(w_hr, batch) if w_hr is not None else None
+        step = _step_weight(w_ih, w_hh, b_ih, b_hh, batch, dtype=dtype)
+        project = None if w_hr is None else matmul.Weight(_cast(w_hr, dtype), batch)
 
         # Rows of finished sequences are never written again; where there are any, buffers
         # start zeroed, so those rows read as zero (outputs past a sequence's end).
@@ -259,6 +274,7 @@ class FusedLSTM(torch.autograd.Function):
             dw_hr,
             None,
             None,
+            None,
         )
 
 
@@ -270,6 +286,11 @@ def supports(cell: cells.Cell, masks) -> bool:
     return fused_cells.supports(cell, masks)
 
 
+# Dynamo cannot trace the Functions' bodies (weight caches in a WeakIdKeyDictionary, oneDNN
+# ops, Python loops over per-step views): without this it breaks the graph several times
+# inside them and warns. Disabled, a whole layer-direction is one clean graph break that runs
+# eagerly, as fast as without torch.compile.
+@torch.compiler.disable
 def run(
     cell: cells.Cell,
     x: Tensor,
@@ -281,12 +302,20 @@ def run(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Same contract as :func:`lstmkit.backends.reference.run`: :class:`FusedLSTM` for the
     standard LSTM cell without in-loop regularisers, :mod:`lstmkit.backends.fused_cells` for
-    everything else."""
-    if type(cell) is not cells.LSTM or masks.active():
-        from lstmkit.backends import fused_cells  # which builds on this module
+    everything else.
 
-        return fused_cells.run(cell, x, h, c, params, batch_sizes, masks)
-    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
-    tensors = (x, h, c, *(params[name] for name in names))
-    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return FusedLSTM.apply(*tensors, batch_sizes, training)
+    Inside ``torch.autocast`` the forward's matrix products take operands in the autocast
+    dtype, as the reference backend's do (:func:`lstmkit.cells.linear`); everything else,
+    backward included, runs in float32, with autocast itself off."""
+    dtype = cells.autocast_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        if type(cell) is not cells.LSTM or masks.active():
+            from lstmkit.backends import fused_cells  # which builds on this module
+
+            return fused_cells.run(cell, x, h, c, params, batch_sizes, masks, dtype)
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+        tensors = (x, h, c, *(params[name] for name in names))
+        training = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors
+        )
+        return FusedLSTM.apply(*tensors, batch_sizes, training, dtype)

@@ -58,6 +58,7 @@ from torch import Tensor
 from lstmkit import cells
 from lstmkit.backends import matmul
 from lstmkit.backends.fused import (
+    _cast,
     _last_step,
     _refuse_double_backward,
     _step_weight,
@@ -80,6 +81,7 @@ class _Config:
     kind: str  # a value of _KINDS
     batch_sizes: list[int] | None  # as in reference.run
     training: bool  # backward will run: keep every step's values
+    dtype: torch.dtype | None  # of the forward's products, as in fused._weight
 
 
 def _sigmoid_gates(w: Tensor) -> Tensor:
@@ -142,13 +144,13 @@ class FusedCell(torch.autograd.Function):
         if layernorm:
             ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b = extra
             x_rows = x.reshape(steps * batch, inp)
-            u = _weight((w_ih,), "ih", lambda: w_ih, steps * batch)(x_rows)
+            u = _weight((w_ih,), "ih", lambda: w_ih, steps * batch, None, config.dtype)(x_rows)
             u = u.view(steps, batch, 4 * hidden)  # x W_ih.T
             shift = ln_ih_b + ln_hh_b if b_ih is None else ln_ih_b + ln_hh_b + b_ih + b_hh
             xp, mean_u, rstd_u = torch.native_layer_norm(
                 u, (4 * hidden,), _sigmoid_gates(ln_ih_w), _sigmoid_gates(shift), _EPS
             )  # (T, B, 4H): the input half, every bias included
-            recur = _weight((w_hh,), "hh", lambda: w_hh, batch)
+            recur = _weight((w_hh,), "hh", lambda: w_hh, batch, None, config.dtype)
             gain_hh = _sigmoid_gates(ln_hh_w)
             gain_c, shift_c = ln_c_w * -2, ln_c_b * -2  # LN(c'; -2 g_c, -2 b_c) = -2 y
             xps = views(xp, every)
@@ -156,7 +158,7 @@ class FusedCell(torch.autograd.Function):
             rec_stats, cell_stats = [], []
             ins = a = new(steps + 1, batch, out_size)
         else:
-            step = _step_weight(w_ih, w_hh, b_ih, b_hh, batch, _sigmoid_gates)
+            step = _step_weight(w_ih, w_hh, b_ih, b_hh, batch, _sigmoid_gates, config.dtype)
             ins = new(steps + 1, batch, inp + out_size)
             ins[:steps, :, :inp] = x
             a = ins[:, :, inp:]
@@ -187,7 +189,7 @@ class FusedCell(torch.autograd.Function):
         c_new = c_now if cell_new is None else views(cell_new)
         sig_cell = new(kept, batch, hidden)  # s = sigmoid(-2 y) = (1 - tanh(y)) / 2
         ss = views(sig_cell)
-        project = None if w_hr is None else matmul.Weight(w_hr, batch)
+        project = None if w_hr is None else matmul.Weight(_cast(w_hr, config.dtype), batch)
         if project is not None:
             ms = views(x.new_empty(1, batch, hidden), [0] * steps)  # m = o tanh(y)
         # h' goes to a temporary under zoneout, else straight to h_t
@@ -439,13 +441,15 @@ def run(
     params: cells.Params,
     batch_sizes: list[int] | None,
     masks,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Same contract as :func:`lstmkit.backends.reference.run`."""
+    """Same contract as :func:`lstmkit.backends.reference.run`; ``dtype``: that of the
+    forward's matrix products (autocast, see :func:`lstmkit.backends.fused.run`)."""
     weights = tuple(params[name] for name in (*_NAMES, *cell.extra))
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h, c, *weights)
     )
-    config = _Config(_KINDS[type(cell)], batch_sizes, training)
+    config = _Config(_KINDS[type(cell)], batch_sizes, training, dtype)
     return FusedCell.apply(
         config, x, h, c, masks.recurrent, masks.zoneout_h, masks.zoneout_c, *weights
     )

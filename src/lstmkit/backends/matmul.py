@@ -61,7 +61,10 @@ def cached(params: tuple[Tensor, ...], key: Hashable, make: Callable[[], Tensor]
     entries = _packed.setdefault(params[0], {})
     hit = entries.get((key, *map(id, params[1:])))
     if hit is None or hit[0] != stamp:
-        hit = entries[(key, *map(id, params[1:]))] = (stamp, make())
+        value = make()
+        if isinstance(value, Tensor) and any(value is p or value._base is p for p in params):
+            return value  # a parameter or a view of one: caching it would keep it alive forever
+        hit = entries[(key, *map(id, params[1:]))] = (stamp, value)
     return hit[1]
 
 
@@ -72,7 +75,9 @@ def clear_cache() -> None:
 
 class Weight:
     """A matrix ``W`` (and optional bias ``b``) ready for repeated products ``x @ W.T + b``
-    with inputs of at most ``rows`` rows; ``packed`` is ``W`` already in oneDNN's layout."""
+    with inputs of at most ``rows`` rows; ``packed`` is ``W`` already in oneDNN's layout.
+    A ``W`` in a lower precision than ``x`` (autocast) takes ``x`` cast to its dtype, and
+    gives the product back in ``x``'s dtype, to which ``b`` is added."""
 
     def __init__(
         self, w: Tensor, rows: int, bias: Tensor | None = None, packed: Tensor | None = None
@@ -89,6 +94,10 @@ class Weight:
         if self.onednn:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
             return y if out is None else out.copy_(y)
+        if self.w.dtype != x.dtype:  # a low-precision W (autocast): the result in x's dtype
+            y = torch.mm(x.to(self.w.dtype), self.w.t())
+            y = y.to(x.dtype) if out is None else out.copy_(y)
+            return y if self.bias is None else y.add_(self.bias)
         if self.bias is None:
             return torch.mm(x, self.w.t(), out=out)
         return torch.addmm(self.bias, x, self.w.t(), out=out)

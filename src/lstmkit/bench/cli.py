@@ -6,7 +6,9 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from lstmkit.bench import stream
 from lstmkit.bench.report import machine_info, write_reports
+from lstmkit.bench.stream import run_stream, write_stream_reports
 from lstmkit.bench.suite import GRID, Config, run_suite
 from lstmkit.cells import CELLS
 from lstmkit.runner import BACKEND_NAMES
@@ -76,8 +78,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path("benchmarks/cpu"),
-        help="directory for bench.json, bench.md, bench.png (default benchmarks/cpu)",
+        default=None,
+        help="directory for bench.json, bench.md, bench.png (default benchmarks/cpu; with "
+        "--stream: stream.json, stream.md in benchmarks/cpu-stream)",
+    )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="time per-step latency of LSTM.step() against nn.LSTM with one-step sequences "
+        "and carried hx (B=1, H in {128, 512}, 2 layers) instead of the suite",
+    )
+    parser.add_argument(
+        "--steps",
+        type=_count(1),
+        default=200,
+        help="with --stream: steps per timed run (default 200)",
     )
 
 
@@ -86,6 +101,9 @@ def main(args: argparse.Namespace) -> int:
     runs = QUICK_RUNS if args.quick else DEFAULT_RUNS
     repeats = runs["repeats"] if args.repeats is None else args.repeats
     warmup = runs["warmup"] if args.warmup is None else args.warmup
+    if args.stream:
+        return stream_main(args, repeats, warmup)
+    args.out = args.out or Path("benchmarks/cpu")
     backends = list(dict.fromkeys(args.backend or ["auto"]))
     machine = machine_info(args.threads)
     results = run_suite(args.configs, backends, repeats, warmup, args.threads, args.cell)
@@ -102,4 +120,25 @@ def main(args: argparse.Namespace) -> int:
     print()
     print(tables)
     print(f"wrote {args.out / 'bench.json'}, bench.md, bench.png")
+    return 0
+
+
+def stream_main(args: argparse.Namespace, repeats: int, warmup: int) -> int:
+    """``--stream``: time per-step latency and write ``stream.json`` / ``stream.md``."""
+    out = args.out or Path("benchmarks/cpu-stream")
+    machine = machine_info(args.threads)
+    rows = run_stream(stream.HIDDEN_SIZES, args.steps, repeats, warmup, args.threads)
+    settings = {
+        "repeats": repeats,
+        "warmup": warmup,
+        "steps": args.steps,
+        "batch": 1,
+        "num_layers": stream.NUM_LAYERS,
+        "dtype": "float32",
+        "mode": "eval, torch.no_grad()",
+    }
+    table = write_stream_reports(out, rows, machine, settings)
+    print()
+    print(table)
+    print(f"wrote {out / 'stream.json'}, stream.md")
     return 0

@@ -1,0 +1,114 @@
+"""``lstmkit bench --stream``: per-step latency of :meth:`lstmkit.LSTM.step` against
+``torch.nn.LSTM`` fed one-step sequences with its state carried in ``hx``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lstmkit.bench.measure import time_interleaved
+from lstmkit.bench.suite import BASELINE
+from lstmkit.modules import LSTM
+
+LSTMKIT = "lstmkit.step"
+HIDDEN_SIZES = (128, 512)
+NUM_LAYERS = 2
+AGREEMENT_TOLERANCE = 1e-4  # largest |state - nn.LSTM's| in float32 after the checked steps
+
+NOTES = f"""\
+Each timed run is `steps` consecutive one-step calls at B=1, I=H, {NUM_LAYERS} layers,
+float32, eval mode under `torch.no_grad()`, carrying the state from call to call: lstmkit's
+`LSTM.step(x_t, state)` against `{BASELINE}(x_t.unsqueeze(0), hx)`. The two run round-robin
+after untimed warm-up runs; per-step latency is the median run divided by `steps`.
+"""
+
+
+def stepper(step: Callable[[Tensor, object], tuple[Tensor, object]], x: Tensor, steps: int):
+    """A callable running ``steps`` steps of ``step`` from a zero state, under no_grad."""
+
+    def run() -> None:
+        with torch.no_grad():
+            state = None
+            for _ in range(steps):
+                _, state = step(x, state)
+
+    return run
+
+
+def run_stream(
+    hidden_sizes: Sequence[int], steps: int, repeats: int, warmup: int, threads: int
+) -> list[dict[str, object]]:
+    """Check lstmkit's streamed state against nn.LSTM's, then time both per size."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rows = []
+        for hidden in hidden_sizes:
+            print(f"running stream: B=1 I=H={hidden} layers={NUM_LAYERS}", flush=True)
+            torch.manual_seed(0)
+            baseline = nn.LSTM(hidden, hidden, NUM_LAYERS).eval()
+            model = LSTM(hidden, hidden, NUM_LAYERS).eval()
+            model.load_state_dict(baseline.state_dict())
+            xs = torch.randn(8, 1, hidden)
+            with torch.no_grad():
+                state = hx = None
+                for x_t in xs:
+                    _, state = model.step(x_t, state)
+                    _, hx = baseline(x_t.unsqueeze(0), hx)
+            diff = max((a - b).abs().max().item() for a, b in zip(state, hx, strict=True))
+            if diff > AGREEMENT_TOLERANCE:
+                raise RuntimeError(f"H={hidden}: streamed state differs from nn.LSTM's by {diff}")
+            x = xs[0]
+            runs = {
+                LSTMKIT: stepper(model.step, x, steps),
+                BASELINE: stepper(lambda x_t, s, m=baseline: m(x_t.unsqueeze(0), s), x, steps),
+            }
+            timings = time_interleaved(runs, repeats, warmup)
+            per_step = {name: t.median_s / steps for name, t in timings.items()}
+            rows.append(
+                {
+                    "hidden_size": hidden,
+                    "per_step_us": {name: s * 1e6 for name, s in per_step.items()},
+                    "ratio": per_step[LSTMKIT] / per_step[BASELINE],
+                    "max_abs_diff": diff,
+                    "runs_s": {name: list(t.runs_s) for name, t in timings.items()},
+                }
+            )
+        return rows
+    finally:
+        torch.set_num_threads(previous)
+
+
+def markdown_table(rows: Sequence[dict[str, object]]) -> str:
+    lines = [
+        f"| H | {LSTMKIT} µs/step | {BASELINE} µs/step | ratio (lower is better) | max abs diff |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        us = row["per_step_us"]
+        lines.append(
+            f"| {row['hidden_size']} | {us[LSTMKIT]:.1f} | {us[BASELINE]:.1f} | "
+            f"{row['ratio']:.2f}x | {row['max_abs_diff']:.1e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_stream_reports(
+    out: Path,
+    rows: Sequence[dict[str, object]],
+    machine: dict[str, object],
+    settings: dict[str, object],
+) -> str:
+    """Write ``stream.json`` and ``stream.md`` into ``out``; return the Markdown table."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"machine": machine, "settings": settings, "results": list(rows)}
+    (out / "stream.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    table = markdown_table(rows)
+    header = "\n".join(f"- {key}: {value}" for key, value in {**machine, **settings}.items())
+    markdown = f"# lstmkit streaming benchmark\n\n{header}\n\n{table}\n{NOTES}"
+    (out / "stream.md").write_text(markdown, encoding="utf-8")
+    return table
