@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lstmkit.bench.measure import time_interleaved
+from lstmkit.bench.measure import intra_op_threads, time_interleaved
 from lstmkit.bench.suite import BASELINE
 from lstmkit.modules import LSTM
 
@@ -43,9 +43,7 @@ def run_stream(
     hidden_sizes: Sequence[int], steps: int, repeats: int, warmup: int, threads: int
 ) -> list[dict[str, object]]:
     """Check lstmkit's streamed state against nn.LSTM's, then time both per size."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):
         rows = []
         for hidden in hidden_sizes:
             print(f"running stream: B=1 I=H={hidden} layers={NUM_LAYERS}", flush=True)
@@ -79,8 +77,6 @@ def run_stream(
                 }
             )
         return rows
-    finally:
-        torch.set_num_threads(previous)
 
 
 def markdown_table(rows: Sequence[dict[str, object]]) -> str:

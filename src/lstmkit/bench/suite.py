@@ -8,7 +8,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lstmkit.bench.measure import SavedBytes, Timing, saved_bytes, time_interleaved
+from lstmkit.bench.measure import (
+    SavedBytes,
+    Timing,
+    intra_op_threads,
+    saved_bytes,
+    time_interleaved,
+)
 from lstmkit.bench.naive import NaiveLSTM
 from lstmkit.modules import LSTM
 
@@ -203,13 +209,9 @@ def run_suite(
 ) -> list[ConfigResult]:
     """:func:`run_config` for each configuration with ``threads`` intra-op threads; the
     previous thread count is restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):
         results = []
         for config in configs:
             print(f"running {config.name}: {config.describe()}", flush=True)
             results.append(run_config(config, backends, repeats, warmup, cell))
         return results
-    finally:
-        torch.set_num_threads(previous)
