@@ -449,23 +449,8 @@ class LSTM(nn.Module):
         batched = x.dim() == 2
         if not batched:
             x = x.unsqueeze(0)
-        if state is None:
-            h0 = x.new_zeros(self.num_layers, x.size(0), self.proj_size or self.hidden_size)
-            c0 = x.new_zeros(self.num_layers, x.size(0), self.hidden_size)
-        else:
-            if isinstance(state, Tensor) or not isinstance(state, tuple | list) or len(state) != 2:
-                raise TypeError(
-                    "state must be an LSTMState or a tuple (h, c) of two Tensors, got "
-                    f"{check._describe(state)}"
-                )
-            batch = (x.size(0),) if batched else ()
-            what = "for batched input" if batched else "for unbatched input"
-            h_shape = (self.num_layers, *batch, self.proj_size or self.hidden_size)
-            h0 = check.check_state("state.h", state[0], h_shape, x, what)
-            c_shape = (self.num_layers, *batch, self.hidden_size)
-            c0 = check.check_state("state.c", state[1], c_shape, x, what)
-            if not batched:
-                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        # the state of a unidirectional stack has hx's layout: one time step, time-major
+        h0, c0 = self._initial_state(state, x.unsqueeze(0), batched, check.STATE_NAMES)
         hs, cs = [], []
         layer_input = x
         for layer in range(self.num_layers):
@@ -494,8 +479,15 @@ class LSTM(nn.Module):
         truncated back-propagation through time."""
         return detach_state(state)
 
-    def _initial_state(self, hx: object, x: Tensor, batched: bool) -> tuple[Tensor, Tensor]:
-        """``(h_0, c_0)`` as ``(D * num_layers, N, H_out)`` and ``(..., H_cell)``."""
+    def _initial_state(
+        self,
+        hx: object,
+        x: Tensor,
+        batched: bool,
+        names: check.StateNames = check.HX_NAMES,
+    ) -> tuple[Tensor, Tensor]:
+        """``(h_0, c_0)`` as ``(D * num_layers, N, H_out)`` and ``(..., H_cell)``, from ``hx``
+        (checked, its names in messages are ``names``) or zeros; ``x`` is ``(L, N, *)``."""
         states = self.num_layers * (2 if self.bidirectional else 1)
         out_size = self.proj_size or self.hidden_size
         batch = (x.size(1),) if batched else ()
@@ -505,7 +497,7 @@ class LSTM(nn.Module):
             h0 = x.new_zeros(states, x.size(1), out_size)
             return h0, x.new_zeros(states, x.size(1), self.hidden_size)
         what = "for batched input" if batched else "for unbatched input"
-        h0, c0 = check.check_hx(hx, h_shape, c_shape, x, what)
+        h0, c0 = check.check_hx(hx, h_shape, c_shape, x, what, names)
         if not batched:
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
         return h0, c0

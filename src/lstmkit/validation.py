@@ -156,20 +156,33 @@ def check_state(
     return value
 
 
+StateNames = tuple[str, str, str, str]  # the pair, what it must be, its h, its c
+HX_NAMES: StateNames = ("hx", "a tuple (h_0, c_0) of two Tensors", "hx[0] (h_0)", "hx[1] (c_0)")
+STATE_NAMES: StateNames = (
+    "state",
+    "an LSTMState or a tuple (h, c) of two Tensors",
+    "state.h",
+    "state.c",
+)
+
+
 def check_hx(
     hx: object,
     h_shape: tuple[int, ...],
     c_shape: tuple[int, ...],
     x: Tensor,
     what: str,
+    names: StateNames = HX_NAMES,
 ) -> tuple[Tensor, Tensor]:
-    """``hx`` must be a pair ``(h_0, c_0)`` of the given shapes."""
+    """``hx`` must be a pair ``(h_0, c_0)`` of the given shapes; ``names`` say how messages
+    call the pair, what it must be, and its two members."""
+    name, expected, h_name, c_name = names
     if isinstance(hx, Tensor) or not isinstance(hx, Sequence) or len(hx) != 2:
-        raise TypeError(f"hx must be a tuple (h_0, c_0) of two Tensors, got {_describe(hx)}")
+        raise TypeError(f"{name} must be {expected}, got {_describe(hx)}")
     h, c = hx
     return (
-        check_state("hx[0] (h_0)", h, h_shape, x, what),
-        check_state("hx[1] (c_0)", c, c_shape, x, what),
+        check_state(h_name, h, h_shape, x, what),
+        check_state(c_name, c, c_shape, x, what),
     )
 
 
