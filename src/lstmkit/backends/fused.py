@@ -28,13 +28,19 @@ same code runs on CUDA tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
-
 import torch
 from torch import Tensor
 
 from lstmkit import cells
-from lstmkit.backends import matmul
+from lstmkit.backends import fused_cells, matmul
+from lstmkit.backends.common import (
+    cast,
+    last_step,
+    packed_weight,
+    refuse_double_backward,
+    running_rows,
+    step_weight,
+)
 
 # d(activation) from its output; resolved overloads: torch.ops.aten.<op>(...) costs ~3 us more
 _sigmoid_backward = torch.ops.aten.sigmoid_backward.default
@@ -61,79 +67,9 @@ def _doubled_cell_gate(w: Tensor) -> Tensor:
     return w
 
 
-def _weight(
-    params: tuple[Tensor, ...],
-    key: Hashable,
-    make: Callable[[], Tensor],
-    rows: int,
-    bias: Tensor | None = None,
-    dtype: torch.dtype | None = None,
-) -> matmul.Weight:
-    """``make()``, a matrix computed from ``params``, cached (:func:`matmul.cached`) and
-    packed for oneDNN where products with ``rows`` rows go there; cast to ``dtype`` for
-    low-precision products (:func:`lstmkit.cells.autocast_dtype`) when given."""
-    key = (key, dtype)
-    w = matmul.cached(params, key, lambda: _cast(make(), dtype))
-    packed = None
-    if matmul.uses_onednn(rows, w):
-        packed = matmul.cached(params, (key, rows), lambda: matmul.pack(w, rows))
-    return matmul.Weight(w, rows, bias, packed)
-
-
-def _cast(w: Tensor, dtype: torch.dtype | None) -> Tensor:
-    """``w`` in ``dtype`` for low-precision products, or as it is for ``None``."""
-    return w if dtype is None else w.to(dtype)
-
-
-def _step_weight(
-    w_ih,
-    w_hh,
-    b_ih,
-    b_hh,
-    rows: int,
-    layout: Callable[[Tensor], Tensor] = _doubled_cell_gate,
-    dtype: torch.dtype | None = None,
-) -> matmul.Weight:
-    """``[x, h] -> [x, h] @ [W_ih, W_hh].T + b_ih + b_hh`` with the gate rows of the weight and
-    bias rearranged by ``layout`` (by default the forward's, :func:`_doubled_cell_gate`), the
-    product in ``dtype`` when given (the bias stays in its own)."""
-    key = ("step", layout)
-    bias = None
-    if b_ih is not None:
-        bias = matmul.cached((b_ih, b_hh), key, lambda: layout(b_ih + b_hh))
-    return _weight((w_ih, w_hh), key, lambda: layout(torch.cat([w_ih, w_hh], 1)), rows, bias, dtype)
-
-
 def _back_weight(w_hh: Tensor, rows: int) -> matmul.Weight:
     """``dgates -> dgates @ W_hh`` with ``dgates`` in (i, f, o, g) order."""
-    return _weight((w_hh,), "back", lambda: _ifog(w_hh).t().contiguous(), rows)
-
-
-def _head(rows: Tensor, n: int) -> Tensor:
-    """The first ``n`` rows: the sequences still running at a step."""
-    return rows if n == rows.size(0) else rows[:n]
-
-
-def _steps(buffers: Sequence[Tensor], slots: Sequence[int], sizes: list[int]) -> list[Tensor]:
-    """For each step ``t``, the running rows of ``buffers[slots[t]]``."""
-    return [_head(buffers[k], n) for k, n in zip(slots, sizes, strict=True)]
-
-
-def _last_step(batch_sizes: list[int] | None, steps: int, batch: int, device) -> Tensor:
-    """``(B,)`` index of each sequence's last step."""
-    if batch_sizes is None:
-        return torch.full((batch,), steps - 1, device=device)
-    running = torch.tensor(batch_sizes).unsqueeze(0) > torch.arange(batch).unsqueeze(1)  # (B, T)
-    return (running.sum(1) - 1).to(device)
-
-
-def _refuse_double_backward() -> None:
-    """Called first in a hand-written backward, which autograd cannot differentiate."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "the fused backend's backward is not itself differentiable (create_graph=True, "
-            "double backward); use LSTM(..., backend='reference') for higher-order gradients"
-        )
+    return packed_weight((w_hh,), "back", lambda: _ifog(w_hh).t().contiguous(), rows)
 
 
 class FusedLSTM(torch.autograd.Function):
@@ -144,8 +80,8 @@ class FusedLSTM(torch.autograd.Function):
         steps, batch, inp = x.shape
         hidden, out_size = w_hh.size(0) // 4, w_hh.size(1)
         sizes = batch_sizes or [batch] * steps
-        step = _step_weight(w_ih, w_hh, b_ih, b_hh, batch, dtype=dtype)
-        project = None if w_hr is None else matmul.Weight(_cast(w_hr, dtype), batch)
+        step = step_weight(w_ih, w_hh, b_ih, b_hh, batch, _doubled_cell_gate, dtype)
+        project = None if w_hr is None else matmul.Weight(cast(w_hr, dtype), batch)
 
         # Rows of finished sequences are never written again; where there are any, buffers
         # start zeroed, so those rows read as zero (outputs past a sequence's end).
@@ -166,15 +102,17 @@ class FusedLSTM(torch.autograd.Function):
         # more than the math. Inference reuses one gate slot and alternates two cell slots.
         slots = range(steps) if training else [0] * steps
         c_slots = range(steps) if training else [t % 2 for t in range(steps)]
-        i, f, o, cand = (_steps(block.unbind(0), slots, sizes) for block in gates.split(hidden, 2))
-        cs = _steps(cell.unbind(0), c_slots, sizes)
-        c_prev = _steps((c0, *(cell[k] for k in c_slots[:-1])), range(steps), sizes)
+        i, f, o, cand = (
+            running_rows(block.unbind(0), slots, sizes) for block in gates.split(hidden, 2)
+        )
+        cs = running_rows(cell.unbind(0), c_slots, sizes)
+        c_prev = running_rows((c0, *(cell[k] for k in c_slots[:-1])), range(steps), sizes)
         per_step = zip(
-            _steps(xh.unbind(0), range(steps), sizes),  # [x_t, h_{t-1}]
-            _steps(gates.unbind(0), slots, sizes),
+            running_rows(xh.unbind(0), range(steps), sizes),  # [x_t, h_{t-1}]
+            running_rows(gates.unbind(0), slots, sizes),
             *(i, f, o, cand, cs, c_prev),
-            _steps(sig_cell.unbind(0), slots, sizes),
-            _steps(xh[:, :, inp:].unbind(0), range(1, steps + 1), sizes),  # h_t
+            running_rows(sig_cell.unbind(0), slots, sizes),
+            running_rows(xh[:, :, inp:].unbind(0), range(1, steps + 1), sizes),  # h_t
             strict=True,
         )
         for x_t, g, i_t, f_t, o_t, cand_t, c_t, c_prev_t, s_t, h_t in per_step:
@@ -188,7 +126,7 @@ class FusedLSTM(torch.autograd.Function):
             else:
                 project(torch.addcmul(o_t, o_t, s_t, value=-2, out=m[: h_t.size(0)]), out=h_t)
 
-        last = _last_step(batch_sizes, steps, batch, x.device)
+        last = last_step(batch_sizes, steps, batch, x.device)
         rows = torch.arange(batch, device=x.device)
         h_n = xh[last + 1, rows, inp:]  # (B, P), a copy
         c_n = cell[last if training else last % 2, rows]  # (B, H), a copy
@@ -200,7 +138,7 @@ class FusedLSTM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
-        _refuse_double_backward()
+        refuse_double_backward()
         xh, c0, w_ih, w_hh, w_hr, gates, cell, sig_cell = ctx.saved_tensors
         steps, batch, hidden = cell.shape
         inp = w_ih.size(1)
@@ -218,7 +156,7 @@ class FusedLSTM(torch.autograd.Function):
         # Per-step views (running rows only), made before the loop.
         sizes, every = ctx.batch_sizes, range(steps)
         gs, i_s, f_s, o_s, cand_s, dgs, di_s, df_s, do_s, dcand_s, ss, grads, dhs, dcs = (
-            _steps(buffer, every, sizes)
+            running_rows(buffer, every, sizes)
             for buffer in (
                 gates.unbind(0),
                 *(block.unbind(0) for block in gates.split(hidden, 2)),  # i, f, o, g
@@ -230,7 +168,7 @@ class FusedLSTM(torch.autograd.Function):
                 [dc] * steps,
             )
         )
-        c_prevs = _steps((c0, *cell[:-1].unbind(0)), every, sizes)
+        c_prevs = running_rows((c0, *cell[:-1].unbind(0)), every, sizes)
         for t in range(steps - 1, -1, -1):
             g, i, f, o, cand, s_t = gs[t], i_s[t], f_s[t], o_s[t], cand_s[t], ss[t]
             dg, di, df, do, dcand = dgs[t], di_s[t], df_s[t], do_s[t], dcand_s[t]
@@ -281,8 +219,6 @@ class FusedLSTM(torch.autograd.Function):
 def supports(cell: cells.Cell, masks) -> bool:
     """The lstm, layernorm and peephole cells with any regulariser (weight drop is applied to
     the weights before the loop; the rest by :mod:`lstmkit.backends.fused_cells`)."""
-    from lstmkit.backends import fused_cells  # which builds on this module
-
     return fused_cells.supports(cell, masks)
 
 
@@ -310,8 +246,6 @@ def run(
     dtype = cells.autocast_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         if type(cell) is not cells.LSTM or masks.active():
-            from lstmkit.backends import fused_cells  # which builds on this module
-
             return fused_cells.run(cell, x, h, c, params, batch_sizes, masks, dtype)
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
         tensors = (x, h, c, *(params[name] for name in names))

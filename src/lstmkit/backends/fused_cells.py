@@ -1,8 +1,9 @@
 """The fused backend for the ``lstm``, ``layernorm`` and ``peephole`` cells with the in-loop
 regularisers (recurrent dropout, zoneout): one layer-direction as one
-``torch.autograd.Function`` with a hand-written backward, built on the helpers of
-:mod:`lstmkit.backends.fused` (cached and packed weights, per-step views made before the
-loop, buffers in which the rows of finished sequences are never touched).
+``torch.autograd.Function`` with a hand-written backward, built on the helpers it shares with
+:mod:`lstmkit.backends.fused` (:mod:`lstmkit.backends.common`: cached and packed weights,
+per-step views made before the loop, buffers in which the rows of finished sequences are
+never touched).
 
 The gate blocks stay in ``torch.nn.LSTM``'s order (i, f, g, o), with the g rows of the
 weights (or of the LN gain and bias) multiplied by -2, so that ONE sigmoid over the gate row
@@ -57,13 +58,13 @@ from torch import Tensor
 
 from lstmkit import cells
 from lstmkit.backends import matmul
-from lstmkit.backends.fused import (
-    _cast,
-    _last_step,
-    _refuse_double_backward,
-    _step_weight,
-    _steps,
-    _weight,
+from lstmkit.backends.common import (
+    cast,
+    last_step,
+    packed_weight,
+    refuse_double_backward,
+    running_rows,
+    step_weight,
 )
 
 _KINDS = {cells.LSTM: "lstm", cells.LayerNorm: "layernorm", cells.Peephole: "peephole"}
@@ -81,7 +82,7 @@ class _Config:
     kind: str  # a value of _KINDS
     batch_sizes: list[int] | None  # as in reference.run
     training: bool  # backward will run: keep every step's values
-    dtype: torch.dtype | None  # of the forward's products, as in fused._weight
+    dtype: torch.dtype | None  # of the forward's products, as in common.packed_weight
 
 
 def _sigmoid_gates(w: Tensor) -> Tensor:
@@ -108,7 +109,7 @@ def _per_step(values: Tensor, sizes: list[int]) -> list[Tensor]:
     """``(T, B, ...)`` -> for each step the rows still running; a 0-d tensor -> itself."""
     if values.dim() == 0:
         return [values] * len(sizes)
-    return _steps(values.unbind(0), range(len(sizes)), sizes)
+    return running_rows(values.unbind(0), range(len(sizes)), sizes)
 
 
 def _zone_weight(zone: Tensor | float, like: Tensor) -> Tensor:
@@ -137,20 +138,22 @@ class FusedCell(torch.autograd.Function):
 
         def views(buffer: Tensor, at=slots) -> list[Tensor]:
             """For each step ``t``, the running rows of ``buffer[at[t]]``."""
-            return _steps(buffer.unbind(0), at, sizes)
+            return running_rows(buffer.unbind(0), at, sizes)
 
         # ins[t] holds the recurrent input a_{t-1} = h_{t-1} r, after x_t where a step is one
         # product over [x_t, a_{t-1}]; hs[t + 1] holds h_t.
         if layernorm:
             ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b = extra
             x_rows = x.reshape(steps * batch, inp)
-            u = _weight((w_ih,), "ih", lambda: w_ih, steps * batch, None, config.dtype)(x_rows)
+            u = packed_weight((w_ih,), "ih", lambda: w_ih, steps * batch, None, config.dtype)(
+                x_rows
+            )
             u = u.view(steps, batch, 4 * hidden)  # x W_ih.T
             shift = ln_ih_b + ln_hh_b if b_ih is None else ln_ih_b + ln_hh_b + b_ih + b_hh
             xp, mean_u, rstd_u = torch.native_layer_norm(
                 u, (4 * hidden,), _sigmoid_gates(ln_ih_w), _sigmoid_gates(shift), _EPS
             )  # (T, B, 4H): the input half, every bias included
-            recur = _weight((w_hh,), "hh", lambda: w_hh, batch, None, config.dtype)
+            recur = packed_weight((w_hh,), "hh", lambda: w_hh, batch, None, config.dtype)
             gain_hh = _sigmoid_gates(ln_hh_w)
             gain_c, shift_c = ln_c_w * -2, ln_c_b * -2  # LN(c'; -2 g_c, -2 b_c) = -2 y
             xps = views(xp, every)
@@ -158,7 +161,7 @@ class FusedCell(torch.autograd.Function):
             rec_stats, cell_stats = [], []
             ins = a = new(steps + 1, batch, out_size)
         else:
-            step = _step_weight(w_ih, w_hh, b_ih, b_hh, batch, _sigmoid_gates, config.dtype)
+            step = step_weight(w_ih, w_hh, b_ih, b_hh, batch, _sigmoid_gates, config.dtype)
             ins = new(steps + 1, batch, inp + out_size)
             ins[:steps, :, :inp] = x
             a = ins[:, :, inp:]
@@ -167,7 +170,7 @@ class FusedCell(torch.autograd.Function):
         ins_t, h_next = views(ins, every), views(hs[1:], every)
         if recurrent is not None:
             torch.mul(h0, recurrent, out=a[0])
-            rs, a_next = _steps((recurrent,), [0] * steps, sizes), views(a[1:], every)
+            rs, a_next = running_rows((recurrent,), [0] * steps, sizes), views(a[1:], every)
 
         gates = new(kept, batch, 4 * hidden)  # activated: i, f, s_g, o
         zs = views(gates)
@@ -189,7 +192,7 @@ class FusedCell(torch.autograd.Function):
         c_new = c_now if cell_new is None else views(cell_new)
         sig_cell = new(kept, batch, hidden)  # s = sigmoid(-2 y) = (1 - tanh(y)) / 2
         ss = views(sig_cell)
-        project = None if w_hr is None else matmul.Weight(_cast(w_hr, config.dtype), batch)
+        project = None if w_hr is None else matmul.Weight(cast(w_hr, config.dtype), batch)
         if project is not None:
             ms = views(x.new_empty(1, batch, hidden), [0] * steps)  # m = o tanh(y)
         # h' goes to a temporary under zoneout, else straight to h_t
@@ -235,7 +238,7 @@ class FusedCell(torch.autograd.Function):
             if recurrent is not None:
                 torch.mul(h_next[t], rs[t], out=a_next[t])
 
-        last = _last_step(batch_sizes, steps, batch, x.device)
+        last = last_step(batch_sizes, steps, batch, x.device)
         rows = torch.arange(batch, device=x.device)
         h_n = hs[last + 1, rows]  # (B, P), a copy
         c_n = cell[torch.tensor(c_slots, device=x.device)[last + 1], rows]  # (B, H), a copy
@@ -258,7 +261,7 @@ class FusedCell(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
-        _refuse_double_backward()
+        refuse_double_backward()
         config = ctx.config
         layernorm, peephole = config.kind == "layernorm", config.kind == "peephole"
         ins, gates, cell, cell_new, sig_cell, w_ih, w_hh, w_hr, recurrent, *rest = ctx.saved_tensors
@@ -280,7 +283,7 @@ class FusedCell(torch.autograd.Function):
 
         def same(tensor: Tensor) -> list[Tensor]:
             """The running rows of ``tensor`` at every step."""
-            return _steps((tensor,), [0] * steps, sizes)
+            return running_rows((tensor,), [0] * steps, sizes)
 
         dhs, dcs, d_outs = same(dh), same(dc), _per_step(grad_output, sizes)
         i_s, f_s, sg_s, o_s = (_per_step(block, sizes) for block in gates.split(hidden, 2))
@@ -302,7 +305,7 @@ class FusedCell(torch.autograd.Function):
             drs = []  # each step's gradient of a W_hh.T (before its LN), last step first
         else:
             dv_all = gates.new_empty(1, batch, hidden)
-        dvs = _steps(dv_all.unbind(0), every if layernorm else [0] * steps, sizes)
+        dvs = running_rows(dv_all.unbind(0), every if layernorm else [0] * steps, sizes)
         if peephole:
             (weight_ch,) = rest[2:]
             p_i, p_f, p_o = weight_ch.chunk(3)
@@ -320,7 +323,7 @@ class FusedCell(torch.autograd.Function):
             carried_c = same(dc.new_empty(batch, hidden))
         if recurrent is not None:
             rs = same(recurrent)
-        back = _weight((w_hh,), "hh back", lambda: w_hh.t().contiguous(), batch)
+        back = packed_weight((w_hh,), "hh back", lambda: w_hh.t().contiguous(), batch)
         zero = gates.new_zeros(())
 
         for t in reversed(every):
