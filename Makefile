@@ -1,21 +1,26 @@
-# Two entry points on a fresh machine: `make demo` (the main job) and `make test`.
+# Two entry points on a fresh machine: `make train` (the main job) and `make test`.
 # Both create .venv on first use with the CPU build of torch, then the project.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint
+.PHONY: train test lint
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[train]"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-demo: $(VENV)/.installed
-	$(PY) -m lstmkit demo
+# a character-level language model of Python's own documentation, then a sample of its text
+train: $(VENV)/.installed
+	$(PY) -m lstmkit train
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 

@@ -1,4 +1,4 @@
-"""The ``lstmkit`` command line: ``lstmkit demo`` and ``lstmkit bench``."""
+"""The ``lstmkit`` command line: ``train``, ``sample``, ``plot``, ``bench`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import argparse
 import sys
 
 from lstmkit.bench import cli as bench
+from lstmkit.train import cli as train
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lstmkit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    train.add_arguments(commands)
     commands.add_parser(
         "demo", help="show lstmkit agreeing with torch.nn.LSTM, then train a tiny model"
     )
@@ -20,14 +22,18 @@ def main(argv: list[str] | None = None) -> int:
             help="time lstmkit against torch.nn.LSTM and a naive LSTM; write json/md/png",
         )
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.command == "demo":
         from lstmkit import demo
 
         return demo.main()
     if args.command == "bench":
         return bench.main(args)
-    return 2
+    return train.main(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+"""Loss and metric curves from runs' ``metrics.jsonl``: one panel per quantity, one line per
+run, so that two runs (lstmkit and ``--backend nn``, say) can be laid over each other."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from lstmkit.train.checkpoint import atomic_write
+from lstmkit.train.config import TrainError
+from lstmkit.train.loop import read_metrics
+
+
+def _series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """Each quantity's (steps, values); throughput is left out."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for record in records:
+        for key, value in record.items():
+            if key == "step" or key.endswith("_per_s"):
+                continue
+            steps, values = series.setdefault(key, ([], []))
+            steps.append(record["step"])
+            values.append(value)
+    return series
+
+
+def draw(run_dirs: list[Path], out: Path, labels: list[str] | None = None) -> None:
+    """Draw every run's curves into the PNG ``out``.
+
+    Raises:
+        TrainError: a run directory without metrics.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    runs = []
+    for run_dir in run_dirs:
+        records = read_metrics(run_dir)
+        if not records:
+            raise TrainError(f"{run_dir} holds no metrics ({run_dir / 'metrics.jsonl'})")
+        runs.append(_series(records))
+    # train and eval loss share the first panel; every other quantity has its own
+    names = ["loss", *sorted({k for s in runs for k in s if not k.endswith("loss")})]
+    figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
+    labels = labels or [str(d) for d in run_dirs]
+    for series, label in zip(runs, labels, strict=True):
+        for ax, name in zip(axes[0], names, strict=True):
+            keys = ["train_loss", "eval_loss"] if name == "loss" else [name]
+            for key in (k for k in keys if k in series):
+                steps, values = series[key]
+                suffix = f" {key.split('_')[0]}" if name == "loss" else ""
+                ax.plot(
+                    steps, values, label=f"{label}{suffix}", marker="." if len(steps) < 30 else None
+                )
+    for ax, name in zip(axes[0], names, strict=True):
+        ax.set_xlabel("step")
+        ax.set_title(name.removeprefix("eval_"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    atomic_write(out, buffer.getvalue())

@@ -1,0 +1,442 @@
+"""The tasks: each brings its data, its model and its metrics to the training loop.
+
+A task is a :class:`Task` subclass with a configuration dataclass (:class:`LSTMConfig` and
+its own fields). The loop only calls :meth:`Task.build_model`, :meth:`Task.batch`,
+:meth:`Task.loss`, :meth:`Task.evaluate` and :meth:`Task.summary`.
+
+Data encodings:
+
+- ``charlm``: the text's characters, sorted, are the vocabulary (``config.vocab``, saved with
+  the run); a character's id is its position. The last ``val_fraction`` of the text is the
+  validation split. A training example is a window of ``seq_len + 1`` characters at a random
+  offset: ids ``[0, seq_len)`` in, ids ``[1, seq_len]`` as targets.
+- ``adding``: ``(seq_len, 2)`` per sequence: column 0 holds values drawn from U(0, 1), column
+  1 marks two of them with 1 (one in each half of the sequence); the target is the sum of the
+  two marked values.
+- ``digits``: scikit-learn's 8x8 digit images, pixels scaled to [0, 1], read top to bottom
+  as 8 steps of 8 pixels; the target is the digit, 0-9.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lstmkit.cells import CELLS
+from lstmkit.modules import LSTM
+from lstmkit.train.config import ConfigError, TrainConfig, TrainError, check_choice
+
+BACKENDS = ("auto", "fused", "reference", "nn")
+
+
+@dataclass
+class LSTMConfig(TrainConfig):
+    """The model fields every task shares: an LSTM between an input layer and a head."""
+
+    hidden_size: int = 128  # LSTM units per layer
+    num_layers: int = 1  # stacked LSTM layers
+    dropout: float = 0.0  # dropout between stacked layers, in training
+    cell: str = "lstm"  # lstmkit cell: lstm, layernorm, peephole or cifg
+    backend: str = "auto"  # lstmkit backend (auto, fused, reference), or nn = torch.nn.LSTM
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("hidden_size", "num_layers"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive int, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_choice("cell", self.cell, tuple(CELLS))
+        check_choice("backend", self.backend, BACKENDS)
+        if self.backend == "nn" and self.cell != "lstm":
+            raise ConfigError(
+                f"backend 'nn' (torch.nn.LSTM) runs only cell 'lstm', got {self.cell!r}"
+            )
+
+
+def recurrent(config: LSTMConfig, input_size: int) -> nn.Module:
+    """The task's batch-first LSTM; with ``backend="nn"`` a ``torch.nn.LSTM`` holding the very
+    weights lstmkit would start from, so that the two runs can be compared step for step."""
+    backend = "auto" if config.backend == "nn" else config.backend
+    lstm = LSTM(
+        input_size,
+        config.hidden_size,
+        config.num_layers,
+        batch_first=True,
+        dropout=config.dropout,
+        cell=config.cell,
+        backend=backend,
+    )
+    if config.backend != "nn":
+        return lstm
+    with torch.random.fork_rng(devices=[]):  # its own initialisation must not shift the stream
+        twin = nn.LSTM(
+            input_size,
+            config.hidden_size,
+            config.num_layers,
+            batch_first=True,
+            dropout=config.dropout,
+        )
+    twin.load_state_dict(lstm.state_dict())
+    return twin
+
+
+class Task:
+    """What the loop needs from a task. ``unit`` names what throughput counts."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[LSTMConfig]]
+    unit: ClassVar[str] = "seq"
+
+    def __init__(self, config: LSTMConfig) -> None:
+        self.config = config
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def batch(self, generator: torch.Generator, rows: slice) -> tuple[Tensor, Tensor]:
+        """The next global batch of ``config.batch_size`` examples, drawn with ``generator``
+        (which every process holds in the same state); returns its ``rows``."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """Metrics on the held-out data, ``"loss"`` among them, in evaluation mode."""
+        raise NotImplementedError
+
+    def units(self, inputs: Tensor) -> int:
+        return inputs.size(0)
+
+    def summary(self, model: nn.Module) -> str:
+        """Text to print when training ends."""
+        return ""
+
+
+def _evaluate_batches(
+    model: nn.Module, device: torch.device, inputs: Tensor, targets: Tensor, size: int = 256
+):
+    """``model``'s outputs on held-out ``inputs``, in batches of ``size``, with targets."""
+    for start in range(0, inputs.size(0), size):
+        x = inputs[start : start + size].to(device)
+        yield model(x), targets[start : start + size].to(device)
+
+
+class LastStep(nn.Module):
+    """An LSTM whose last hidden state goes through a linear head: ``(N, L, I) -> (N, out)``."""
+
+    def __init__(self, config: LSTMConfig, input_size: int, out: int) -> None:
+        super().__init__()
+        self.lstm = recurrent(config, input_size)
+        self.head = nn.Linear(config.hidden_size, out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        output, _ = self.lstm(x)  # (N, L, H)
+        return self.head(output[:, -1])
+
+
+# ----------------------------------------------------------------------------- charlm
+
+
+@dataclass
+class CharLMConfig(LSTMConfig):
+    task: str = "charlm"
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-3
+    eval_every: int = 200
+    hidden_size: int = 256
+    num_layers: int = 2
+    data: str = ""  # UTF-8 text file; "" = Python's own documentation (pydoc_data.topics)
+    seq_len: int = 128  # characters per training window (backpropagation through time)
+    embedding_size: int = 64  # width of each character's learned embedding
+    val_fraction: float = 0.05  # the text's last part, held out for validation
+    vocab: str = ""  # the characters, sorted; "" = those of the text (filled in at start)
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("seq_len", "embedding_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive int, got {getattr(self, name)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+def builtin_corpus() -> str:
+    """Python's documentation topics, shipped with every CPython, in a fixed order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def read_text(path: str) -> str:
+    """The UTF-8 text of ``path``, or the built-in corpus for ``""``."""
+    if not path:
+        return builtin_corpus()
+    file = Path(path)
+    if not file.is_file():
+        raise TrainError(f"data file {path!r} does not exist or is not a file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise TrainError(f"data file {path!r} is not UTF-8 text: {error}") from None
+    if not text:
+        raise TrainError(f"data file {path!r} is empty")
+    return text
+
+
+class CharModel(nn.Module):
+    """Embedding, LSTM, linear head: ids ``(N, L)`` -> next-character logits ``(N, L, V)``."""
+
+    def __init__(self, config: CharLMConfig) -> None:
+        super().__init__()
+        vocab = len(config.vocab)
+        self.embed = nn.Embedding(vocab, config.embedding_size)
+        self.lstm = recurrent(config, config.embedding_size)
+        self.head = nn.Linear(config.hidden_size, vocab)
+
+    def forward(self, ids: Tensor, state=None):
+        output, state = self.lstm(self.embed(ids), state)  # (N, L, H)
+        return self.head(output), state
+
+
+def encode(text: str, vocab: str, what: str) -> Tensor:
+    """``text`` as int64 ids into ``vocab``; ``what`` names the text in the error."""
+    index = {ch: i for i, ch in enumerate(vocab)}
+    missing = sorted(set(text) - index.keys())
+    if missing:
+        raise TrainError(
+            f"{what} holds {len(missing)} character(s) outside the vocabulary: "
+            f"{''.join(missing)[:40]!r}"
+        )
+    return torch.tensor([index[ch] for ch in text], dtype=torch.int64)
+
+
+@torch.no_grad()
+def generate(
+    model: CharModel,
+    vocab: str,
+    prime: str,
+    length: int,
+    temperature: float,
+    generator: torch.Generator,
+) -> str:
+    """``length`` characters sampled after ``prime``, each from the model's softmax at
+    ``temperature``; ``prime`` defaults to a newline (or the first character) when empty."""
+    model.eval()
+    device = next(model.parameters()).device
+    prime = prime or ("\n" if "\n" in vocab else vocab[0])
+    ids = encode(prime, vocab, "--prime").unsqueeze(0).to(device)  # (1, P)
+    logits, state = model(ids)
+    chars = []
+    for _ in range(length):
+        probs = torch.softmax(logits[0, -1].float() / temperature, -1).cpu()
+        nxt = torch.multinomial(probs, 1, generator=generator)  # (1,)
+        chars.append(vocab[nxt.item()])
+        logits, state = model(nxt.view(1, 1).to(device), state)
+    return "".join(chars)
+
+
+class CharLM(Task):
+    """Character-level language model; validation in bits per character."""
+
+    name = "charlm"
+    Config = CharLMConfig
+    unit = "tok"
+
+    def __init__(self, config: CharLMConfig) -> None:
+        text = read_text(config.data)
+        if not config.vocab:
+            config.vocab = "".join(sorted(set(text)))
+        super().__init__(config)
+        ids = encode(text, config.vocab, f"data {config.data or 'pydoc_data.topics'!r}")
+        n_val = int(len(ids) * config.val_fraction)
+        if min(n_val, len(ids) - n_val) < config.seq_len + 1:
+            raise TrainError(
+                f"the text has {len(ids)} characters: too short for seq_len={config.seq_len} "
+                f"with val_fraction={config.val_fraction}, which needs at least "
+                f"{config.seq_len + 1} in each of the training and validation parts"
+            )
+        self.train_ids, self.val_ids = ids[:-n_val], ids[-n_val:]
+
+    def build_model(self) -> nn.Module:
+        return CharModel(self.config)
+
+    def batch(self, generator, rows):
+        size, steps = self.config.batch_size, self.config.seq_len
+        starts = torch.randint(0, len(self.train_ids) - steps, (size,), generator=generator)
+        window = self.train_ids[starts[rows, None] + torch.arange(steps + 1)]  # (N, L + 1)
+        return window[:, :-1], window[:, 1:]
+
+    def loss(self, model, inputs, targets):
+        logits, _ = model(inputs)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def units(self, inputs):
+        return inputs.numel()
+
+    @torch.no_grad()
+    def evaluate(self, model, device):
+        steps = self.config.seq_len
+        n = (len(self.val_ids) - 1) // steps  # whole windows, each from a zero state
+        inputs = self.val_ids[: n * steps].view(n, steps)
+        targets = self.val_ids[1 : n * steps + 1].view(n, steps)
+        total = 0.0
+        for (logits, _), y in _evaluate_batches(model, device, inputs, targets):
+            total += F.cross_entropy(
+                logits.flatten(0, 1).float(), y.flatten(), reduction="sum"
+            ).item()
+        loss = total / targets.numel()
+        return {"loss": loss, "bpc": loss / math.log(2)}
+
+    def summary(self, model):
+        generator = torch.Generator().manual_seed(self.config.seed)
+        text = generate(model, self.config.vocab, "", 300, 0.8, generator)
+        return f"sample (temperature 0.8):\n{text}"
+
+
+# ----------------------------------------------------------------------------- adding
+
+
+@dataclass
+class AddingConfig(LSTMConfig):
+    task: str = "adding"
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 3e-3
+    eval_every: int = 250
+    seq_len: int = 100  # steps per sequence, T
+    test_size: int = 2000  # held-out sequences, drawn once from their own seed
+
+    def validate(self) -> None:
+        super().validate()
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len must be >= 2 (one marker per half), got {self.seq_len}")
+        if self.test_size <= 0:
+            raise ConfigError(f"test_size must be a positive int, got {self.test_size}")
+
+
+def adding_problem(size: int, steps: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``size`` sequences of the adding problem: ``(size, steps, 2)`` inputs, ``(size,)`` sums."""
+    values = torch.rand(size, steps, generator=generator)
+    half = steps // 2
+    first = torch.randint(0, half, (size,), generator=generator)
+    second = torch.randint(half, steps, (size,), generator=generator)
+    markers = torch.zeros(size, steps)
+    rows = torch.arange(size)
+    markers[rows, first] = 1.0
+    markers[rows, second] = 1.0
+    return torch.stack([values, markers], -1), (values * markers).sum(1)
+
+
+class Adding(Task):
+    """The adding problem (Hochreiter & Schmidhuber 1997); "solved" is the fraction of test
+    sequences predicted within 0.04. Predicting the mean, 1, gives an MSE of 1/6."""
+
+    name = "adding"
+    Config = AddingConfig
+
+    def __init__(self, config: AddingConfig) -> None:
+        super().__init__(config)
+        test_seed = torch.Generator().manual_seed(2**31 + config.seed)
+        self.test = adding_problem(config.test_size, config.seq_len, test_seed)
+
+    def build_model(self):
+        return LastStep(self.config, 2, 1)
+
+    def batch(self, generator, rows):
+        inputs, targets = adding_problem(self.config.batch_size, self.config.seq_len, generator)
+        return inputs[rows], targets[rows]
+
+    def loss(self, model, inputs, targets):
+        return F.mse_loss(model(inputs)[:, 0].float(), targets)
+
+    @torch.no_grad()
+    def evaluate(self, model, device):
+        errors = torch.cat(
+            [
+                (out[:, 0].float() - y).cpu()
+                for out, y in _evaluate_batches(model, device, *self.test)
+            ]
+        )
+        return {
+            "loss": errors.square().mean().item(),
+            "solved": (errors.abs() < 0.04).float().mean().item(),
+        }
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+@dataclass
+class DigitsConfig(LSTMConfig):
+    task: str = "digits"
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 3e-3
+    eval_every: int = 100
+    test_fraction: float = 0.2  # images held out for the test, chosen by a seeded shuffle
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+
+
+def load_digits() -> tuple[Tensor, Tensor]:
+    """scikit-learn's bundled digits as ``(1797, 8, 8)`` pixels in [0, 1] and labels."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError:
+        raise TrainError(
+            "task 'digits' needs scikit-learn: pip install scikit-learn (or lstmkit[train])"
+        ) from None
+    data = sklearn_digits()
+    images = torch.tensor(data.images, dtype=torch.float32) / 16.0
+    return images, torch.tensor(data.target, dtype=torch.int64)
+
+
+class Digits(Task):
+    """Classify 8x8 digit images read row by row; reports test accuracy."""
+
+    name = "digits"
+    Config = DigitsConfig
+
+    def __init__(self, config: DigitsConfig) -> None:
+        super().__init__(config)
+        images, labels = load_digits()
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(config.seed))
+        n_test = int(len(labels) * config.test_fraction)
+        test, train = order[:n_test], order[n_test:]
+        self.train_set = images[train], labels[train]
+        self.test = images[test], labels[test]
+
+    def build_model(self):
+        return LastStep(self.config, 8, 10)
+
+    def batch(self, generator, rows):
+        images, labels = self.train_set
+        pick = torch.randint(0, len(labels), (self.config.batch_size,), generator=generator)[rows]
+        return images[pick], labels[pick]
+
+    def loss(self, model, inputs, targets):
+        return F.cross_entropy(model(inputs).float(), targets)
+
+    @torch.no_grad()
+    def evaluate(self, model, device):
+        total = correct = 0.0
+        for logits, y in _evaluate_batches(model, device, *self.test):
+            total += F.cross_entropy(logits.float(), y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+        n = len(self.test[1])
+        return {"loss": total / n, "accuracy": correct / n}
+
+
+TASKS: dict[str, type[Task]] = {task.name: task for task in (CharLM, Adding, Digits)}
