@@ -1,5 +1,6 @@
-"""What both fused backends share: weights cached and packed per parameter version, per-step
-views of the running rows, and the refusal of double backward."""
+"""What the backends with a hand-written backward share: weights cached and packed per
+parameter version, per-step views of the running rows, whether a backward will run, and the
+refusal of double backward."""
 
 from __future__ import annotations
 
@@ -74,10 +75,16 @@ def last_step(batch_sizes: list[int] | None, steps: int, batch: int, device) -> 
     return (running.sum(1) - 1).to(device)
 
 
-def refuse_double_backward() -> None:
+def needs_backward(tensors: Sequence[Tensor | None]) -> bool:
+    """Whether autograd will differentiate a function of ``tensors``: the forward must then
+    keep what its backward reads."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def refuse_double_backward(backend: str = "fused") -> None:
     """Called first in a hand-written backward, which autograd cannot differentiate."""
     if torch.is_grad_enabled():
         raise RuntimeError(
-            "the fused backend's backward is not itself differentiable (create_graph=True, "
+            f"the {backend} backend's backward is not itself differentiable (create_graph=True, "
             "double backward); use LSTM(..., backend='reference') for higher-order gradients"
         )

@@ -36,6 +36,7 @@ from lstmkit.backends import fused_cells, matmul
 from lstmkit.backends.common import (
     cast,
     last_step,
+    needs_backward,
     packed_weight,
     refuse_double_backward,
     running_rows,
@@ -249,7 +250,4 @@ def run(
             return fused_cells.run(cell, x, h, c, params, batch_sizes, masks, dtype)
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
         tensors = (x, h, c, *(params[name] for name in names))
-        training = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in tensors
-        )
-        return FusedLSTM.apply(*tensors, batch_sizes, training, dtype)
+        return FusedLSTM.apply(*tensors, batch_sizes, needs_backward(tensors), dtype)

@@ -61,6 +61,7 @@ from lstmkit.backends import matmul
 from lstmkit.backends.common import (
     cast,
     last_step,
+    needs_backward,
     packed_weight,
     refuse_double_backward,
     running_rows,
@@ -449,10 +450,7 @@ def run(
     """Same contract as :func:`lstmkit.backends.reference.run`; ``dtype``: that of the
     forward's matrix products (autocast, see :func:`lstmkit.backends.fused.run`)."""
     weights = tuple(params[name] for name in (*_NAMES, *cell.extra))
-    training = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, h, c, *weights)
-    )
-    config = _Config(_KINDS[type(cell)], batch_sizes, training, dtype)
+    config = _Config(_KINDS[type(cell)], batch_sizes, needs_backward((x, h, c, *weights)), dtype)
     return FusedCell.apply(
         config, x, h, c, masks.recurrent, masks.zoneout_h, masks.zoneout_c, *weights
     )
