@@ -121,6 +121,7 @@ def _train(args) -> int:
         print(f"{'resuming' if resume else 'training'} in {run_dir}: {settings}")
     if args.stop_at is not None and args.stop_at <= 0:
         raise ConfigError(f"--stop-at must be a positive step, got {args.stop_at}")
+    loop.keep_freed_memory()
     outcome = loop.train(task, run_dir, resume=resume, quiet=args.quiet, stop_at=args.stop_at)
     if not main_process:
         return 0
