@@ -15,12 +15,12 @@ from lstmkit.runner import NO_MASKS
 NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 
 
-def twin_backends(dtype=torch.float64, **config):
-    """Two lstmkit.LSTMs with the same weights, one per backend."""
-    fused = lstmkit.LSTM(**config, dtype=dtype, backend="fused")
+def twin_backends(dtype=torch.float64, backend="fused", **config):
+    """Two lstmkit.LSTMs with the same weights: one on ``backend``, one on the reference."""
+    ours = lstmkit.LSTM(**config, dtype=dtype, backend=backend)
     reference = lstmkit.LSTM(**config, dtype=dtype, backend="reference")
-    reference.load_state_dict(fused.state_dict())
-    return fused, reference
+    reference.load_state_dict(ours.state_dict())
+    return ours, reference
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

@@ -164,11 +164,13 @@ class LSTM(nn.Module):
         zoneout: probability that a unit keeps its previous value at a step (Krueger et al.
             2017), one float for both ``h`` and ``c`` or a pair ``(p_h, p_c)``; in evaluation
             every unit moves by the expectation ``p * old + (1 - p) * new``. Default 0.
-        backend: how the loop over time runs: ``"auto"`` (default: ``"fused"`` where it
-            supports the cell and regularisers, else ``"reference"``), ``"fused"`` (one
-            autograd Function per layer-direction with a hand-written backward) or
-            ``"reference"`` (the per-step autograd loop that is the oracle). May be changed
-            on an existing module.
+        backend: how the loop over time runs: ``"auto"`` (default: ``"triton"`` for CUDA
+            tensors where it can run the layer, else ``"fused"`` where it supports the cell
+            and regularisers, else ``"reference"``), ``"fused"`` (one autograd Function per
+            layer-direction with a hand-written backward), ``"triton"`` (persistent Triton
+            kernels on the GPU, ``docs/gpu.md``; a ValueError at the call where it cannot run
+            the layer) or ``"reference"`` (the per-step autograd loop that is the oracle). May
+            be changed on an existing module.
 
     Inputs: ``input, hx=None, *, lengths=None``
         - ``input``: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first``, unbatched

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from lstmkit import cells
-from lstmkit.backends import fused, matmul, reference
+from lstmkit.backends import fused, matmul, reference, triton
 
-BACKENDS = {"reference": reference, "fused": fused}
+BACKENDS = {"reference": reference, "fused": fused, "triton": triton}
 BACKEND_NAMES = ("auto", *BACKENDS)
 
 
@@ -91,14 +91,29 @@ def drop_weights(params: cells.Params, p: float, training: bool) -> cells.Params
     return {**params, "weight_hh": w_hh * _keep(w_hh.shape, p, w_hh)}
 
 
-def choose_backend(name: str, cell: cells.Cell, masks: Masks) -> str:
+def choose_backend(
+    name: str,
+    cell: cells.Cell,
+    masks: Masks,
+    x: Tensor | None = None,
+    params: cells.Params | None = None,
+) -> str:
     """The backend that runs a layer: ``name`` itself, or for ``"auto"`` the fastest one
-    that supports the configuration.
+    that supports the configuration: ``triton`` for CUDA tensors where it can run the layer,
+    else ``fused``, else ``reference``. ``x`` (``(T, B, I)``) and ``params``, when given, are
+    the layer's input and parameters: the triton backend's choice depends on them.
 
     Raises:
         ValueError: ``name`` is a backend that cannot run this configuration.
     """
     if name == "auto":
+        if (
+            x is not None
+            and x.is_cuda
+            and triton.supports(cell, masks)
+            and triton.refusal(x, params) is None
+        ):
+            return "triton"
         return "fused" if fused.supports(cell, masks) else "reference"
     backend = BACKENDS[name]
     if not backend.supports(cell, masks):
@@ -106,6 +121,9 @@ def choose_backend(name: str, cell: cells.Cell, masks: Masks) -> str:
         if backend.supports(cell, NO_MASKS):
             what += " with recurrent_dropout or zoneout"
         raise ValueError(f"backend={name!r} cannot run {what}; use backend='auto' or 'reference'")
+    reason = triton.refusal(x, params) if name == "triton" and x is not None else None
+    if reason is not None:
+        raise ValueError(f"backend='triton' cannot run this layer: {reason}; use backend='auto'")
     return name
 
 
@@ -171,7 +189,7 @@ def run_layer(
         x = reverse_within_lengths(x, lengths)
     masks = draw_masks(regularizers, training, steps, h0, c0)
     params = drop_weights(params, regularizers.weight_drop, training)
-    run = BACKENDS[choose_backend(backend, cell, masks)].run
+    run = BACKENDS[choose_backend(backend, cell, masks, x, params)].run
     output, h_n, c_n = run(cell, x, h0, c0, params, batch_sizes, masks)
     if reverse:
         output = reverse_within_lengths(output, lengths)

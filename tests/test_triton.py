@@ -1,0 +1,233 @@
+"""The triton backend against the reference backend: outputs, final states, every gradient.
+
+No GPU needed: the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors,
+at sizes small enough for it. Each of the three ways of dividing the hidden units
+(``docs/gpu.md``) is forced in turn; ``"barrier"`` with one slice only, since the interpreter
+runs programs one after another and a second slice would wait forever at the grid barrier.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip(
+    "triton",
+    reason="the triton package is not installed (pip install triton): the triton backend's "
+    "kernels are tested in its interpreter",
+)
+
+from conftest import TOLERANCES, assert_all_close, run_with_grads
+from test_fused import twin_backends
+
+import lstmkit
+from lstmkit import runner
+from lstmkit.backends import triton as backend
+from lstmkit.cells import CELLS
+
+# triton.jit reads TRITON_INTERPRET when the kernels are defined (on their first use) and the
+# interpreter reads it again while they run: it stays set for the rest of the process.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+if not backend.kernels().INTERPRETED:
+    pytest.skip(
+        "the triton kernels are compiled for the GPU in this process (TRITON_INTERPRET is not "
+        "1, or they were used before this file); run this file alone to test them in Triton's "
+        "interpreter",
+        allow_module_level=True,
+    )
+
+IN, STEPS = 3, 5
+LENGTHS = [5, 2, 4]
+
+
+def forced(mode: str):
+    """A :func:`backend._plan` that divides the units as ``mode`` says: ``"registers"`` as
+    chosen for these small sizes, ``"barrier"`` with one slice, ``"host"`` in slices of 16."""
+
+    def plan(batch, hidden, out_size, proj, itemsize, programs):
+        natural = backend.Plan(
+            min(64, backend._pow2(batch)),
+            backend._pow2(hidden),
+            backend._pow2(out_size),
+            backend._pow2(out_size),
+            1,
+            "registers",
+        )
+        if mode == "registers":
+            return natural
+        block_h = natural.block_h if mode == "barrier" else 16
+        slices = -(-hidden // block_h)
+        return backend.Plan(natural.block_b, block_h, natural.block_k, block_h, slices, mode)
+
+    return plan
+
+
+CASES = {  # id: (mode, hidden, proj, bias, lengths, bidirectional, batch)
+    "registers": ("registers", 6, 0, True, None, False, 3),
+    "registers-lengths-bi": ("registers", 6, 0, True, LENGTHS, True, 3),
+    "registers-nobias-lengths": ("registers", 6, 0, False, [3, 5, 1], False, 3),
+    "registers-proj-lengths": ("registers", 6, 4, True, LENGTHS, False, 3),
+    "registers-proj-nobias-bi": ("registers", 6, 4, False, None, True, 3),
+    "registers-2-batch-blocks": ("registers", 6, 0, True, [5, 1, 3] * 6, True, 18),
+    "barrier-lengths": ("barrier", 6, 0, True, LENGTHS, False, 3),
+    "barrier-h20-bi": ("barrier", 20, 0, True, None, True, 3),
+    "host-h20-lengths-bi": ("host", 20, 0, True, LENGTHS, True, 3),
+    "host-h20-nobias": ("host", 20, 0, False, None, False, 3),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_triton_equals_reference(monkeypatch, dtype, case):
+    mode, hidden, proj, bias, lengths, bidirectional, batch = case
+    monkeypatch.setattr(backend, "_plan", forced(mode))
+    ours, reference = twin_backends(
+        dtype,
+        "triton",
+        input_size=IN,
+        hidden_size=hidden,
+        proj_size=proj,
+        bias=bias,
+        bidirectional=bidirectional,
+    )
+    x = torch.randn(STEPS, batch, IN, dtype=dtype)
+    directions = 2 if bidirectional else 1
+    hx = (
+        torch.randn(directions, batch, proj or hidden, dtype=dtype),
+        torch.randn(directions, batch, hidden, dtype=dtype),
+    )
+    options = {} if lengths is None else {"lengths": torch.tensor(lengths)}
+    assert_all_close(
+        run_with_grads(ours, x, hx, **options),
+        run_with_grads(reference, x, hx, **options),
+        TOLERANCES[dtype],
+    )
+
+
+def test_two_layers_without_hx_and_weight_drop():
+    """Stacked layers, zero initial state, and weight drop (drawn by the runner before the
+    backend runs: the same seed gives both backends the same mask)."""
+    config = {"input_size": IN, "hidden_size": 6, "num_layers": 2, "weight_drop": 0.3}
+    ours, reference = twin_backends(torch.float64, "triton", **config)
+    x = torch.randn(STEPS, 3, IN, dtype=torch.float64)
+    torch.manual_seed(5)
+    got = run_with_grads(ours.train(), x)
+    torch.manual_seed(5)
+    assert_all_close(got, run_with_grads(reference.train(), x), TOLERANCES[torch.float64])
+
+
+def test_inference_equals_reference():
+    """Without autograd the forward saves nothing and still gives the same outputs."""
+    ours, reference = twin_backends(torch.float32, "triton", input_size=IN, hidden_size=6)
+    x = torch.randn(STEPS, 3, IN)
+    with torch.no_grad():
+        got, (h_n, c_n) = ours(x, lengths=torch.tensor(LENGTHS))
+        want, (h_ref, c_ref) = reference(x, lengths=torch.tensor(LENGTHS))
+    tol = TOLERANCES[torch.float32]
+    for a, b in ((got, want), (h_n, h_ref), (c_n, c_ref)):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+def grads_of(model, x, hx, lengths, weights):
+    """Outputs and the gradients of input, state and parameters of ``sum(weights * outputs)``,
+    the weights given in float64 (``run_with_grads`` draws them in the model's dtype)."""
+    x, hx = x.detach().requires_grad_(), tuple(s.detach().requires_grad_() for s in hx)
+    output, (h_n, c_n) = model(x, hx, lengths=lengths)
+    results = {"output": output, "h_n": h_n, "c_n": c_n}
+    loss = sum((t * w.to(t.dtype)).sum() for t, w in zip(results.values(), weights, strict=True))
+    leaves = {"input": x, "h_0": hx[0], "c_0": hx[1], **dict(model.named_parameters())}
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return {k: v.detach() for k, v in results.items()} | {
+        f"grad {k}": g for k, g in zip(leaves, grads, strict=True)
+    }
+
+
+def test_bfloat16_against_float64():
+    """bfloat16 inputs and weights, float32 accumulation and cell state: within bfloat16's
+    resolution of the float64 reference on the same (rounded) weights and inputs."""
+    ours = lstmkit.LSTM(IN, 16, dtype=torch.bfloat16, backend="triton")
+    reference = lstmkit.LSTM(IN, 16, dtype=torch.float64, backend="reference")
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(STEPS, 3, IN).to(torch.bfloat16)
+    hx = tuple(torch.randn(1, 3, 16).to(torch.bfloat16) for _ in range(2))
+    weights = [torch.randn(STEPS, 3, 16, dtype=torch.float64)] + [
+        torch.randn(1, 3, 16, dtype=torch.float64) for _ in range(2)
+    ]
+    lengths = torch.tensor(LENGTHS)
+    got = grads_of(ours, x, hx, lengths, weights)
+    want = grads_of(reference, x.double(), tuple(s.double() for s in hx), lengths, weights)
+    for key, value in want.items():
+        assert got[key].dtype == torch.bfloat16, key
+        # bfloat16 keeps 8 bits: relative to each tensor's scale
+        scale = value.abs().max().item()
+        torch.testing.assert_close(got[key].double(), value, atol=2e-2 * scale, rtol=0)
+
+
+def test_double_backward_is_refused():
+    model = lstmkit.LSTM(IN, 6, dtype=torch.float64, backend="triton")
+    x = torch.randn(STEPS, 2, IN, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="the triton backend's backward is not itself"):
+        torch.autograd.grad(model(x)[0].sum(), x, create_graph=True)
+
+
+def layer(hidden: int, proj: int = 0, dtype=torch.float32):
+    """An input ``(T, B, I)`` and the parameters of one layer-direction."""
+    model = lstmkit.LSTM(IN, hidden, proj_size=proj, dtype=dtype)
+    params = {name: getattr(model, f"{name}_l0", None) for name in backend._NAMES}
+    return torch.randn(STEPS, 2, IN, dtype=dtype), params
+
+
+def test_auto_never_picks_triton_for_cpu_tensors():
+    x, params = layer(6)
+    lstm = CELLS["lstm"]
+    assert runner.choose_backend("auto", lstm, runner.NO_MASKS, x, params) == "fused"
+    assert runner.choose_backend("triton", lstm, runner.NO_MASKS, x, params) == "triton"
+
+
+def test_explicit_triton_refuses_what_it_cannot_run(monkeypatch):
+    x, params = layer(6)
+    masks = runner.Masks(recurrent=torch.ones(2, 6))
+    with pytest.raises(ValueError, match="backend='triton' cannot run cell='lstm' with recurrent"):
+        runner.choose_backend("triton", CELLS["lstm"], masks, x, params)
+    with pytest.raises(ValueError, match="backend='triton' cannot run cell='layernorm'"):
+        runner.choose_backend("triton", CELLS["layernorm"], runner.NO_MASKS, x, params)
+    big, big_params = layer(256, proj=128)
+    with pytest.raises(ValueError, match="proj_size=128 with hidden_size=256"):
+        runner.choose_backend("triton", CELLS["lstm"], runner.NO_MASKS, big, big_params)
+    monkeypatch.setattr(backend.kernels(), "INTERPRETED", False)
+    with pytest.raises(ValueError, match="tensors are on 'cpu', not CUDA"):
+        lstmkit.LSTM(IN, 6, backend="triton")(x)
+    monkeypatch.setattr(backend, "AVAILABLE", False)
+    with pytest.raises(ValueError, match=r"triton package is not installed \(pip install triton"):
+        runner.choose_backend("triton", CELLS["lstm"], runner.NO_MASKS, x, params)
+
+
+@pytest.mark.parametrize("itemsize", [4, 2])
+@pytest.mark.parametrize("batch", [1, 16, 64, 256])
+@pytest.mark.parametrize("hidden", [64, 128, 256, 512, 768, 1024])
+def test_plans_fit_their_limits(itemsize, batch, hidden):
+    """Every plan covers all units; only a barrier plan splits units across resident
+    programs, and never into more programs than may be resident or weights that do not fit."""
+    plan = backend._plan(batch, hidden, hidden, False, itemsize, programs=132)
+    assert plan.slices * plan.block_h >= hidden
+    assert plan.block_out == plan.block_h
+    weights = 4 * plan.block_k * plan.block_h * itemsize
+    if plan.mode == "registers":
+        assert plan.slices == 1 and plan.block_h >= hidden and weights <= backend.ON_CHIP_BYTES
+    if plan.mode == "barrier":
+        assert -(-batch // plan.block_b) * plan.slices <= 132
+        assert weights <= backend.ON_CHIP_BYTES
+    projected = backend._plan(batch, hidden, hidden // 2, True, itemsize, 132)
+    assert projected is None or projected.mode == "registers"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_picks_triton_for_cuda_tensors():
+    x, params = layer(6)
+    x = x.cuda()
+    params = {k: None if v is None else v.cuda() for k, v in params.items()}
+    assert runner.choose_backend("auto", CELLS["lstm"], runner.NO_MASKS, x, params) == "triton"
+    masks = runner.Masks(zoneout_h=0.1)
+    assert runner.choose_backend("auto", CELLS["lstm"], masks, x, params) == "fused"
