@@ -42,9 +42,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check values beyond their types; tasks extend it with their own fields."""
-        for name in ("steps", "batch_size", "eval_every", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be a positive int, got {getattr(self, name)}")
+        check_positive(self, "steps", "batch_size", "eval_every", "log_every")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.final_lr <= 1.0:
@@ -53,6 +53,12 @@ class TrainConfig:
             raise ConfigError(f"grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}")
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
         check_choice("precision", self.precision, ("fp32", "bf16"))
+
+
+def check_positive(config: TrainConfig, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be a positive int, got {getattr(config, name)}")
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -30,7 +30,13 @@ from torch import Tensor, nn
 
 from lstmkit.cells import CELLS
 from lstmkit.modules import LSTM
-from lstmkit.train.config import ConfigError, TrainConfig, TrainError, check_choice
+from lstmkit.train.config import (
+    ConfigError,
+    TrainConfig,
+    TrainError,
+    check_choice,
+    check_positive,
+)
 
 BACKENDS = ("auto", "fused", "reference", "nn")
 
@@ -47,9 +53,7 @@ class LSTMConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("hidden_size", "num_layers"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be a positive int, got {getattr(self, name)}")
+        check_positive(self, "hidden_size", "num_layers")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         check_choice("cell", self.cell, tuple(CELLS))
@@ -162,9 +166,7 @@ class CharLMConfig(LSTMConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("seq_len", "embedding_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be a positive int, got {getattr(self, name)}")
+        check_positive(self, "seq_len", "embedding_size")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
@@ -319,8 +321,7 @@ class AddingConfig(LSTMConfig):
         super().validate()
         if self.seq_len < 2:
             raise ConfigError(f"seq_len must be >= 2 (one marker per half), got {self.seq_len}")
-        if self.test_size <= 0:
-            raise ConfigError(f"test_size must be a positive int, got {self.test_size}")
+        check_positive(self, "test_size")
 
 
 def adding_problem(size: int, steps: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
