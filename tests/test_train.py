@@ -97,6 +97,12 @@ def test_digits_reaches_its_target_quickly(tmp_path, capsys):
     assert records(tmp_path / "run", "eval_accuracy")[-1] >= 0.95
 
 
+def test_bf16_autocast_run_learns(tmp_path):
+    assert train("digits", tmp_path / "run", "--precision", "bf16") == 0
+    losses = records(tmp_path / "run", "train_loss")
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
 def test_adding_problem_data():
     inputs, targets = adding_problem(500, 10, torch.Generator().manual_seed(0))
     markers = inputs[..., 1]
@@ -310,6 +316,9 @@ def test_config_file_and_flags_are_checked(tmp_path, capsys):
     err = _error(capsys, *run, "--backend", "nn", "--cell", "layernorm")
     assert "backend 'nn'" in err and "layernorm" in err
     assert "device must be one of" in _error(capsys, *run, "--device", "tpu")
+    if not torch.cuda.is_available():
+        assert "sees no CUDA device" in _error(capsys, *run, "--device", "cuda")
+    assert "--stop-at must be a positive step" in _error(capsys, *run, "--stop-at", "0")
     with pytest.raises(SystemExit) as exit_info:  # argparse: unknown flag, wrong type
         cli(*run, "--steps", "many")
     assert exit_info.value.code == 2
