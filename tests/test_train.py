@@ -34,8 +34,8 @@ TINY = {
         "--lr", "0.01", "--final-lr", "1",
     ],
     "adding": [
-        "--steps", "20", "--batch-size", "16", "--seq-len", "12", "--hidden-size", "16",
-        "--test-size", "64", "--eval-every", "10", "--log-every", "5",
+        "--steps", "20", "--batch-size", "32", "--seq-len", "12", "--hidden-size", "16",
+        "--test-size", "64", "--eval-every", "10", "--log-every", "5", "--lr", "0.01",
     ],
     "digits": [
         "--steps", "60", "--batch-size", "32", "--hidden-size", "32", "--eval-every", "20",

@@ -60,10 +60,10 @@ def keep_freed_memory() -> None:
     """Have glibc's malloc keep freed blocks of up to 32 MB for reuse instead of handing them
     back to the kernel. A training step allocates and frees the same large buffers (gates,
     their gradients: 16 MB each for charlm's defaults) every step; with glibc's defaults each
-    is a fresh mapping whose first touch page-faults. On this project's 2-core machine that
-    made lstmkit's charlm step 13% slower and torch.nn.LSTM's 5% slower
-    (benchmarks/train/). Process-wide, so only the ``lstmkit train`` command calls it; a
-    no-op where the C library is not glibc."""
+    is a fresh mapping whose first touch page-faults. On this project's 2-core machine
+    keeping them took lstmkit's charlm training from ~31k to ~38k tokens/s, torch.nn.LSTM's
+    by 0-18% (noisy; ``benchmarks/train/throughput.py --glibc-defaults``). Process-wide, so
+    only the ``lstmkit train`` command calls it; a no-op where the C library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

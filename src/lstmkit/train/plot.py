@@ -24,7 +24,7 @@ def _series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
     return series
 
 
-def draw(run_dirs: list[Path], out: Path, labels: list[str] | None = None) -> None:
+def draw(run_dirs: list[Path], out: Path) -> None:
     """Draw every run's curves into the PNG ``out``.
 
     Raises:
@@ -44,7 +44,7 @@ def draw(run_dirs: list[Path], out: Path, labels: list[str] | None = None) -> No
     # train and eval loss share the first panel; every other quantity has its own
     names = ["loss", *sorted({k for s in runs for k in s if not k.endswith("loss")})]
     figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
-    labels = labels or [str(d) for d in run_dirs]
+    labels = [str(d) for d in run_dirs]
     for series, label in zip(runs, labels, strict=True):
         for ax, name in zip(axes[0], names, strict=True):
             keys = ["train_loss", "eval_loss"] if name == "loss" else [name]

@@ -310,10 +310,11 @@ class CharLM(Task):
 @dataclass
 class AddingConfig(LSTMConfig):
     task: str = "adding"
-    steps: int = 2000
-    batch_size: int = 64
+    steps: int = 6000
+    batch_size: int = 128
     lr: float = 3e-3
-    eval_every: int = 250
+    final_lr: float = 0.02
+    eval_every: int = 500
     seq_len: int = 100  # steps per sequence, T
     test_size: int = 2000  # held-out sequences, drawn once from their own seed
 
