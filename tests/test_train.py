@@ -202,9 +202,13 @@ def test_sample_continues_the_prime(tmp_path, corpus, capsys):
     capsys.readouterr()
     assert cli("sample", run, "--prime", "def ", "--length", "40", "--seed", "3") == 0
     first = capsys.readouterr().out
-    assert first.startswith("def ") and len(first.rstrip("\n")) >= 44 - first.count("\n")
+    vocab = checkpoint.load(run).config["vocab"]
+    assert first.startswith("def ") and first.endswith("\n") and len(first) == 4 + 40 + 1
+    assert set(first[:-1]) <= set(vocab)
     assert cli("sample", run, "--prime", "def ", "--length", "40", "--seed", "3") == 0
     assert capsys.readouterr().out == first  # seeded
+    assert "outside the vocabulary" in _error(capsys, "sample", run, "--prime", "snow \u2603")
+    assert "--temperature must be > 0" in _error(capsys, "sample", run, "--temperature", "0")
 
 
 def test_plot_overlays_runs(tmp_path):
