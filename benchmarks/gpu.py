@@ -3,7 +3,8 @@ about 8 minutes on one H200.
 
 1. Correctness: on fresh random inputs, lstmkit-triton's outputs, final states and every
    gradient against the float64 reference backend, for each precision and each way of dividing
-   the hidden units (registers, barrier, host), with lengths, both directions and a projection.
+   the hidden units (registers, barrier, host), with lengths, both directions and a projection,
+   for the lstm and the peephole cells.
 2. Timing with CUDA events (warm-up, then the median): lstmkit-triton, lstmkit-fused and cuDNN
    ``torch.nn.LSTM``, inference and training (forward + backward), float32 (TF32 off
    everywhere) and bfloat16, over the issue's grid (batch_first, one layer, I = H); where the
@@ -132,25 +133,33 @@ def max_relative_errors(model: nn.Module, reference: nn.Module, x, lengths) -> d
     }
 
 
-CHECKS = [  # (name, B, T, H, proj, bidirectional, with lengths, forced plan)
-    ("registers", 4, 50, 64, 0, True, True, None),
-    ("registers+proj", 8, 50, 64, 32, True, True, None),
-    ("multi batch blocks", 300, 20, 64, 0, False, True, None),
-    ("barrier", 16, 50, 256, 0, True, True, "barrier"),
-    ("host", 16, 20, 1024, 0, True, True, "host"),
-    ("host H=256", 16, 50, 256, 0, False, True, "host"),
+CHECKS = [  # (name, cell, B, T, H, proj, bidirectional, with lengths, forced plan)
+    ("registers", "lstm", 4, 50, 64, 0, True, True, None),
+    ("registers+proj", "lstm", 8, 50, 64, 32, True, True, None),
+    ("multi batch blocks", "lstm", 300, 20, 64, 0, False, True, None),
+    ("barrier", "lstm", 16, 50, 256, 0, True, True, "barrier"),
+    ("host", "lstm", 16, 20, 1024, 0, True, True, "host"),
+    ("host H=256", "lstm", 16, 50, 256, 0, False, True, "host"),
+    ("peephole registers+proj", "peephole", 8, 50, 64, 32, True, True, None),
+    ("peephole barrier", "peephole", 16, 50, 256, 0, True, True, "barrier"),
+    ("peephole host", "peephole", 16, 20, 1024, 0, False, True, "host"),
 ]
 
 
 def check_correctness(precisions) -> list[dict[str, object]]:
     rows = []
-    for name, batch, steps, hidden, proj, bidirectional, with_lengths, mode in CHECKS:
+    for name, cell, batch, steps, hidden, proj, bidirectional, with_lengths, mode in CHECKS:
         for label in precisions:
             dtype = PRECISIONS[label]
             row = {"check": name, "precision": label, "B": batch, "T": steps, "H": hidden}
             try:
                 torch.manual_seed(len(rows))
-                config = {"proj_size": proj, "bidirectional": bidirectional, "batch_first": True}
+                config = {
+                    "cell": cell,
+                    "proj_size": proj,
+                    "bidirectional": bidirectional,
+                    "batch_first": True,
+                }
                 model = lstmkit.LSTM(32, hidden, **config, backend="triton").to("cuda", dtype)
                 reference = lstmkit.LSTM(32, hidden, **config, backend="reference")
                 reference.load_state_dict(model.state_dict())

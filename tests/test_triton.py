@@ -1,9 +1,10 @@
 """The triton backend against the reference backend: outputs, final states, every gradient.
 
 No GPU needed: the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors,
-at sizes small enough for it. Each of the three ways of dividing the hidden units
-(``docs/gpu.md``) is forced in turn; ``"barrier"`` with one slice only, since the interpreter
-runs programs one after another and a second slice would wait forever at the grid barrier.
+at sizes small enough for it, for the lstm and the peephole cells. Each of the three ways of
+dividing the hidden units (``docs/gpu.md``) is forced in turn; ``"barrier"`` with one slice
+only, since the interpreter runs programs one after another and a second slice would wait
+forever at the grid barrier.
 """
 
 from __future__ import annotations
@@ -64,28 +65,33 @@ def forced(mode: str):
     return plan
 
 
-CASES = {  # id: (mode, hidden, proj, bias, lengths, bidirectional, batch)
-    "registers": ("registers", 6, 0, True, None, False, 3),
-    "registers-lengths-bi": ("registers", 6, 0, True, LENGTHS, True, 3),
-    "registers-nobias-lengths": ("registers", 6, 0, False, [3, 5, 1], False, 3),
-    "registers-proj-lengths": ("registers", 6, 4, True, LENGTHS, False, 3),
-    "registers-proj-nobias-bi": ("registers", 6, 4, False, None, True, 3),
-    "registers-2-batch-blocks": ("registers", 6, 0, True, [5, 1, 3] * 6, True, 18),
-    "barrier-lengths": ("barrier", 6, 0, True, LENGTHS, False, 3),
-    "barrier-h20-bi": ("barrier", 20, 0, True, None, True, 3),
-    "host-h20-lengths-bi": ("host", 20, 0, True, LENGTHS, True, 3),
-    "host-h20-nobias": ("host", 20, 0, False, None, False, 3),
+CASES = {  # id: (cell, mode, hidden, proj, bias, lengths, bidirectional, batch)
+    "registers": ("lstm", "registers", 6, 0, True, None, False, 3),
+    "registers-lengths-bi": ("lstm", "registers", 6, 0, True, LENGTHS, True, 3),
+    "registers-nobias-lengths": ("lstm", "registers", 6, 0, False, [3, 5, 1], False, 3),
+    "registers-proj-lengths": ("lstm", "registers", 6, 4, True, LENGTHS, False, 3),
+    "registers-proj-nobias-bi": ("lstm", "registers", 6, 4, False, None, True, 3),
+    "registers-2-batch-blocks": ("lstm", "registers", 6, 0, True, [5, 1, 3] * 6, True, 18),
+    "barrier-lengths": ("lstm", "barrier", 6, 0, True, LENGTHS, False, 3),
+    "barrier-h20-bi": ("lstm", "barrier", 20, 0, True, None, True, 3),
+    "host-h20-lengths-bi": ("lstm", "host", 20, 0, True, LENGTHS, True, 3),
+    "host-h20-nobias": ("lstm", "host", 20, 0, False, None, False, 3),
+    "peephole-registers-lengths-bi": ("peephole", "registers", 6, 0, True, LENGTHS, True, 3),
+    "peephole-registers-proj-nobias": ("peephole", "registers", 6, 4, False, [3, 5, 1], False, 3),
+    "peephole-barrier-h12-lengths-bi": ("peephole", "barrier", 12, 0, True, LENGTHS, True, 3),
+    "peephole-host-h20-lengths": ("peephole", "host", 20, 0, True, [5, 2, 4, 1], False, 4),
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_triton_equals_reference(monkeypatch, dtype, case):
-    mode, hidden, proj, bias, lengths, bidirectional, batch = case
+    cell, mode, hidden, proj, bias, lengths, bidirectional, batch = case
     monkeypatch.setattr(backend, "_plan", forced(mode))
     ours, reference = twin_backends(
         dtype,
         "triton",
+        cell=cell,
         input_size=IN,
         hidden_size=hidden,
         proj_size=proj,
@@ -144,11 +150,12 @@ def grads_of(model, x, hx, lengths, weights):
     }
 
 
-def test_bfloat16_against_float64():
+@pytest.mark.parametrize("cell", ["lstm", "peephole"])
+def test_bfloat16_against_float64(cell):
     """bfloat16 inputs and weights, float32 accumulation and cell state: within bfloat16's
     resolution of the float64 reference on the same (rounded) weights and inputs."""
-    ours = lstmkit.LSTM(IN, 16, dtype=torch.bfloat16, backend="triton")
-    reference = lstmkit.LSTM(IN, 16, dtype=torch.float64, backend="reference")
+    ours = lstmkit.LSTM(IN, 16, cell=cell, dtype=torch.bfloat16, backend="triton")
+    reference = lstmkit.LSTM(IN, 16, cell=cell, dtype=torch.float64, backend="reference")
     reference.load_state_dict(ours.state_dict())
     x = torch.randn(STEPS, 3, IN).to(torch.bfloat16)
     hx = tuple(torch.randn(1, 3, 16).to(torch.bfloat16) for _ in range(2))
@@ -179,11 +186,11 @@ def layer(hidden: int, proj: int = 0, dtype=torch.float32):
     return torch.randn(STEPS, 2, IN, dtype=dtype), params
 
 
-def test_auto_never_picks_triton_for_cpu_tensors():
+@pytest.mark.parametrize("cell", ["lstm", "peephole"])
+def test_auto_never_picks_triton_for_cpu_tensors(cell):
     x, params = layer(6)
-    lstm = CELLS["lstm"]
-    assert runner.choose_backend("auto", lstm, runner.NO_MASKS, x, params) == "fused"
-    assert runner.choose_backend("triton", lstm, runner.NO_MASKS, x, params) == "triton"
+    assert runner.choose_backend("auto", CELLS[cell], runner.NO_MASKS, x, params) == "fused"
+    assert runner.choose_backend("triton", CELLS[cell], runner.NO_MASKS, x, params) == "triton"
 
 
 def test_explicit_triton_refuses_what_it_cannot_run(monkeypatch):
@@ -193,6 +200,8 @@ def test_explicit_triton_refuses_what_it_cannot_run(monkeypatch):
         runner.choose_backend("triton", CELLS["lstm"], masks, x, params)
     with pytest.raises(ValueError, match="backend='triton' cannot run cell='layernorm'"):
         runner.choose_backend("triton", CELLS["layernorm"], runner.NO_MASKS, x, params)
+    with pytest.raises(ValueError, match="cannot run cell='peephole' with recurrent_dropout"):
+        runner.choose_backend("triton", CELLS["peephole"], masks, x, params)
     big, big_params = layer(256, proj=128)
     with pytest.raises(ValueError, match="proj_size=128 with hidden_size=256"):
         runner.choose_backend("triton", CELLS["lstm"], runner.NO_MASKS, big, big_params)
@@ -228,6 +237,8 @@ def test_auto_picks_triton_for_cuda_tensors():
     x, params = layer(6)
     x = x.cuda()
     params = {k: None if v is None else v.cuda() for k, v in params.items()}
-    assert runner.choose_backend("auto", CELLS["lstm"], runner.NO_MASKS, x, params) == "triton"
+    for cell in ("lstm", "peephole"):
+        assert runner.choose_backend("auto", CELLS[cell], runner.NO_MASKS, x, params) == "triton"
+    assert runner.choose_backend("auto", CELLS["layernorm"], runner.NO_MASKS, x, params) == "fused"
     masks = runner.Masks(zoneout_h=0.1)
-    assert runner.choose_backend("auto", CELLS["lstm"], masks, x, params) == "fused"
+    assert runner.choose_backend("auto", CELLS["peephole"], masks, x, params) == "fused"

@@ -1,5 +1,5 @@
-"""The triton backend: a whole layer-direction of the standard LSTM cell as persistent Triton
-kernels on the GPU (``docs/gpu.md``).
+"""The triton backend: a whole layer-direction of the standard LSTM cell, or of the peephole
+cell, as persistent Triton kernels on the GPU (``docs/gpu.md``).
 
 Forward: ``x W_ih.T`` for every step is one matrix product (cuBLAS, on tensor cores), then
 ONE launch of :func:`~lstmkit.backends.triton_kernels.lstm_forward` runs every step: each
@@ -7,7 +7,8 @@ program owns a block of the batch and a slice of the hidden units, keeps its row
 on chip for the whole sequence, and fuses the recurrent product, the bias and the gate math.
 Backward: one reverse-time launch of :func:`~lstmkit.backends.triton_kernels.lstm_backward`
 computes the gate gradients ``dz`` and ``dh = dz W_hh`` with ``W_hh`` on chip; then ``dW_ih``,
-``dW_hh``, ``dW_hr``, the biases and ``dx`` are each one large product or sum over all steps.
+``dW_hh``, ``dW_hr``, the biases, ``dx`` and the peepholes' ``dp`` are each one large product
+or sum over all steps.
 
 How the hidden units are divided (:func:`_plan`), by the mode of :class:`Plan`:
 
@@ -45,7 +46,7 @@ AVAILABLE = importlib.util.find_spec("triton") is not None
 # Not measured yet (no GPU in the session that wrote this): benchmarks/gpu.py is the way to.
 ON_CHIP_BYTES = 96 * 1024
 _GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr", "weight_ch")
 
 
 def kernels():
@@ -123,9 +124,9 @@ def _layer_plan(x: Tensor, params: cells.Params, dtype: torch.dtype | None) -> P
 
 
 def supports(cell: cells.Cell, masks) -> bool:
-    """The standard LSTM cell without in-loop regularisers (weight drop is applied to the
-    weights before the loop). What else a layer needs is :func:`refusal`'s."""
-    return type(cell) is cells.LSTM and not masks.active()
+    """The standard LSTM and the peephole cells without in-loop regularisers (weight drop is
+    applied to the weights before the loop). What else a layer needs is :func:`refusal`'s."""
+    return type(cell) in (cells.LSTM, cells.Peephole) and not masks.active()
 
 
 def refusal(x: Tensor, params: cells.Params) -> str | None:
@@ -168,7 +169,9 @@ def _schedule(sizes: Tensor, counters: Tensor, t0: int, t1: int, batch: int, w_h
     return sizes, counters, t0, t1, batch, w_hh.size(0) // 4, w_hh.size(1)
 
 
-def _blocks(plan: Plan, x: Tensor, dot: torch.dtype, w_hr: Tensor | None) -> dict[str, object]:
+def _blocks(
+    plan: Plan, x: Tensor, dot: torch.dtype, w_hr: Tensor | None, w_ch: Tensor | None
+) -> dict[str, object]:
     """The compile-time arguments both kernels take, and their warp count."""
     return {
         "BLOCK_B": plan.block_b,
@@ -176,6 +179,7 @@ def _blocks(plan: Plan, x: Tensor, dot: torch.dtype, w_hr: Tensor | None) -> dic
         "BLOCK_OUT": plan.block_out,
         "RECURRENT": plan.mode,
         "PROJ": w_hr is not None,
+        "PEEPHOLE": w_ch is not None,
         "PRECISION": _precision(x, dot),
         "UPCAST": _upcast(dot),
         "num_warps": plan.num_warps,
@@ -190,11 +194,24 @@ def _steps(plan: Plan, steps: int, backward: bool) -> list[tuple[int, int]]:
     return [(t, t + 1) for t in order]
 
 
+def _peephole_grad(dz: Tensor, cell: Tensor, c0: Tensor) -> Tensor:
+    """``d(p_i, p_f, p_o)`` from the pre-activation gradients ``dz`` ``(T, B, 4H)`` and the
+    saved cell states ``cell`` ``(T, B, H)``: ``p_i``, ``p_f`` multiply ``c_{t-1}``, ``p_o``
+    ``c_t`` (``dz`` is zero in finished rows, whatever their saved state)."""
+    steps, batch, hidden = cell.shape
+    dz = dz.to(cell.dtype)
+    c_prev = torch.cat([c0.to(cell.dtype).unsqueeze(0), cell[:-1]]).unsqueeze(2)
+    d_if = (dz[..., : 2 * hidden].view(steps, batch, 2, hidden) * c_prev).sum((0, 1))
+    d_o = (dz[..., 3 * hidden :] * cell).sum((0, 1))
+    return torch.cat([d_if.flatten(), d_o])
+
+
 class TritonLSTM(torch.autograd.Function):
-    """One LSTM layer-direction over a whole sequence; see the module docstring."""
+    """One LSTM (or peephole) layer-direction over a whole sequence; see the module
+    docstring."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, training, dtype):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, batch_sizes, training, dtype):
         steps, batch, _ = x.shape
         hidden, out_size = w_hh.size(0) // 4, w_hh.size(1)
         dot = dtype or x.dtype  # of the products (the autocast dtype, if any)
@@ -222,6 +239,7 @@ class TritonLSTM(torch.autograd.Function):
                 w_dot if bias is None else bias,
                 w_dot,
                 w_r,
+                w_dot if w_ch is None else w_ch,
                 h0,
                 h_state,
                 c_state,
@@ -229,20 +247,20 @@ class TritonLSTM(torch.autograd.Function):
                 gates,
                 cell,
                 *_schedule(sizes, counters, t0, t1, batch, w_hh),
-                **_blocks(plan, x, dot, w_hr),
+                **_blocks(plan, x, dot, w_hr, w_ch),
                 BLOCK_K=plan.block_k,
                 HAS_BIAS=bias is not None,
                 SAVE=training,
             )
         ctx.plan, ctx.batch_sizes, ctx.has_bias, ctx.dot = plan, batch_sizes, b_ih is not None, dot
         if training:
-            ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, out, gates, cell, sizes)
+            ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, w_ch, out, gates, cell, sizes)
         return out, h_state.to(x.dtype), c_state.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
         refuse_double_backward("triton")
-        x, h0, c0, w_ih, w_hh, w_hr, out, gates, cell, sizes = ctx.saved_tensors
+        x, h0, c0, w_ih, w_hh, w_hr, w_ch, out, gates, cell, sizes = ctx.saved_tensors
         plan, dot = ctx.plan, ctx.dot
         steps, batch, inp = x.shape
         hidden, out_size = w_hh.size(0) // 4, w_hh.size(1)
@@ -263,6 +281,7 @@ class TritonLSTM(torch.autograd.Function):
                 grad_output,
                 w_dot,
                 w_r,
+                w_dot if w_ch is None else w_ch,
                 c0.to(acc),
                 gates,
                 cell,
@@ -271,7 +290,7 @@ class TritonLSTM(torch.autograd.Function):
                 dz,
                 dhs,
                 *_schedule(sizes, counters, t0, t1, batch, w_hh),
-                **_blocks(plan, x, dot, w_hr),
+                **_blocks(plan, x, dot, w_hr, w_ch),
                 BLOCK_ALL=plan.block_k if plan.mode == "barrier" else plan.block_h,
             )
             if plan.mode == "host":  # dh_{t-1} = dz_t W_hh on the rows still running at t
@@ -290,6 +309,7 @@ class TritonLSTM(torch.autograd.Function):
             o = gates[..., 3 * hidden :]
             m = (o * torch.tanh(cell)).view(steps * batch, hidden)  # h_t before the projection
             dw_hr = torch.mm(dhs.view(steps * batch, out_size).t(), m).to(w_hr.dtype)
+        dw_ch = _peephole_grad(dz, cell, c0).to(w_ch.dtype) if needs[8] else None
         return (
             dx,
             dh.to(h0.dtype) if needs[1] else None,
@@ -299,6 +319,7 @@ class TritonLSTM(torch.autograd.Function):
             db if needs[5] else None,
             db.clone() if needs[6] else None,
             dw_hr,
+            dw_ch,
             None,
             None,
             None,
@@ -322,6 +343,6 @@ def run(
     the autocast dtype; everything else runs in the input's dtype and float32."""
     dtype = cells.autocast_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        tensors = (x, h, c, *(params[name] for name in _NAMES))
+        tensors = (x, h, c, *(params.get(name) for name in _NAMES))
         training = needs_backward(tensors)
         return TritonLSTM.apply(*tensors, batch_sizes, training, dtype)

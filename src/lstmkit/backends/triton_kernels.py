@@ -10,6 +10,8 @@ Shapes (B batch, H hidden, P = proj_size or H, G = 4H), every tensor contiguous:
 ``(pb, ps)`` owns rows ``pb * BLOCK_B + [0, BLOCK_B)`` and hidden units
 ``ps * BLOCK_H + [0, BLOCK_H)``, i.e. those units' rows in each of the four gate blocks.
 ``sizes[t]``: the rows still running at step ``t``; the others keep their state and output 0.
+``PEEPHOLE``: the peephole cell, whose ``w_ch`` ``(3H,)`` holds ``(p_i, p_f, p_o)``: ``i`` and
+``f`` also see ``p_i c_{t-1}``, ``p_f c_{t-1}``, and ``o`` sees ``p_o c_t``.
 
 Both kernels run the steps ``[t0, t1)`` (the backward in reverse): the whole sequence in one
 launch (persistent) or one step per launch. State that outlives a launch goes through
@@ -63,6 +65,12 @@ def _put(ptr, rows, cols, row_stride, row_ok, col_ok, value):
 
 
 @triton.jit
+def _per_unit(ptr, block, hidden, units, unit_ok, acc_ty: tl.constexpr):
+    """``ptr[block H + units]`` in ``acc_ty``, as a ``(1, len(units))`` row (zero past H)."""
+    return tl.load(ptr + block * hidden + units, mask=unit_ok, other=0.0).to(acc_ty)[None, :]
+
+
+@triton.jit
 def _grid_barrier(counter, target):
     """Arrive at, then wait on, the barrier ``counter`` shared by the programs of one batch
     block until ``target`` arrivals in all. Needs every such program resident at once (the host
@@ -90,6 +98,7 @@ def lstm_forward(
     bias,
     w_hh,
     w_hr,
+    w_ch,
     h0,
     h_state,
     c_state,
@@ -110,6 +119,7 @@ def lstm_forward(
     RECURRENT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PROJ: tl.constexpr,
+    PEEPHOLE: tl.constexpr,
     SAVE: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -155,10 +165,14 @@ def lstm_forward(
     zero = tl.full((BLOCK_B, BLOCK_H), 0, acc_ty)
     b_i, b_f, b_g, b_o = zero, zero, zero, zero
     if HAS_BIAS:
-        b_i += tl.load(bias + units, mask=unit_ok, other=0.0)[None, :]
-        b_f += tl.load(bias + hidden + units, mask=unit_ok, other=0.0)[None, :]
-        b_g += tl.load(bias + 2 * hidden + units, mask=unit_ok, other=0.0)[None, :]
-        b_o += tl.load(bias + 3 * hidden + units, mask=unit_ok, other=0.0)[None, :]
+        b_i += _per_unit(bias, 0, hidden, units, unit_ok, acc_ty)
+        b_f += _per_unit(bias, 1, hidden, units, unit_ok, acc_ty)
+        b_g += _per_unit(bias, 2, hidden, units, unit_ok, acc_ty)
+        b_o += _per_unit(bias, 3, hidden, units, unit_ok, acc_ty)
+    if PEEPHOLE:
+        p_i = _per_unit(w_ch, 0, hidden, units, unit_ok, acc_ty)
+        p_f = _per_unit(w_ch, 1, hidden, units, unit_ok, acc_ty)
+        p_o = _per_unit(w_ch, 2, hidden, units, unit_ok, acc_ty)
 
     h = _tile(h_state, rows, cols, out_size, 1, in_batch, col_ok)
     c = _tile(c_state, rows, units, hidden, 1, in_batch, unit_ok)
@@ -189,11 +203,16 @@ def lstm_forward(
             z_f += _dot(h_in, w_f, acc_ty, PRECISION, UPCAST)
             z_g += _dot(h_in, w_g, acc_ty, PRECISION, UPCAST)
             z_o += _dot(h_in, w_o, acc_ty, PRECISION, UPCAST)
+        if PEEPHOLE:
+            z_i += p_i * c
+            z_f += p_f * c
         i = _sigmoid(z_i)
         f = _sigmoid(z_f)
         g = _tanh(z_g)
-        o = _sigmoid(z_o)
         c_new = f * c + i * g
+        if PEEPHOLE:
+            z_o += p_o * c_new
+        o = _sigmoid(z_o)
         h_new = o * _tanh(c_new)
         if PROJ:
             h_new = _dot(h_new.to(dot_ty), w_r, acc_ty, PRECISION, UPCAST)
@@ -237,6 +256,7 @@ def lstm_backward(
     grad_out,
     w_hh,
     w_hr,
+    w_ch,
     c0,
     gates,
     cells,
@@ -257,6 +277,7 @@ def lstm_backward(
     BLOCK_OUT: tl.constexpr,
     RECURRENT: tl.constexpr,
     PROJ: tl.constexpr,
+    PEEPHOLE: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -297,6 +318,10 @@ def lstm_backward(
         w_o = _tile(w_hh + 3 * hidden * out_size, every, cols, out_size, 1, every_ok, col_ok)
     if PROJ:
         w_r = _tile(w_hr, cols, units, hidden, 1, col_ok, unit_ok)  # (BLOCK_OUT, BLOCK_H)
+    if PEEPHOLE:
+        p_i = _per_unit(w_ch, 0, hidden, units, unit_ok, acc_ty)
+        p_f = _per_unit(w_ch, 1, hidden, units, unit_ok, acc_ty)
+        p_o = _per_unit(w_ch, 2, hidden, units, unit_ok, acc_ty)
 
     dh = _tile(dh_state, rows, cols, out_size, 1, in_batch, col_ok)
     dc = _tile(dc_state, rows, units, hidden, 1, in_batch, unit_ok)
@@ -332,12 +357,17 @@ def lstm_backward(
         else:
             dm = dh_t
         tanh_c = _tanh(c_t)
+        dz_o = tl.where(keep, dm * tanh_c * o * (1 - o), 0.0)
         dc_t = dc + dm * o * (1 - tanh_c * tanh_c)
+        if PEEPHOLE:
+            dc_t += p_o * dz_o
         dz_i = tl.where(keep, dc_t * g * i * (1 - i), 0.0)
         dz_f = tl.where(keep, dc_t * c_prev * f * (1 - f), 0.0)
         dz_g = tl.where(keep, dc_t * i * (1 - g * g), 0.0)
-        dz_o = tl.where(keep, dm * tanh_c * o * (1 - o), 0.0)
-        dc = tl.where(keep, dc_t * f, dc)
+        dc_prev = dc_t * f
+        if PEEPHOLE:
+            dc_prev += p_i * dz_i + p_f * dz_f
+        dc = tl.where(keep, dc_prev, dc)
         dz_t = dz + step * gate_stride
         _put(dz_t, rows, units, gate_stride, in_batch, unit_ok, dz_i)
         _put(dz_t + hidden, rows, units, gate_stride, in_batch, unit_ok, dz_f)
