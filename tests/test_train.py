@@ -406,6 +406,16 @@ def test_a_crash_between_the_renames_falls_back_to_the_previous_checkpoint(tmp_p
     ]
 
 
+def test_ctrl_c_before_anything_was_logged(tmp_path, monkeypatch, capsys):
+    """An interrupt requested before the first step: a checkpoint at step 0, no plot, 130."""
+    monkeypatch.setattr(loop._Interrupt, "agreed", lambda self, processes: True)
+    assert train("adding", tmp_path / "run") == 130
+    assert checkpoint.load(tmp_path / "run").state["step"] == 0
+    assert "interrupted at step 0" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert cli("train", "--resume", tmp_path / "run", "--steps", "2", "--quiet") == 0
+
+
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     run = tmp_path / "run"
     process = _launch(run, "--eval-every", "100000")  # no checkpoint until Ctrl-C

@@ -357,12 +357,12 @@ def _train(
                     progress.log(f"step {step}/{config.steps}: {shown} ({train_seconds:.0f} s)")
                 save()
     progress.close()
-    interrupted = interrupt.requested
+    interrupted = step < min(stop_at, config.steps)  # Ctrl-C, here or in another process
     if step < config.steps:
         save()
     elif not last and processes.main:
         last = evaluate()  # resumed at the last step: nothing trained, report anyway
-    if processes.main:
+    if processes.main and read_metrics(run_dir):  # none yet after an early Ctrl-C
         _draw_curves(run_dir)
     rate = units_done / train_seconds if train_seconds else 0.0
     return Outcome(step, interrupted, last, rate, model)
