@@ -17,7 +17,7 @@ import torch
 
 from lstmkit.__main__ import main
 from lstmkit.train import checkpoint, loop
-from lstmkit.train.config import ConfigError, from_mapping
+from lstmkit.train.config import ConfigError, field_comments, field_types, from_mapping
 from lstmkit.train.tasks import (
     TASKS,
     AddingConfig,
@@ -327,6 +327,16 @@ def test_config_file_and_flags_are_checked(tmp_path, capsys):
         cli(*run, "--steps", "many")
     assert exit_info.value.code == 2
     assert "invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_every_setting_is_documented_and_shown_by_help(capsys):
+    for task in TASKS.values():
+        comments = field_comments(task.Config)
+        assert set(comments) == set(field_types(task.Config)), task.name
+    with pytest.raises(SystemExit):
+        cli("train", "--help")
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "LSTM units per layer (charlm 256, adding 128, digits 128)" in shown
 
 
 def test_from_mapping_accepts_ints_for_floats_and_rejects_other_tasks():

@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 
 from lstmkit.train import checkpoint, loop, plot
-from lstmkit.train.config import ConfigError, TrainError, field_types, from_mapping
+from lstmkit.train.config import (
+    ConfigError,
+    TrainError,
+    field_comments,
+    field_types,
+    from_mapping,
+)
 from lstmkit.train.tasks import TASKS, CharModel, Task, generate
 
 # every task's settings, each a --flag; the chosen task rejects the ones it does not have
@@ -41,7 +47,19 @@ def add_arguments(commands) -> None:
     )
     settings = train.add_argument_group("settings (see lstmkit.train.tasks for each task's)")
     for name, kind in _FIELDS.items():
-        settings.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind)
+        comment = next(
+            field_comments(t.Config).get(name)
+            for t in TASKS.values()
+            if name in field_types(t.Config)
+        )
+        defaults = ", ".join(
+            f"{t.name} {getattr(t.Config, name)!r}"
+            for t in TASKS.values()
+            if name in field_types(t.Config)
+        )
+        settings.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=kind, help=f"{comment} ({defaults})"
+        )
 
     sample = commands.add_parser("sample", help="generate text from a charlm run")
     sample.add_argument("run_dir", type=Path, metavar="RUN_DIR")

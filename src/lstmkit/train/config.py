@@ -10,6 +10,8 @@ out of range are :class:`ConfigError` with the key, what was expected and what w
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -64,6 +66,18 @@ def check_positive(config: TrainConfig, *names: str) -> None:
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def field_comments(cls: type[TrainConfig]) -> dict[str, str]:
+    """Each field's comment in the source of ``cls`` and its bases (``name: type = value  #
+    comment``): the documentation of the settings, shown by ``lstmkit train --help``."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        for line in inspect.getsource(klass).splitlines():
+            match = re.match(r"\s+(\w+): \w+ = .*?  # (.*)$", line)
+            if match:
+                comments[match[1]] = match[2]
+    return comments
 
 
 def field_types(cls: type[TrainConfig]) -> dict[str, type]:

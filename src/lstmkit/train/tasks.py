@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from lstmkit.cells import CELLS
 from lstmkit.modules import LSTM
+from lstmkit.runner import BACKEND_NAMES
 from lstmkit.train.config import (
     ConfigError,
     TrainConfig,
@@ -38,7 +39,7 @@ from lstmkit.train.config import (
     check_positive,
 )
 
-BACKENDS = ("auto", "fused", "reference", "nn")
+BACKENDS = (*BACKEND_NAMES, "nn")
 
 
 @dataclass
@@ -49,7 +50,7 @@ class LSTMConfig(TrainConfig):
     num_layers: int = 1  # stacked LSTM layers
     dropout: float = 0.0  # dropout between stacked layers, in training
     cell: str = "lstm"  # lstmkit cell: lstm, layernorm, peephole or cifg
-    backend: str = "auto"  # lstmkit backend (auto, fused, reference), or nn = torch.nn.LSTM
+    backend: str = "auto"  # an lstmkit backend (auto, fused, ...), or nn for torch.nn.LSTM
 
     def validate(self) -> None:
         super().validate()
