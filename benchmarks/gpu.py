@@ -4,13 +4,14 @@ about 8 minutes on one H200.
 1. Correctness: on fresh random inputs, lstmkit-triton's outputs, final states and every
    gradient against the float64 reference backend, for each precision and each way of dividing
    the hidden units (registers, barrier, host), with lengths, both directions and a projection,
-   for the lstm and the peephole cells.
+   for the lstm and the peephole cells, and the layernorm cell in ``registers`` (its only mode).
 2. Timing with CUDA events (warm-up, then the median): lstmkit-triton, lstmkit-fused and cuDNN
    ``torch.nn.LSTM``, inference and training (forward + backward), float32 (TF32 off
    everywhere) and bfloat16, over the issue's grid (batch_first, one layer, I = H); where the
    triton backend splits units across programs with a grid barrier, the per-step ``host`` plan
-   is timed too, so that the choice between them is measured. Also the layernorm cell (which
-   runs on the fused backend) against plain cuDNN.
+   is timed too, so that the choice between them is measured. Also the layernorm cell, on the
+   triton backend (where it fits ``registers``, else the refusal is recorded) and on the fused
+   one, against plain cuDNN.
 
 Results are rewritten after every configuration to ``benchmarks/gpu-<device>.{md,json}``: a
 crash or the time guard (``--budget-s``) leaves what was measured; an error in one
@@ -45,6 +46,8 @@ HERE = Path(__file__).parent
 BATCHES, HIDDENS, STEPS = (1, 4, 16, 64, 256), (64, 128, 256, 512, 1024), (100, 1024)
 EXTRA = [(16, 1024, 768)]  # (B, T, H); B=64, T=100, I=H=512 is already in the grid
 QUICK = [(4, 100, 128), (16, 1024, 256), (64, 100, 512)]
+# (B, T, H) of the layernorm cell: the issue's size, and one that fits "registers"
+LAYERNORM = [(64, 100, 512), (16, 1024, 64)]
 PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
 # max |error| / max |float64 value|, per tensor, that a correctness check passes with
 TOLERANCE = {"fp32": 1e-4, "tf32": 2e-2, "bf16": 5e-2}
@@ -143,6 +146,8 @@ CHECKS = [  # (name, cell, B, T, H, proj, bidirectional, with lengths, forced pl
     ("peephole registers+proj", "peephole", 8, 50, 64, 32, True, True, None),
     ("peephole barrier", "peephole", 16, 50, 256, 0, True, True, "barrier"),
     ("peephole host", "peephole", 16, 20, 1024, 0, False, True, "host"),
+    ("layernorm registers", "layernorm", 16, 50, 64, 0, True, True, None),
+    ("layernorm registers+proj", "layernorm", 8, 50, 64, 32, False, True, None),
 ]
 
 
@@ -207,14 +212,12 @@ def models(batch_hidden: tuple[int, int], dtype, cell: str = "lstm") -> dict[str
     _, hidden = batch_hidden
     cudnn = nn.LSTM(hidden, hidden, batch_first=True)
     built = {
-        "triton": lstmkit.LSTM(hidden, hidden, batch_first=True, backend="triton"),
+        "triton": lstmkit.LSTM(hidden, hidden, batch_first=True, cell=cell, backend="triton"),
         "fused": lstmkit.LSTM(hidden, hidden, batch_first=True, cell=cell, backend="fused"),
         "cudnn": cudnn,
     }
-    if cell != "lstm":
-        del built["triton"]
-    for name, model in built.items():
-        if name != "fused" or cell == "lstm":
+    if cell == "lstm":
+        for model in built.values():
             model.load_state_dict(cudnn.state_dict())
     return {name: model.to("cuda", dtype) for name, model in built.items()}
 
@@ -243,15 +246,18 @@ def time_config(batch, steps, hidden, label, budget_s) -> dict[str, object]:
     return row
 
 
-def layernorm_row(label: str, budget_s: float) -> dict[str, object]:
-    """The layernorm cell (fused backend: the triton kernels do not run it) against plain
-    cuDNN at B=64, T=100, I=H=512."""
+def layernorm_row(batch, steps, hidden, label, budget_s) -> dict[str, object]:
+    """Training of the layernorm cell on the triton and the fused backends, and of plain cuDNN,
+    at I = H (the triton backend refuses where the layer does not fit ``registers``: the
+    refusal is recorded)."""
     dtype = PRECISIONS[label]
-    compared = models((64, 512), dtype, cell="layernorm")
-    x = torch.randn(64, 100, 512, device="cuda", dtype=dtype, requires_grad=True)
-    row: dict[str, object] = {"B": 64, "T": 100, "I": 512, "H": 512, "precision": label}
+    compared = models((batch, hidden), dtype, cell="layernorm")
+    x = torch.randn(batch, steps, hidden, device="cuda", dtype=dtype, requires_grad=True)
+    row: dict[str, object] = {"B": batch, "T": steps, "I": hidden, "H": hidden}
+    row["precision"] = label
+    row["plan"] = plan_mode(batch, hidden, dtype)
     with precision(label):
-        for name in ("fused", "cudnn"):
+        for name in ("triton", "fused", "cudnn"):
             try:
                 row[f"training {name}"] = time_ms(training_run(compared[name], x), budget_s)
             except Exception as error:  # recorded in the report, the run goes on
@@ -282,10 +288,14 @@ def targets(rows: list[dict[str, object]], layernorm: list[dict[str, object]]) -
             shown = "-" if value is None else f"{value:.2f}"
             lines.append(f"- B={b} T={t} H={h} {label}: {shown} (target <= {limit}): {verdict}")
     for row in layernorm:
-        value = ratio(row, "training", "fused")
-        shown = "-" if value is None else f"{value:.2f}"
-        verdict = "not measured" if value is None else ("met" if value <= 1.3 else "MISSED")
-        lines.append(f"- layernorm (fused) / plain cuDNN, {row['precision']}: {shown}: {verdict}")
+        size = f"B={row['B']} T={row['T']} H={row['H']} {row['precision']}"
+        for name in ("triton", "fused"):
+            value = ratio(row, "training", name)
+            shown = "-" if value is None else f"{value:.2f}"
+            verdict = "not measured" if value is None else ("met" if value <= 1.3 else "MISSED")
+            lines.append(
+                f"- layernorm ({name}) / plain cuDNN, {size}: {shown} (target <= 1.3): {verdict}"
+            )
     return lines
 
 
@@ -364,7 +374,9 @@ def main() -> int:
     configs = [(b, t, h, label) for b, t, h in grid(args.quick) for label in labels]
     per_timing = 0.05 if args.quick else 0.15
     for label in labels:
-        report["layernorm"].append(layernorm_row(label, per_timing))
+        for batch, steps, hidden in LAYERNORM:
+            row = layernorm_row(batch, steps, hidden, label, per_timing)
+            report["layernorm"].append(row)
     for done, (batch, steps, hidden, label) in enumerate(configs):
         elapsed = time.perf_counter() - began
         if elapsed > args.budget_s:

@@ -1,14 +1,15 @@
 """The triton backend against the reference backend: outputs, final states, every gradient.
 
 No GPU needed: the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors,
-at sizes small enough for it, for the lstm and the peephole cells. Each of the three ways of
-dividing the hidden units (``docs/gpu.md``) is forced in turn; ``"barrier"`` with one slice
-only, since the interpreter runs programs one after another and a second slice would wait
-forever at the grid barrier.
+at sizes small enough for it, for the lstm, the peephole and the layernorm cells. Each of the
+three ways of dividing the hidden units (``docs/gpu.md``) is forced in turn (the layernorm cell
+runs in ``"registers"`` only); ``"barrier"`` with one slice only, since the interpreter runs
+programs one after another and a second slice would wait forever at the grid barrier.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -80,12 +81,24 @@ CASES = {  # id: (cell, mode, hidden, proj, bias, lengths, bidirectional, batch)
     "peephole-registers-proj-nobias": ("peephole", "registers", 6, 4, False, [3, 5, 1], False, 3),
     "peephole-barrier-h12-lengths-bi": ("peephole", "barrier", 12, 0, True, LENGTHS, True, 3),
     "peephole-host-h20-lengths": ("peephole", "host", 20, 0, True, [5, 2, 4, 1], False, 4),
+    "layernorm-registers-lengths-bi": ("layernorm", "registers", 6, 0, True, LENGTHS, True, 3),
+    "layernorm-registers-proj-nobias": ("layernorm", "registers", 6, 4, False, [3, 5, 1], False, 3),
+    "layernorm-registers-h16-lengths": (
+        "layernorm",
+        "registers",
+        16,
+        0,
+        True,
+        [5, 1, 3, 4],
+        False,
+        4,
+    ),
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_triton_equals_reference(monkeypatch, dtype, case):
+def build(monkeypatch, dtype, case):
+    """For ``case``: a triton model (its LN gains and biases, if any, moved away from ones and
+    zeros), its reference twin, an input, a state and the lengths."""
     cell, mode, hidden, proj, bias, lengths, bidirectional, batch = case
     monkeypatch.setattr(backend, "_plan", forced(mode))
     ours, reference = twin_backends(
@@ -98,18 +111,62 @@ def test_triton_equals_reference(monkeypatch, dtype, case):
         bias=bias,
         bidirectional=bidirectional,
     )
+    with torch.no_grad():
+        for name, value in ours.named_parameters():
+            if name.startswith("ln_"):
+                value.add_(torch.rand_like(value) - 0.5)
+    reference.load_state_dict(ours.state_dict())
     x = torch.randn(STEPS, batch, IN, dtype=dtype)
     directions = 2 if bidirectional else 1
     hx = (
         torch.randn(directions, batch, proj or hidden, dtype=dtype),
         torch.randn(directions, batch, hidden, dtype=dtype),
     )
-    options = {} if lengths is None else {"lengths": torch.tensor(lengths)}
+    return ours, reference, x, hx, None if lengths is None else torch.tensor(lengths)
+
+
+# In float32 the layernorm cell's gradients differ from float64 by up to ~5e-6 of each tensor's
+# scale, in the reference backend itself (cancellations in the LN backward over rows of a few
+# units): more than 1e-5 absolute on the larger ones. It is checked against float64 instead.
+EXACT = [
+    pytest.param(dtype, case, id=f"{name}-{label}")
+    for name, case in CASES.items()
+    for dtype, label in ((torch.float64, "f64"), (torch.float32, "f32"))
+    if dtype == torch.float64 or case[0] != "layernorm"
+]
+LAYERNORM = {name: case for name, case in CASES.items() if case[0] == "layernorm"}
+
+
+@pytest.mark.parametrize(("dtype", "case"), EXACT)
+def test_triton_equals_reference(monkeypatch, dtype, case):
+    ours, reference, x, hx, lengths = build(monkeypatch, dtype, case)
+    options = {} if lengths is None else {"lengths": lengths}
     assert_all_close(
         run_with_grads(ours, x, hx, **options),
         run_with_grads(reference, x, hx, **options),
         TOLERANCES[dtype],
     )
+
+
+@pytest.mark.parametrize("case", LAYERNORM.values(), ids=LAYERNORM.keys())
+def test_layernorm_float32_against_float64(monkeypatch, case):
+    """The triton backend and the reference backend in float32 are each within 1e-5 of every
+    tensor's scale of the float64 reference on the same weights and inputs."""
+    ours, reference, x, hx, lengths = build(monkeypatch, torch.float32, case)
+    exact = copy.deepcopy(reference).double()
+    steps, batch, hidden, out_size = STEPS, x.size(1), hx[1].size(2), hx[0].size(2)
+    directions = hx[0].size(0)
+    weights = [
+        torch.randn(steps, batch, directions * out_size, dtype=torch.float64),
+        torch.randn(directions, batch, out_size, dtype=torch.float64),
+        torch.randn(directions, batch, hidden, dtype=torch.float64),
+    ]
+    want = grads_of(exact, x.double(), tuple(s.double() for s in hx), lengths, weights)
+    for model in (ours, reference):
+        got = grads_of(model, x, hx, lengths, weights)
+        for key, value in want.items():
+            scale = value.abs().max().item()
+            torch.testing.assert_close(got[key].double(), value, atol=1e-5 * scale, rtol=0)
 
 
 def test_two_layers_without_hx_and_weight_drop():
@@ -124,9 +181,12 @@ def test_two_layers_without_hx_and_weight_drop():
     assert_all_close(got, run_with_grads(reference.train(), x), TOLERANCES[torch.float64])
 
 
-def test_inference_equals_reference():
+@pytest.mark.parametrize("cell", ["lstm", "layernorm"])
+def test_inference_equals_reference(cell):
     """Without autograd the forward saves nothing and still gives the same outputs."""
-    ours, reference = twin_backends(torch.float32, "triton", input_size=IN, hidden_size=6)
+    ours, reference = twin_backends(
+        torch.float32, "triton", cell=cell, input_size=IN, hidden_size=6
+    )
     x = torch.randn(STEPS, 3, IN)
     with torch.no_grad():
         got, (h_n, c_n) = ours(x, lengths=torch.tensor(LENGTHS))
@@ -150,7 +210,7 @@ def grads_of(model, x, hx, lengths, weights):
     }
 
 
-@pytest.mark.parametrize("cell", ["lstm", "peephole"])
+@pytest.mark.parametrize("cell", ["lstm", "peephole", "layernorm"])
 def test_bfloat16_against_float64(cell):
     """bfloat16 inputs and weights, float32 accumulation and cell state: within bfloat16's
     resolution of the float64 reference on the same (rounded) weights and inputs."""
@@ -179,16 +239,17 @@ def test_double_backward_is_refused():
         torch.autograd.grad(model(x)[0].sum(), x, create_graph=True)
 
 
-def layer(hidden: int, proj: int = 0, dtype=torch.float32):
+def layer(hidden: int, proj: int = 0, dtype=torch.float32, cell: str = "lstm"):
     """An input ``(T, B, I)`` and the parameters of one layer-direction."""
-    model = lstmkit.LSTM(IN, hidden, proj_size=proj, dtype=dtype)
-    params = {name: getattr(model, f"{name}_l0", None) for name in backend._NAMES}
+    model = lstmkit.LSTM(IN, hidden, proj_size=proj, cell=cell, dtype=dtype)
+    names = (*backend._NAMES, *CELLS[cell].extra)
+    params = {name: getattr(model, f"{name}_l0", None) for name in names}
     return torch.randn(STEPS, 2, IN, dtype=dtype), params
 
 
-@pytest.mark.parametrize("cell", ["lstm", "peephole"])
+@pytest.mark.parametrize("cell", ["lstm", "peephole", "layernorm"])
 def test_auto_never_picks_triton_for_cpu_tensors(cell):
-    x, params = layer(6)
+    x, params = layer(6, cell=cell)
     assert runner.choose_backend("auto", CELLS[cell], runner.NO_MASKS, x, params) == "fused"
     assert runner.choose_backend("triton", CELLS[cell], runner.NO_MASKS, x, params) == "triton"
 
@@ -198,8 +259,13 @@ def test_explicit_triton_refuses_what_it_cannot_run(monkeypatch):
     masks = runner.Masks(recurrent=torch.ones(2, 6))
     with pytest.raises(ValueError, match="backend='triton' cannot run cell='lstm' with recurrent"):
         runner.choose_backend("triton", CELLS["lstm"], masks, x, params)
-    with pytest.raises(ValueError, match="backend='triton' cannot run cell='layernorm'"):
-        runner.choose_backend("triton", CELLS["layernorm"], runner.NO_MASKS, x, params)
+    with pytest.raises(ValueError, match="backend='triton' cannot run cell='cifg'"):
+        runner.choose_backend("triton", CELLS["cifg"], runner.NO_MASKS, x, params)
+    with pytest.raises(ValueError, match="cannot run cell='layernorm' with recurrent_dropout"):
+        runner.choose_backend("triton", CELLS["layernorm"], masks, x, params)
+    wide, wide_params = layer(128, cell="layernorm")
+    with pytest.raises(ValueError, match="cell='layernorm' with hidden_size=128: its layer norms"):
+        runner.choose_backend("triton", CELLS["layernorm"], runner.NO_MASKS, wide, wide_params)
     with pytest.raises(ValueError, match="cannot run cell='peephole' with recurrent_dropout"):
         runner.choose_backend("triton", CELLS["peephole"], masks, x, params)
     big, big_params = layer(256, proj=128)
@@ -211,6 +277,17 @@ def test_explicit_triton_refuses_what_it_cannot_run(monkeypatch):
     monkeypatch.setattr(backend, "AVAILABLE", False)
     with pytest.raises(ValueError, match=r"triton package is not installed \(pip install triton"):
         runner.choose_backend("triton", CELLS["lstm"], runner.NO_MASKS, x, params)
+
+
+@pytest.mark.parametrize("mode", ["barrier", "host"])
+def test_layernorm_runs_in_registers_only(monkeypatch, mode):
+    """Its statistics need all 4H pre-activations in one program: where the units would be
+    split, ``backend="triton"`` refuses and ``"auto"`` runs the fused backend."""
+    monkeypatch.setattr(backend, "_plan", forced(mode))
+    x, params = layer(6, cell="layernorm")
+    assert runner.choose_backend("auto", CELLS["layernorm"], runner.NO_MASKS, x, params) == "fused"
+    with pytest.raises(ValueError, match=f"would need mode '{mode}'"):
+        lstmkit.LSTM(IN, 6, cell="layernorm", backend="triton")(x)
 
 
 @pytest.mark.parametrize("itemsize", [4, 2])
@@ -234,11 +311,14 @@ def test_plans_fit_their_limits(itemsize, batch, hidden):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_auto_picks_triton_for_cuda_tensors():
-    x, params = layer(6)
-    x = x.cuda()
-    params = {k: None if v is None else v.cuda() for k, v in params.items()}
-    for cell in ("lstm", "peephole"):
+    def on_cuda(hidden, cell):
+        x, params = layer(hidden, cell=cell)
+        return x.cuda(), {k: None if v is None else v.cuda() for k, v in params.items()}
+
+    for cell in ("lstm", "peephole", "layernorm"):
+        x, params = on_cuda(6, cell)
         assert runner.choose_backend("auto", CELLS[cell], runner.NO_MASKS, x, params) == "triton"
-    assert runner.choose_backend("auto", CELLS["layernorm"], runner.NO_MASKS, x, params) == "fused"
     masks = runner.Masks(zoneout_h=0.1)
-    assert runner.choose_backend("auto", CELLS["peephole"], masks, x, params) == "fused"
+    assert runner.choose_backend("auto", CELLS["layernorm"], masks, x, params) == "fused"
+    x, params = on_cuda(128, "layernorm")  # 4H x H float32 weights: too many for "registers"
+    assert runner.choose_backend("auto", CELLS["layernorm"], runner.NO_MASKS, x, params) == "fused"

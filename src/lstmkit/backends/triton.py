@@ -1,5 +1,5 @@
-"""The triton backend: a whole layer-direction of the standard LSTM cell, or of the peephole
-cell, as persistent Triton kernels on the GPU (``docs/gpu.md``).
+"""The triton backend: a whole layer-direction of the standard LSTM cell, of the peephole
+cell or of the layernorm cell, as persistent Triton kernels on the GPU (``docs/gpu.md``).
 
 Forward: ``x W_ih.T`` for every step is one matrix product (cuBLAS, on tensor cores), then
 ONE launch of :func:`~lstmkit.backends.triton_kernels.lstm_forward` runs every step: each
@@ -9,6 +9,12 @@ Backward: one reverse-time launch of :func:`~lstmkit.backends.triton_kernels.lst
 computes the gate gradients ``dz`` and ``dh = dz W_hh`` with ``W_hh`` on chip; then ``dW_ih``,
 ``dW_hh``, ``dW_hr``, the biases, ``dx`` and the peepholes' ``dp`` are each one large product
 or sum over all steps.
+
+The layernorm cell's input half, ``LN(x W_ih.T) + b_ih + b_hh``, is computed for all steps
+before the launch with autograd (its backward is autograd's); the kernels normalise the
+recurrent half and ``c_t`` (forward and backward) and save what the gains' gradients need, which
+are sums over all steps after the launch. Its statistics need every unit in one program: it
+runs in ``"registers"`` only.
 
 How the hidden units are divided (:func:`_plan`), by the mode of :class:`Plan`:
 
@@ -21,7 +27,8 @@ How the hidden units are divided (:func:`_plan`), by the mode of :class:`Plan`:
   gate math, after a cuBLAS product for the recurrent half (``h W_hh.T`` forward,
   ``dz W_hh`` backward); the launch boundary is the barrier.
 
-A projection needs the whole ``h_t`` in one program: it runs in ``"registers"`` or not at all.
+A projection needs the whole ``h_t`` in one program: it runs in ``"registers"`` or not at all,
+like the layernorm cell.
 
 Float32 (TF32 products when ``torch.backends.cuda.matmul.allow_tf32``), bfloat16 and float16
 inputs; every product accumulates in float32 and the cell state, the gates and the gradients
@@ -47,6 +54,9 @@ AVAILABLE = importlib.util.find_spec("triton") is not None
 ON_CHIP_BYTES = 96 * 1024
 _GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr", "weight_ch")
+_KINDS = {cells.LSTM: "lstm", cells.Peephole: "peephole", cells.LayerNorm: "layernorm"}
+# The layernorm cell's parameters inside the kernels, in the order of their ``extra`` vector.
+_LAYERNORM = ("ln_hh_weight", "ln_hh_bias", "ln_c_weight", "ln_c_bias")
 
 
 def kernels():
@@ -124,9 +134,10 @@ def _layer_plan(x: Tensor, params: cells.Params, dtype: torch.dtype | None) -> P
 
 
 def supports(cell: cells.Cell, masks) -> bool:
-    """The standard LSTM and the peephole cells without in-loop regularisers (weight drop is
-    applied to the weights before the loop). What else a layer needs is :func:`refusal`'s."""
-    return type(cell) in (cells.LSTM, cells.Peephole) and not masks.active()
+    """The standard LSTM, the peephole and the layernorm cells without in-loop regularisers
+    (weight drop is applied to the weights before the loop). What else a layer needs is
+    :func:`refusal`'s."""
+    return type(cell) in _KINDS and not masks.active()
 
 
 def refusal(x: Tensor, params: cells.Params) -> str | None:
@@ -142,11 +153,18 @@ def refusal(x: Tensor, params: cells.Params) -> str | None:
         )
     if x.dtype not in _GPU_DTYPES and not (interpreted and x.dtype == torch.float64):
         return f"dtype {x.dtype} is not supported (float32, bfloat16, float16)"
-    if _layer_plan(x, params, cells.autocast_dtype(x)) is None:
+    plan = _layer_plan(x, params, cells.autocast_dtype(x))
+    if plan is None:
         hidden, out_size = params["weight_hr"].shape[1], params["weight_hr"].shape[0]
         return (
             f"proj_size={out_size} with hidden_size={hidden}: a projection needs all of W_hh "
             f"and W_hr in one program, which holds at most {ON_CHIP_BYTES} bytes of weights"
+        )
+    if params.get("ln_hh_weight") is not None and plan.mode != "registers":
+        return (
+            f"cell='layernorm' with hidden_size={params['weight_hh'].size(0) // 4}: its layer "
+            "norms need all 4H recurrent pre-activations in one program, which holds at most "
+            f"{ON_CHIP_BYTES} bytes of weights (this layer would need mode {plan.mode!r})"
         )
     return None
 
@@ -170,7 +188,7 @@ def _schedule(sizes: Tensor, counters: Tensor, t0: int, t1: int, batch: int, w_h
 
 
 def _blocks(
-    plan: Plan, x: Tensor, dot: torch.dtype, w_hr: Tensor | None, w_ch: Tensor | None
+    plan: Plan, x: Tensor, dot: torch.dtype, w_hr: Tensor | None, kind: str
 ) -> dict[str, object]:
     """The compile-time arguments both kernels take, and their warp count."""
     return {
@@ -179,7 +197,8 @@ def _blocks(
         "BLOCK_OUT": plan.block_out,
         "RECURRENT": plan.mode,
         "PROJ": w_hr is not None,
-        "PEEPHOLE": w_ch is not None,
+        "PEEPHOLE": kind == "peephole",
+        "LAYERNORM": kind == "layernorm",
         "PRECISION": _precision(x, dot),
         "UPCAST": _upcast(dot),
         "num_warps": plan.num_warps,
@@ -206,18 +225,39 @@ def _peephole_grad(dz: Tensor, cell: Tensor, c0: Tensor) -> Tensor:
     return torch.cat([d_if.flatten(), d_o])
 
 
+def _normalised_cell(cell: Tensor, stats: Tensor) -> Tensor:
+    """``LN(c_t)`` before its gain and bias, from the saved cell states ``cell``
+    ``(T, B, H)`` and the saved ``stats`` ``(T, B, 3)`` (their mean and reciprocal std)."""
+    return (cell - stats[..., 1:2]) * stats[..., 2:3]
+
+
+def _layer_norm_grad(dz: Tensor, norms: Tensor, dys: Tensor, c_hat: Tensor) -> Tensor:
+    """The gradient of the layernorm cell's ``extra`` vector (gain and bias of the recurrent
+    LN, then of the LN of ``c``) from ``dz``, the saved ``norms``, ``dys`` (the gradient of
+    ``LN(c_t)``) and ``c_hat`` (:func:`_normalised_cell`), all zero in finished rows but
+    ``norms`` and ``c_hat``."""
+    dz = dz.to(norms.dtype)
+    sums = (dz * norms, dz, dys * c_hat, dys)
+    return torch.cat([value.sum((0, 1)) for value in sums])
+
+
 class TritonLSTM(torch.autograd.Function):
-    """One LSTM (or peephole) layer-direction over a whole sequence; see the module
-    docstring."""
+    """One layer-direction over a whole sequence; see the module docstring. ``kind``: a value
+    of :data:`_KINDS`; ``extra``: the cell's own parameters (``weight_ch``, or the layernorm
+    cell's :data:`_LAYERNORM` concatenated). Without ``w_ih`` (the layernorm cell) ``x`` is
+    the input half of the pre-activations, ``(T, B, 4H)``, and its gradient is ``dz``."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, batch_sizes, training, dtype):
+    def forward(
+        ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, extra, batch_sizes, training, dtype, kind
+    ):
         steps, batch, _ = x.shape
         hidden, out_size = w_hh.size(0) // 4, w_hh.size(1)
         dot = dtype or x.dtype  # of the products (the autocast dtype, if any)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         plan = _layer_plan(x, {"weight_hh": w_hh, "weight_hr": w_hr}, dtype)
-        xp = torch.matmul(x.to(dot), w_ih.to(dot).t())  # (T, B, 4H): one large product
+        # (T, B, 4H): one large product, unless x is the input half already (layernorm)
+        xp = x.contiguous() if w_ih is None else torch.matmul(x.to(dot), w_ih.to(dot).t())
         bias = None if b_ih is None else (b_ih.to(acc) + b_hh.to(acc))
         w_dot = w_hh.to(dot).contiguous()
         w_r = w_hh if w_hr is None else w_hr.to(dot).contiguous()
@@ -226,6 +266,9 @@ class TritonLSTM(torch.autograd.Function):
         out = x.new_empty(steps, batch, out_size)
         gates = x.new_empty(steps, batch, 4 * hidden, dtype=acc) if training else xp
         cell = x.new_empty(steps, batch, hidden, dtype=acc) if training else xp
+        layernorm = training and kind == "layernorm"
+        norms = x.new_empty(steps, batch, 4 * hidden, dtype=acc) if layernorm else xp
+        stats = x.new_empty(steps, batch, 3, dtype=acc) if layernorm else xp
         sizes = torch.tensor(batch_sizes or [batch] * steps, dtype=torch.int32, device=x.device)
         counters = torch.zeros(-(-batch // plan.block_b), dtype=torch.int32, device=x.device)
         grid = (counters.numel(), plan.slices)
@@ -239,29 +282,36 @@ class TritonLSTM(torch.autograd.Function):
                 w_dot if bias is None else bias,
                 w_dot,
                 w_r,
-                w_dot if w_ch is None else w_ch,
+                w_dot if extra is None else extra,
                 h0,
                 h_state,
                 c_state,
                 out,
                 gates,
                 cell,
+                norms,
+                stats,
                 *_schedule(sizes, counters, t0, t1, batch, w_hh),
-                **_blocks(plan, x, dot, w_hr, w_ch),
+                **_blocks(plan, x, dot, w_hr, kind),
                 BLOCK_K=plan.block_k,
                 HAS_BIAS=bias is not None,
+                EPS=cells.LAYER_NORM_EPS,
                 SAVE=training,
             )
         ctx.plan, ctx.batch_sizes, ctx.has_bias, ctx.dot = plan, batch_sizes, b_ih is not None, dot
+        ctx.kind = kind
         if training:
-            ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, w_ch, out, gates, cell, sizes)
+            saved = (out, gates, cell, norms, stats, sizes)
+            ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, extra, *saved)
         return out, h_state.to(x.dtype), c_state.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
         refuse_double_backward("triton")
-        x, h0, c0, w_ih, w_hh, w_hr, w_ch, out, gates, cell, sizes = ctx.saved_tensors
-        plan, dot = ctx.plan, ctx.dot
+        x, h0, c0, w_ih, w_hh, w_hr, extra, out, gates, cell, norms, stats, sizes = (
+            ctx.saved_tensors
+        )
+        plan, dot, layernorm = ctx.plan, ctx.dot, ctx.kind == "layernorm"
         steps, batch, inp = x.shape
         hidden, out_size = w_hh.size(0) // 4, w_hh.size(1)
         acc = gates.dtype
@@ -272,6 +322,8 @@ class TritonLSTM(torch.autograd.Function):
         grad_output = grad_output.contiguous()
         dz = x.new_empty(steps, batch, 4 * hidden)
         dhs = x.new_empty(steps, batch, out_size, dtype=acc) if w_hr is not None else dz
+        dr = x.new_empty(steps, batch, 4 * hidden) if layernorm else dz
+        dys = x.new_empty(steps, batch, hidden, dtype=acc) if layernorm else dz
         w_dot = w_hh.to(dot).contiguous()
         w_r = w_dot if w_hr is None else w_hr.to(dot).contiguous()
         counters = torch.zeros(-(-batch // plan.block_b), dtype=torch.int32, device=x.device)
@@ -281,16 +333,20 @@ class TritonLSTM(torch.autograd.Function):
                 grad_output,
                 w_dot,
                 w_r,
-                w_dot if w_ch is None else w_ch,
+                w_dot if extra is None else extra,
                 c0.to(acc),
                 gates,
                 cell,
+                norms,
+                stats,
                 dh,
                 dc,
                 dz,
                 dhs,
+                dr,
+                dys,
                 *_schedule(sizes, counters, t0, t1, batch, w_hh),
-                **_blocks(plan, x, dot, w_hr, w_ch),
+                **_blocks(plan, x, dot, w_hr, ctx.kind),
                 BLOCK_ALL=plan.block_k if plan.mode == "barrier" else plan.block_h,
             )
             if plan.mode == "host":  # dh_{t-1} = dz_t W_hh on the rows still running at t
@@ -300,16 +356,29 @@ class TritonLSTM(torch.autograd.Function):
         needs = ctx.needs_input_grad
         flat = dz.view(steps * batch, 4 * hidden)
         h_prev = torch.cat([h0.unsqueeze(0), out[:-1]]).view(steps * batch, out_size)
-        dx = torch.mm(flat, w_ih.to(dz.dtype)).view(steps, batch, inp) if needs[0] else None
+        dx = None
+        if needs[0]:
+            dx = dz if w_ih is None else torch.mm(flat, w_ih.to(dz.dtype)).view(steps, batch, inp)
         dw_ih = torch.mm(flat.t(), x.reshape(steps * batch, inp)) if needs[3] else None
-        dw_hh = torch.mm(flat.t(), h_prev.to(dz.dtype)) if needs[4] else None
+        recurrent = dr.view(steps * batch, 4 * hidden) if layernorm else flat
+        dw_hh = torch.mm(recurrent.t(), h_prev.to(dz.dtype)) if needs[4] else None
         db = flat.sum(0, dtype=acc).to(x.dtype) if ctx.has_bias else None
+        y = cell  # what the output's tanh takes
+        if layernorm:
+            c_hat = _normalised_cell(cell, stats)
+            y = c_hat * extra[8 * hidden : 9 * hidden] + extra[9 * hidden :]
         dw_hr = None
         if w_hr is not None and needs[7]:
             o = gates[..., 3 * hidden :]
-            m = (o * torch.tanh(cell)).view(steps * batch, hidden)  # h_t before the projection
+            m = (o * torch.tanh(y)).view(steps * batch, hidden)  # h_t before the projection
             dw_hr = torch.mm(dhs.view(steps * batch, out_size).t(), m).to(w_hr.dtype)
-        dw_ch = _peephole_grad(dz, cell, c0).to(w_ch.dtype) if needs[8] else None
+        d_extra = None
+        if needs[8]:
+            if layernorm:
+                d_extra = _layer_norm_grad(dz, norms, dys, c_hat)
+            else:
+                d_extra = _peephole_grad(dz, cell, c0)
+            d_extra = d_extra.to(extra.dtype)
         return (
             dx,
             dh.to(h0.dtype) if needs[1] else None,
@@ -319,7 +388,8 @@ class TritonLSTM(torch.autograd.Function):
             db if needs[5] else None,
             db.clone() if needs[6] else None,
             dw_hr,
-            dw_ch,
+            d_extra,
+            None,
             None,
             None,
             None,
@@ -342,7 +412,13 @@ def run(
     :func:`refusal` accept. Inside ``torch.autocast`` the forward's products take operands in
     the autocast dtype; everything else runs in the input's dtype and float32."""
     dtype = cells.autocast_dtype(x)
+    kind = _KINDS[type(cell)]
+    weights = {name: params.get(name) for name in _NAMES}
+    if kind == "layernorm":  # the input half for all steps, outside the kernels (autograd)
+        x = cell.project_input(x, params)
+        weights |= {"weight_ih": None, "bias_ih": None, "bias_hh": None}  # all in x now
+        weights["weight_ch"] = torch.cat([params[name] for name in _LAYERNORM])
     with torch.autocast(x.device.type, enabled=False):
-        tensors = (x, h, c, *(params.get(name) for name in _NAMES))
+        tensors = (x, h, c, *weights.values())
         training = needs_backward(tensors)
-        return TritonLSTM.apply(*tensors, batch_sizes, training, dtype)
+        return TritonLSTM.apply(*tensors, batch_sizes, training, dtype, kind)

@@ -10,8 +10,15 @@ Shapes (B batch, H hidden, P = proj_size or H, G = 4H), every tensor contiguous:
 ``(pb, ps)`` owns rows ``pb * BLOCK_B + [0, BLOCK_B)`` and hidden units
 ``ps * BLOCK_H + [0, BLOCK_H)``, i.e. those units' rows in each of the four gate blocks.
 ``sizes[t]``: the rows still running at step ``t``; the others keep their state and output 0.
-``PEEPHOLE``: the peephole cell, whose ``w_ch`` ``(3H,)`` holds ``(p_i, p_f, p_o)``: ``i`` and
-``f`` also see ``p_i c_{t-1}``, ``p_f c_{t-1}``, and ``o`` sees ``p_o c_t``.
+``extra``: the cell's own parameters, blocks of H. ``PEEPHOLE``: the peephole cell, whose
+``extra`` ``(3H,)`` holds ``(p_i, p_f, p_o)``: ``i`` and ``f`` also see ``p_i c_{t-1}``,
+``p_f c_{t-1}``, and ``o`` sees ``p_o c_t``. ``LAYERNORM`` (``"registers"`` only: its statistics
+need every unit in one program): the layernorm cell, whose ``extra`` ``(10H,)`` holds the gain
+and the bias of the recurrent LN (4H each), then those of the LN of ``c_t`` (H each); ``xp``
+then already holds the layer-normalised input half with every bias, and
+``z = xp + LN(h_{t-1} W_hh.T)``, ``h_t = o tanh(LN(c_t))``. Its forward also saves ``norms``
+``(T, B, G)``, the recurrent pre-activations normalised (before the gain), and ``stats``
+``(T, B, 3)``: per row, the reciprocal std of those, and the mean and reciprocal std of ``c_t``.
 
 Both kernels run the steps ``[t0, t1)`` (the backward in reverse): the whole sequence in one
 launch (persistent) or one step per launch. State that outlives a launch goes through
@@ -71,6 +78,59 @@ def _per_unit(ptr, block, hidden, units, unit_ok, acc_ty: tl.constexpr):
 
 
 @triton.jit
+def _peepholes(extra, hidden, units, unit_ok, acc_ty: tl.constexpr):
+    """The peephole cell's ``(p_i, p_f, p_o)`` of these units, as ``(1, len(units))`` rows."""
+    p_i = _per_unit(extra, 0, hidden, units, unit_ok, acc_ty)
+    p_f = _per_unit(extra, 1, hidden, units, unit_ok, acc_ty)
+    p_o = _per_unit(extra, 2, hidden, units, unit_ok, acc_ty)
+    return p_i, p_f, p_o
+
+
+@triton.jit
+def _layer_norm_gains(extra, hidden, units, unit_ok, acc_ty: tl.constexpr):
+    """The layernorm cell's recurrent LN gains of these units, per gate (i, f, g, o), then the
+    gain and the bias of its LN of ``c``, as ``(1, len(units))`` rows."""
+    gain_i = _per_unit(extra, 0, hidden, units, unit_ok, acc_ty)
+    gain_f = _per_unit(extra, 1, hidden, units, unit_ok, acc_ty)
+    gain_g = _per_unit(extra, 2, hidden, units, unit_ok, acc_ty)
+    gain_o = _per_unit(extra, 3, hidden, units, unit_ok, acc_ty)
+    gain_c = _per_unit(extra, 8, hidden, units, unit_ok, acc_ty)
+    shift_c = _per_unit(extra, 9, hidden, units, unit_ok, acc_ty)
+    return gain_i, gain_f, gain_g, gain_o, gain_c, shift_c
+
+
+@triton.jit
+def _add(a, b):
+    """What :func:`_row_mean` reduces with (``tl.sum`` is a library function, see above)."""
+    return a + b
+
+
+@triton.jit
+def _row_mean(v, count):
+    """The mean of each row of ``v`` over its first ``count`` columns (zero past them)."""
+    return tl.reduce(v, 1, _add) / count
+
+
+@triton.jit
+def _centred(v, mean, ok):
+    """``v - mean`` (``mean`` per row), zero outside ``ok``."""
+    return tl.where(ok, v - mean[:, None], 0.0)
+
+
+@triton.jit
+def _norm_grad(dn, n, mean_dn, mean_dn_n, rstd, ok):
+    """LayerNorm's backward: the gradient of ``v`` from that of ``n = (v - mean(v)) rstd``,
+    given the row means of ``dn`` and ``dn n`` over all the normalised columns."""
+    return tl.where(ok, rstd[:, None] * (dn - mean_dn[:, None] - n * mean_dn_n[:, None]), 0.0)
+
+
+@triton.jit
+def _put_row(ptr, rows, row_ok, value):
+    """Store the per-row ``value`` into ``ptr[3 rows]``, one column of a ``(rows, 3)`` matrix."""
+    tl.store(ptr + rows * 3, value.to(ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
 def _grid_barrier(counter, target):
     """Arrive at, then wait on, the barrier ``counter`` shared by the programs of one batch
     block until ``target`` arrivals in all. Needs every such program resident at once (the host
@@ -98,13 +158,15 @@ def lstm_forward(
     bias,
     w_hh,
     w_hr,
-    w_ch,
+    extra,
     h0,
     h_state,
     c_state,
     out,
     gates,
     cells,
+    norms,
+    stats,
     sizes,
     counters,
     t0,
@@ -120,6 +182,8 @@ def lstm_forward(
     HAS_BIAS: tl.constexpr,
     PROJ: tl.constexpr,
     PEEPHOLE: tl.constexpr,
+    LAYERNORM: tl.constexpr,
+    EPS: tl.constexpr,
     SAVE: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -137,7 +201,8 @@ def lstm_forward(
 
     ``xp``: ``x W_ih.T`` in the product dtype; ``bias`` ``(G,)``: ``b_ih + b_hh`` in the
     accumulation dtype; ``h_state`` ``(B, P)``, ``c_state`` ``(B, H)``: the state in the
-    accumulation dtype, in and out. ``SAVE``: write ``gates`` and ``cells`` for the backward.
+    accumulation dtype, in and out. ``SAVE``: write ``gates`` and ``cells`` (and ``norms``,
+    ``stats``) for the backward. ``EPS``: the LN epsilon.
     """
     pb = tl.program_id(0)
     ps = tl.program_id(1)
@@ -170,9 +235,15 @@ def lstm_forward(
         b_g += _per_unit(bias, 2, hidden, units, unit_ok, acc_ty)
         b_o += _per_unit(bias, 3, hidden, units, unit_ok, acc_ty)
     if PEEPHOLE:
-        p_i = _per_unit(w_ch, 0, hidden, units, unit_ok, acc_ty)
-        p_f = _per_unit(w_ch, 1, hidden, units, unit_ok, acc_ty)
-        p_o = _per_unit(w_ch, 2, hidden, units, unit_ok, acc_ty)
+        p_i, p_f, p_o = _peepholes(extra, hidden, units, unit_ok, acc_ty)
+    if LAYERNORM:
+        gains = _layer_norm_gains(extra, hidden, units, unit_ok, acc_ty)
+        gain_i, gain_f, gain_g, gain_o, gain_c, shift_c = gains
+        b_i += _per_unit(extra, 4, hidden, units, unit_ok, acc_ty)
+        b_f += _per_unit(extra, 5, hidden, units, unit_ok, acc_ty)
+        b_g += _per_unit(extra, 6, hidden, units, unit_ok, acc_ty)
+        b_o += _per_unit(extra, 7, hidden, units, unit_ok, acc_ty)
+    ok = unit_ok[None, :]
 
     h = _tile(h_state, rows, cols, out_size, 1, in_batch, col_ok)
     c = _tile(c_state, rows, units, hidden, 1, in_batch, unit_ok)
@@ -199,10 +270,37 @@ def lstm_forward(
                 mask = in_batch[:, None] & k_ok[None, :]
                 h_in = tl.load(out + offsets, mask=mask, other=0.0, cache_modifier=".cg")
             h_in = h_in.to(dot_ty)
-            z_i += _dot(h_in, w_i, acc_ty, PRECISION, UPCAST)
-            z_f += _dot(h_in, w_f, acc_ty, PRECISION, UPCAST)
-            z_g += _dot(h_in, w_g, acc_ty, PRECISION, UPCAST)
-            z_o += _dot(h_in, w_o, acc_ty, PRECISION, UPCAST)
+            r_i = _dot(h_in, w_i, acc_ty, PRECISION, UPCAST)
+            r_f = _dot(h_in, w_f, acc_ty, PRECISION, UPCAST)
+            r_g = _dot(h_in, w_g, acc_ty, PRECISION, UPCAST)
+            r_o = _dot(h_in, w_o, acc_ty, PRECISION, UPCAST)
+            if LAYERNORM:  # over the whole 4H row: this program owns every unit
+                mean = _row_mean(r_i + r_f + r_g + r_o, 4 * hidden)
+                r_i = _centred(r_i, mean, ok)
+                r_f = _centred(r_f, mean, ok)
+                r_g = _centred(r_g, mean, ok)
+                r_o = _centred(r_o, mean, ok)
+                squares = r_i * r_i + r_f * r_f + r_g * r_g + r_o * r_o
+                rstd = tl.rsqrt(_row_mean(squares, 4 * hidden) + EPS)
+                r_i *= rstd[:, None]
+                r_f *= rstd[:, None]
+                r_g *= rstd[:, None]
+                r_o *= rstd[:, None]
+                if SAVE:
+                    normed = norms + step * gate_stride
+                    _put(normed, rows, units, gate_stride, in_batch, unit_ok, r_i)
+                    _put(normed + hidden, rows, units, gate_stride, in_batch, unit_ok, r_f)
+                    _put(normed + 2 * hidden, rows, units, gate_stride, in_batch, unit_ok, r_g)
+                    _put(normed + 3 * hidden, rows, units, gate_stride, in_batch, unit_ok, r_o)
+                    _put_row(stats + step * 3, rows, in_batch, rstd)
+                r_i *= gain_i
+                r_f *= gain_f
+                r_g *= gain_g
+                r_o *= gain_o
+            z_i += r_i
+            z_f += r_f
+            z_g += r_g
+            z_o += r_o
         if PEEPHOLE:
             z_i += p_i * c
             z_f += p_f * c
@@ -213,7 +311,16 @@ def lstm_forward(
         if PEEPHOLE:
             z_o += p_o * c_new
         o = _sigmoid(z_o)
-        h_new = o * _tanh(c_new)
+        y = c_new
+        if LAYERNORM:
+            mean_c = _row_mean(c_new, hidden)
+            c_hat = _centred(c_new, mean_c, ok)
+            rstd_c = tl.rsqrt(_row_mean(c_hat * c_hat, hidden) + EPS)
+            y = c_hat * rstd_c[:, None] * gain_c + shift_c
+            if SAVE:
+                _put_row(stats + step * 3 + 1, rows, in_batch, mean_c)
+                _put_row(stats + step * 3 + 2, rows, in_batch, rstd_c)
+        h_new = o * _tanh(y)
         if PROJ:
             h_new = _dot(h_new.to(dot_ty), w_r, acc_ty, PRECISION, UPCAST)
         c = tl.where(keep, c_new, c)
@@ -256,14 +363,18 @@ def lstm_backward(
     grad_out,
     w_hh,
     w_hr,
-    w_ch,
+    extra,
     c0,
     gates,
     cells,
+    norms,
+    stats,
     dh_state,
     dc_state,
     dz,
     dhs,
+    dr,
+    dys,
     sizes,
     counters,
     t0,
@@ -278,6 +389,7 @@ def lstm_backward(
     RECURRENT: tl.constexpr,
     PROJ: tl.constexpr,
     PEEPHOLE: tl.constexpr,
+    LAYERNORM: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -288,7 +400,9 @@ def lstm_backward(
     ``c_{t1-1}`` from later steps; out, those of ``h_{t0-1}`` and ``c_{t0-1}``. ``dz``
     ``(T, B, G)``: the pre-activation gradients (zero in finished rows); ``dhs`` ``(T, B, P)``
     (``PROJ``): everything reaching ``h_t``, for ``dW_hr``. ``c0`` ``(B, H)``: the initial cell
-    state; the others as saved by :func:`lstm_forward`.
+    state; the others as saved by :func:`lstm_forward`. ``LAYERNORM``: ``dz`` is the gradient
+    of ``z`` (so of ``xp``), ``dr`` ``(T, B, G)`` that of ``h_{t-1} W_hh.T`` (through the
+    recurrent LN), ``dys`` ``(T, B, H)`` that of ``LN(c_t)``.
 
     ``dh_{t-1} = dz_t @ W_hh`` (each program its ``BLOCK_OUT`` columns) is computed by
     ``RECURRENT``: ``"registers"``, one program holds every unit (``BLOCK_ALL = BLOCK_H``);
@@ -319,9 +433,11 @@ def lstm_backward(
     if PROJ:
         w_r = _tile(w_hr, cols, units, hidden, 1, col_ok, unit_ok)  # (BLOCK_OUT, BLOCK_H)
     if PEEPHOLE:
-        p_i = _per_unit(w_ch, 0, hidden, units, unit_ok, acc_ty)
-        p_f = _per_unit(w_ch, 1, hidden, units, unit_ok, acc_ty)
-        p_o = _per_unit(w_ch, 2, hidden, units, unit_ok, acc_ty)
+        p_i, p_f, p_o = _peepholes(extra, hidden, units, unit_ok, acc_ty)
+    if LAYERNORM:
+        gains = _layer_norm_gains(extra, hidden, units, unit_ok, acc_ty)
+        gain_i, gain_f, gain_g, gain_o, gain_c, shift_c = gains
+    ok = unit_ok[None, :]
 
     dh = _tile(dh_state, rows, cols, out_size, 1, in_batch, col_ok)
     dc = _tile(dc_state, rows, units, hidden, 1, in_batch, unit_ok)
@@ -356,9 +472,22 @@ def lstm_backward(
             dm = _dot(dh_t.to(dot_ty), w_r, acc_ty, PRECISION, UPCAST)
         else:
             dm = dh_t
-        tanh_c = _tanh(c_t)
+        row_stats = stats + (step + rows) * 3
+        if LAYERNORM:
+            mean_c = tl.load(row_stats + 1, mask=in_batch, other=0.0)
+            rstd_c = tl.load(row_stats + 2, mask=in_batch, other=0.0)
+            c_hat = _centred(c_t, mean_c, ok) * rstd_c[:, None]
+            tanh_c = _tanh(c_hat * gain_c + shift_c)
+        else:
+            tanh_c = _tanh(c_t)
         dz_o = tl.where(keep, dm * tanh_c * o * (1 - o), 0.0)
-        dc_t = dc + dm * o * (1 - tanh_c * tanh_c)
+        dy = tl.where(keep, dm * o * (1 - tanh_c * tanh_c), 0.0)
+        if LAYERNORM:
+            _put(dys + step * hidden, rows, units, hidden, in_batch, unit_ok, dy)
+            dn = dy * gain_c
+            mean_dn = _row_mean(dn, hidden)
+            dy = _norm_grad(dn, c_hat, mean_dn, _row_mean(dn * c_hat, hidden), rstd_c, ok)
+        dc_t = dc + dy
         if PEEPHOLE:
             dc_t += p_o * dz_o
         dz_i = tl.where(keep, dc_t * g * i * (1 - i), 0.0)
@@ -381,6 +510,28 @@ def lstm_backward(
             dz_f = tl.load(dz_t + hidden + offsets, mask=mask, other=0.0, cache_modifier=".cg")
             dz_g = tl.load(dz_t + 2 * hidden + offsets, mask=mask, other=0.0, cache_modifier=".cg")
             dz_o = tl.load(dz_t + 3 * hidden + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+        if LAYERNORM:  # dz_t -> the gradient of h_{t-1} W_hh.T, through the recurrent LN
+            rstd = tl.load(row_stats, mask=in_batch, other=0.0)
+            normed = norms + step * gate_stride
+            n_i = _tile(normed, rows, units, gate_stride, 1, in_batch, unit_ok)
+            n_f = _tile(normed + hidden, rows, units, gate_stride, 1, in_batch, unit_ok)
+            n_g = _tile(normed + 2 * hidden, rows, units, gate_stride, 1, in_batch, unit_ok)
+            n_o = _tile(normed + 3 * hidden, rows, units, gate_stride, 1, in_batch, unit_ok)
+            dz_i *= gain_i
+            dz_f *= gain_f
+            dz_g *= gain_g
+            dz_o *= gain_o
+            mean_dn = _row_mean(dz_i + dz_f + dz_g + dz_o, 4 * hidden)
+            mean_dn_n = _row_mean(dz_i * n_i + dz_f * n_f + dz_g * n_g + dz_o * n_o, 4 * hidden)
+            dz_i = _norm_grad(dz_i, n_i, mean_dn, mean_dn_n, rstd, ok)
+            dz_f = _norm_grad(dz_f, n_f, mean_dn, mean_dn_n, rstd, ok)
+            dz_g = _norm_grad(dz_g, n_g, mean_dn, mean_dn_n, rstd, ok)
+            dz_o = _norm_grad(dz_o, n_o, mean_dn, mean_dn_n, rstd, ok)
+            dr_t = dr + step * gate_stride
+            _put(dr_t, rows, units, gate_stride, in_batch, unit_ok, dz_i)
+            _put(dr_t + hidden, rows, units, gate_stride, in_batch, unit_ok, dz_f)
+            _put(dr_t + 2 * hidden, rows, units, gate_stride, in_batch, unit_ok, dz_g)
+            _put(dr_t + 3 * hidden, rows, units, gate_stride, in_batch, unit_ok, dz_o)
         if RECURRENT != "host":
             dh_prev = _dot(dz_i.to(dot_ty), w_i, acc_ty, PRECISION, UPCAST)
             dh_prev += _dot(dz_f.to(dot_ty), w_f, acc_ty, PRECISION, UPCAST)
