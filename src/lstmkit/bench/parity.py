@@ -1,4 +1,5 @@
-"""lstmkit against ``torch.nn.LSTM`` with shared weights: the yardstick the demo prints."""
+"""lstmkit against ``torch.nn.LSTM`` with shared weights: the yardstick the demo prints, and
+the twin that ``lstmkit train --backend nn`` trains."""
 
 from __future__ import annotations
 
@@ -8,14 +9,31 @@ from torch import nn
 from lstmkit.modules import LSTM
 
 
+def torch_twin(lstm: LSTM) -> nn.LSTM:
+    """A ``torch.nn.LSTM`` of ``lstm``'s sizes and options holding its very weights (the plain
+    cell only). Its own initialisation runs on a forked generator, so building it does not
+    shift the caller's random stream."""
+    options = ("num_layers", "bias", "batch_first", "dropout", "bidirectional", "proj_size")
+    weight = lstm.weight_ih_l0
+    with torch.random.fork_rng(devices=[]):
+        twin = nn.LSTM(
+            lstm.input_size,
+            lstm.hidden_size,
+            **{name: getattr(lstm, name) for name in options},
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+    twin.load_state_dict(lstm.state_dict())
+    return twin
+
+
 def parity(seed: int = 0) -> dict[str, float]:
     """Largest absolute differences between lstmkit and ``torch.nn.LSTM`` with shared weights
     (2 layers, bidirectional, float64): outputs, final states, input and weight gradients."""
     torch.manual_seed(seed)
     config = {"num_layers": 2, "bidirectional": True, "batch_first": True}
     ours = LSTM(16, 32, **config).double()
-    theirs = nn.LSTM(16, 32, **config).double()
-    theirs.load_state_dict(ours.state_dict())
+    theirs = torch_twin(ours)
     x = torch.randn(4, 25, 16, dtype=torch.float64)
     results = []
     for model in (ours, theirs):

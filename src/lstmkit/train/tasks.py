@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lstmkit.bench.parity import torch_twin
 from lstmkit.cells import CELLS
 from lstmkit.modules import LSTM
 from lstmkit.runner import BACKEND_NAMES
@@ -78,18 +79,7 @@ def recurrent(config: LSTMConfig, input_size: int) -> nn.Module:
         cell=config.cell,
         backend=backend,
     )
-    if config.backend != "nn":
-        return lstm
-    with torch.random.fork_rng(devices=[]):  # its own initialisation must not shift the stream
-        twin = nn.LSTM(
-            input_size,
-            config.hidden_size,
-            config.num_layers,
-            batch_first=True,
-            dropout=config.dropout,
-        )
-    twin.load_state_dict(lstm.state_dict())
-    return twin
+    return torch_twin(lstm) if config.backend == "nn" else lstm
 
 
 class Task:
