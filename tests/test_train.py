@@ -311,6 +311,10 @@ def test_config_file_and_flags_are_checked(tmp_path, capsys):
     assert "'hidden_size' must be int, got '32' (str)" in err
     config.write_text(json.dumps({"task": "digits", "steps": True}))
     assert "'steps' must be int, got True (bool)" in _error(capsys, *run, "--config", config)
+    config.write_text(json.dumps({"task": ["digits"]}))
+    assert "task must be one of" in _error(capsys, *run, "--config", config)
+    config.write_text(json.dumps({"task": "adding"}))
+    assert "disagree" in _error(capsys, *run, "--config", config, "--task", "digits")
     config.write_text("[1, 2]")
     assert "must hold a JSON object" in _error(capsys, *run, "--config", config)
     config.write_text("{not json")

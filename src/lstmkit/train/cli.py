@@ -112,8 +112,10 @@ def configure(args) -> tuple[Task, Path, bool]:
             raise checkpoint.CheckpointError(f"{run_dir}'s checkpoint names unknown task {name!r}")
     else:
         values = _read_json(args.config) if args.config is not None else {}
-        name = args.task or values.get("task") or "charlm"
-        if name not in TASKS:
+        name = values.get("task", args.task or "charlm")
+        if args.task is not None and name != args.task:
+            raise ConfigError(f"--task {args.task} and --config's task {name!r} disagree")
+        if not isinstance(name, str) or name not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}; got {name!r}")
         foreign = sorted(set(given) - set(field_types(TASKS[name].Config)))
         if foreign:
