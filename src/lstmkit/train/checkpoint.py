@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
@@ -133,10 +132,11 @@ def load(run_dir: Path) -> Checkpoint:
         raise CheckpointError(f"{run_dir} holds no checkpoint (no {run_dir / CURRENT / CONFIG})")
     where = location(run_dir)
     try:
-        data = (where / MODEL).read_bytes()
-        model = load_safetensors(data)
-        step = _safetensors_metadata(data).get("step")
-    except (OSError, SafetensorError, ValueError) as error:
+        with safe_open(where / MODEL, framework="pt") as f:
+            names = f.keys()
+            model = {name: f.get_tensor(name) for name in names}
+            step = (f.metadata() or {}).get("step")
+    except (OSError, SafetensorError) as error:
         raise CheckpointError(f"cannot read {where / MODEL}: {error}") from None
     try:
         state = torch.load(where / STATE, map_location="cpu", weights_only=True)
@@ -148,12 +148,3 @@ def load(run_dir: Path) -> Checkpoint:
             f"does not belong with {where / MODEL} (step {step})"
         )
     return Checkpoint(config, model, state)
-
-
-def _safetensors_metadata(data: bytes) -> dict:
-    """The ``__metadata__`` of a safetensors file: its header is an 8-byte little-endian
-    length, then that many bytes of JSON."""
-    size = int.from_bytes(data[:8], "little")
-    if len(data) < 8 + size:
-        raise ValueError("truncated header")
-    return json.loads(data[8 : 8 + size]).get("__metadata__", {})

@@ -46,20 +46,14 @@ def add_arguments(commands) -> None:
         "--stop-at", type=int, metavar="STEP", help="checkpoint and stop at STEP, to --resume later"
     )
     settings = train.add_argument_group("settings (see lstmkit.train.tasks for each task's)")
+    comments, defaults = {}, {}
+    for task in TASKS.values():
+        comments |= field_comments(task.Config)
+        for name in field_types(task.Config):
+            defaults.setdefault(name, []).append(f"{task.name} {getattr(task.Config, name)!r}")
     for name, kind in _FIELDS.items():
-        comment = next(
-            field_comments(t.Config).get(name)
-            for t in TASKS.values()
-            if name in field_types(t.Config)
-        )
-        defaults = ", ".join(
-            f"{t.name} {getattr(t.Config, name)!r}"
-            for t in TASKS.values()
-            if name in field_types(t.Config)
-        )
-        settings.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, type=kind, help=f"{comment} ({defaults})"
-        )
+        shown = f"{comments[name]} ({', '.join(defaults[name])})"
+        settings.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=shown)
 
     sample = commands.add_parser("sample", help="generate text from a charlm run")
     sample.add_argument("run_dir", type=Path, metavar="RUN_DIR")

@@ -10,6 +10,7 @@ out of range are :class:`ConfigError` with the key, what was expected and what w
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import re
 import typing
@@ -68,12 +69,17 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
+@functools.cache
+def _source_lines(klass: type) -> list[str]:
+    return inspect.getsource(klass).splitlines()
+
+
 def field_comments(cls: type[TrainConfig]) -> dict[str, str]:
     """Each field's comment in the source of ``cls`` and its bases (``name: type = value  #
     comment``): the documentation of the settings, shown by ``lstmkit train --help``."""
     comments: dict[str, str] = {}
     for klass in reversed(cls.__mro__[:-1]):
-        for line in inspect.getsource(klass).splitlines():
+        for line in _source_lines(klass):
             match = re.match(r"\s+(\w+): \w+ = .*?  # (.*)$", line)
             if match:
                 comments[match[1]] = match[2]
