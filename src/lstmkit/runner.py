@@ -98,33 +98,35 @@ def choose_backend(
     x: Tensor | None = None,
     params: cells.Params | None = None,
 ) -> str:
-    """The backend that runs a layer: ``name`` itself, or for ``"auto"`` the fastest one
-    that supports the configuration: ``triton`` for CUDA tensors where it can run the layer,
-    else ``fused``, else ``reference``. ``x`` (``(T, B, I)``) and ``params``, when given, are
-    the layer's input and parameters: the triton backend's choice depends on them.
+    """The backend that runs a layer: ``name`` itself, or for ``"auto"`` the first that can
+    run it of ``triton`` (CUDA tensors only), ``fused`` and ``reference``. A backend can run a
+    layer when it :func:`supports` the cell and regularisers and, given the layer's input ``x``
+    (``(T, B, I)``) and ``params``, its ``refusal`` gives no reason against them (device,
+    dtype, sizes: only the triton backend has any).
 
     Raises:
         ValueError: ``name`` is a backend that cannot run this configuration.
     """
     if name == "auto":
-        if (
-            x is not None
-            and x.is_cuda
-            and triton.supports(cell, masks)
-            and triton.refusal(x, params) is None
-        ):
-            return "triton"
-        return "fused" if fused.supports(cell, masks) else "reference"
+        cuda = x is not None and x.is_cuda
+        order = ("triton", "fused", "reference") if cuda else ("fused", "reference")
+        return next(n for n in order if _refusal(n, cell, masks, x, params) is None)
+    reason = _refusal(name, cell, masks, x, params)
+    if reason is not None:
+        raise ValueError(f"backend={name!r} cannot run {reason}; use backend='auto'")
+    return name
+
+
+def _refusal(name, cell: cells.Cell, masks: Masks, x: Tensor | None, params) -> str | None:
+    """Why backend ``name`` cannot run this layer, or ``None``."""
     backend = BACKENDS[name]
     if not backend.supports(cell, masks):
         what = f"cell={cell.name!r}"
         if backend.supports(cell, NO_MASKS):
             what += " with recurrent_dropout or zoneout"
-        raise ValueError(f"backend={name!r} cannot run {what}; use backend='auto' or 'reference'")
-    reason = triton.refusal(x, params) if name == "triton" and x is not None else None
-    if reason is not None:
-        raise ValueError(f"backend='triton' cannot run this layer: {reason}; use backend='auto'")
-    return name
+        return f"{what} (backend='reference' runs every cell and regulariser)"
+    reason = None if x is None else backend.refusal(x, params)
+    return None if reason is None else f"this layer: {reason}"
 
 
 def reverse_within_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:

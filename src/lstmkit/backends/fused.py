@@ -233,6 +233,11 @@ def supports(cell: cells.Cell, masks) -> bool:
     return fused_cells.supports(cell, masks)
 
 
+def refusal(x: Tensor, params: cells.Params) -> None:
+    """Nothing about a layer's input or sizes stops this backend (:func:`supports` decides)."""
+    return None
+
+
 # Dynamo cannot trace the Functions' bodies (weight caches in a WeakIdKeyDictionary, oneDNN
 # ops, Python loops over per-step views): without this it breaks the graph several times
 # inside them and warns. Disabled, a whole layer-direction is one clean graph break that runs

@@ -13,6 +13,11 @@ def supports(cell: cells.Cell, masks) -> bool:
     return True
 
 
+def refusal(x: Tensor, params: cells.Params) -> None:
+    """Nothing about a layer's input or sizes stops this backend (:func:`supports` decides)."""
+    return None
+
+
 def _zoneout(new: Tensor, old: Tensor, zone: Tensor | float | None, t: int) -> Tensor:
     """Keep ``old`` where the step-``t`` mask says so (training), or move by the expectation
     ``p * old + (1 - p) * new`` (evaluation)."""
