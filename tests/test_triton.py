@@ -232,10 +232,24 @@ def test_bfloat16_against_float64(cell):
         torch.testing.assert_close(got[key].double(), value, atol=2e-2 * scale, rtol=0)
 
 
-def test_double_backward_is_refused():
-    model = lstmkit.LSTM(IN, 6, dtype=torch.float64, backend="triton")
+def test_double_backward_equals_reference():
+    ours = lstmkit.LSTM(IN, 6, dtype=torch.float64, backend="triton")
+    reference = lstmkit.LSTM(IN, 6, dtype=torch.float64, backend="reference")
+    reference.load_state_dict(ours.state_dict())
     x = torch.randn(STEPS, 2, IN, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(RuntimeError, match="the triton backend's backward is not itself"):
+
+    def second_derivative(model):
+        (grad,) = torch.autograd.grad(model(x)[0].square().sum(), x, create_graph=True)
+        return torch.autograd.grad(grad.square().sum(), (x, *model.parameters()))
+
+    for got, want in zip(second_derivative(ours), second_derivative(reference), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+def test_double_backward_of_layernorm_is_refused():
+    model = lstmkit.LSTM(IN, 6, dtype=torch.float64, cell="layernorm", backend="triton")
+    x = torch.randn(STEPS, 2, IN, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="backend='fused'\\) for higher-order gradients"):
         torch.autograd.grad(model(x)[0].sum(), x, create_graph=True)
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lstmkit import cells
-from lstmkit.backends import fused, matmul, reference, triton
+from lstmkit.backends import fused, reference, triton
 
 BACKENDS = {"reference": reference, "fused": fused, "triton": triton}
 BACKEND_NAMES = ("auto", *BACKENDS)
@@ -102,14 +102,24 @@ def choose_backend(
     run it of ``triton`` (CUDA tensors only), ``fused`` and ``reference``. A backend can run a
     layer when it :func:`supports` the cell and regularisers and, given the layer's input ``x``
     (``(T, B, I)``) and ``params``, its ``refusal`` gives no reason against them (device,
-    dtype, sizes: only the triton backend has any).
+    dtype, sizes; and for the backends with a hand-written backward, a ``torch.func``
+    transform, forward-mode AD or ``torch.jit.trace`` around the call).
+
+    While ``torch.compile`` or ``torch.export`` traces the model, ``"auto"`` is the reference
+    backend: its equations are plain tensor operations the compiler sees whole (one graph, no
+    break), where the others would run eagerly behind a graph break.
 
     Raises:
         ValueError: ``name`` is a backend that cannot run this configuration.
     """
     if name == "auto":
         cuda = x is not None and x.is_cuda
-        order = ("triton", "fused", "reference") if cuda else ("fused", "reference")
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            order = ("reference",)
+        elif cuda:
+            order = ("triton", "fused", "reference")
+        else:
+            order = ("fused", "reference")
         return next(n for n in order if _refusal(n, cell, masks, x, params) is None)
     reason = _refusal(name, cell, masks, x, params)
     if reason is not None:
@@ -203,19 +213,14 @@ def run_layer(
 
 
 def _stacked_weight(params: cells.Params) -> tuple[Tensor, Tensor]:
-    """``(b_ih + b_hh, [W_ih, W_hh])`` of a plain LSTM layer, cached until a parameter changes:
-    one ``addmm`` of ``[x, h]`` then gives every gate's pre-activation. The weight is the
-    transpose of a contiguous ``(I + P, 4H)`` matrix, so that the product reads it row by row
-    (about 20% faster at B=1 than the transposed read of a contiguous ``(4H, I + P)``)."""
+    """``(b_ih + b_hh, [W_ih, W_hh])`` of a plain LSTM layer, from the parameters' values at
+    this call: one ``addmm`` of ``[x, h]`` then gives every gate's pre-activation. The weight
+    is the transpose of a contiguous ``(I + P, 4H)`` matrix, so that the product reads it row
+    by row (about 20% faster at B=1 than the transposed read of a contiguous ``(4H, I + P)``)."""
     w_ih, w_hh, b_ih, b_hh = (params[k] for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-
-    def make() -> tuple[Tensor, Tensor]:
-        weight = torch.cat([w_ih, w_hh], 1).t().contiguous().t()
-        bias = w_ih.new_zeros(w_ih.size(0)) if b_ih is None else b_ih + b_hh
-        return bias, weight
-
-    both = (w_ih, w_hh) if b_ih is None else (w_ih, w_hh, b_ih, b_hh)
-    return matmul.cached(both, "step", make)
+    weight = torch.cat([w_ih, w_hh], 1).t().contiguous().t()
+    bias = w_ih.new_zeros(w_ih.size(0)) if b_ih is None else b_ih + b_hh
+    return bias, weight
 
 
 def step_layer(
@@ -251,7 +256,7 @@ def step_layer(
             f"mode (call .eval()), got {regularizers} in training mode"
         )
     if type(cell) is cells.LSTM and not torch.is_grad_enabled():
-        # one addmm of [x, h] against the cached [W_ih, W_hh]; the gates are lstm_step's
+        # one addmm of [x, h] against [W_ih, W_hh]; the gates are lstm_step's
         bias, weight = _stacked_weight(params)
         h_t, c_t = cells.lstm_step(bias, torch.cat([x, h], 1), c, weight, params["weight_hr"])
     else:

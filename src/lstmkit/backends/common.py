@@ -1,34 +1,23 @@
-"""What the backends with a hand-written backward share: weights cached and packed per
-parameter version, per-step views of the running rows, whether a backward will run, and the
-refusal of double backward."""
+"""What the backends with a hand-written backward share: the stacked step weight, per-step
+views of the running rows, whether a backward will run, what stops them from running, and
+higher-order gradients through the reference equations.
+
+Nothing derived from a parameter outlives the forward call that computed it: optimizers with
+``fused=True``, writes through ``.data`` and re-assigned parameters change values without any
+signal a cache could trust (version counters, data pointers and ids all lie), so every forward
+reorders and packs the weights it is given. That costs one copy of the weights per
+layer-direction and call, amortised over the time steps (``docs/performance.md``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
-from lstmkit.backends import matmul
-
-
-def packed_weight(
-    params: tuple[Tensor, ...],
-    key: Hashable,
-    make: Callable[[], Tensor],
-    rows: int,
-    bias: Tensor | None = None,
-    dtype: torch.dtype | None = None,
-) -> matmul.Weight:
-    """``make()``, a matrix computed from ``params``, cached (:func:`matmul.cached`) and
-    packed for oneDNN where products with ``rows`` rows go there; cast to ``dtype`` for
-    low-precision products (:func:`lstmkit.cells.autocast_dtype`) when given."""
-    key = (key, dtype)
-    w = matmul.cached(params, key, lambda: cast(make(), dtype))
-    packed = None
-    if matmul.uses_onednn(rows, w):
-        packed = matmul.cached(params, (key, rows), lambda: matmul.pack(w, rows))
-    return matmul.Weight(w, rows, bias, packed)
+from lstmkit import cells
+from lstmkit.backends import matmul, reference
 
 
 def cast(w: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -46,15 +35,10 @@ def step_weight(
     dtype: torch.dtype | None = None,
 ) -> matmul.Weight:
     """``[x, h] -> [x, h] @ [W_ih, W_hh].T + b_ih + b_hh`` with the gate rows of the weight and
-    bias rearranged by ``layout`` (by default the forward's, :func:`_doubled_cell_gate`), the
-    product in ``dtype`` when given (the bias stays in its own)."""
-    key = ("step", layout)
-    bias = None
-    if b_ih is not None:
-        bias = matmul.cached((b_ih, b_hh), key, lambda: layout(b_ih + b_hh))
-    return packed_weight(
-        (w_ih, w_hh), key, lambda: layout(torch.cat([w_ih, w_hh], 1)), rows, bias, dtype
-    )
+    bias rearranged by ``layout``, the product in ``dtype`` when given (the bias stays in its
+    own). Built from the parameters' values at this call, never remembered across calls."""
+    bias = None if b_ih is None else layout(b_ih + b_hh)
+    return matmul.Weight(cast(layout(torch.cat([w_ih, w_hh], 1)), dtype), rows, bias)
 
 
 def head(rows: Tensor, n: int) -> Tensor:
@@ -81,10 +65,55 @@ def needs_backward(tensors: Sequence[Tensor | None]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def refuse_double_backward(backend: str = "fused") -> None:
-    """Called first in a hand-written backward, which autograd cannot differentiate."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            f"the {backend} backend's backward is not itself differentiable (create_graph=True, "
-            "double backward); use LSTM(..., backend='reference') for higher-order gradients"
+def opaque_refusal(tensors: Sequence[Tensor | None]) -> str | None:
+    """Why an ``autograd.Function`` with a hand-written backward cannot run on ``tensors``
+    here, or ``None``: ``torch.func`` transforms and forward-mode AD need formulas it does not
+    have, and ``torch.jit.trace`` cannot record its in-place steps."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "inside a torch.func transform (grad, vmap, jvp, jacrev, ...)"
+    if torch.jit.is_tracing():
+        return "under torch.jit.trace"
+    if forward_ad._current_level >= 0 and any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    ):
+        return "with forward-mode AD tangents"
+    return None
+
+
+def rerun_reference(
+    cell: cells.Cell, names: Sequence[str], batch_sizes: list[int] | None, masks
+) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    """``(x, h0, c0, *weights) -> (output, h_n, c_n)`` by the reference backend, the weights
+    named by ``names``, with the given ``batch_sizes`` and ``masks``."""
+
+    def rerun(x: Tensor, h0: Tensor, c0: Tensor, *weights: Tensor | None):
+        params = dict(zip(names, weights, strict=True))
+        return reference.run(cell, x, h0, c0, params, batch_sizes, masks)
+
+    return rerun
+
+
+def reference_backward(
+    rerun: Callable[..., tuple[Tensor, ...]],
+    inputs: Sequence[Tensor | None],
+    grad_outputs: Sequence[Tensor | None],
+    needs: Sequence[bool],
+) -> list[Tensor | None]:
+    """The gradients of ``rerun(*inputs)`` for ``grad_outputs``, as a differentiable function
+    of both: what a hand-written backward returns when autograd asks it for higher-order
+    gradients (``create_graph=True``). The forward is recomputed by the reference equations,
+    whose autograd graph then carries the next derivative. ``None`` where ``needs`` is False."""
+    wanted = [k for k, (t, n) in enumerate(zip(inputs, needs, strict=True)) if n and t is not None]
+    pairs = [(o, g) for o, g in zip(rerun(*inputs), grad_outputs, strict=True) if g is not None]
+    grads: list[Tensor | None] = [None] * len(inputs)
+    if wanted and pairs:
+        found = torch.autograd.grad(
+            [o for o, _ in pairs],
+            [inputs[k] for k in wanted],
+            [g for _, g in pairs],
+            create_graph=True,
+            allow_unused=True,
         )
+        for k, grad in zip(wanted, found, strict=True):
+            grads[k] = grad
+    return grads

@@ -21,9 +21,11 @@ Three layout choices, each measured (``docs/performance.md``):
 - Finished sequences (``batch_sizes``) are row suffixes, so each step works on the running
   prefix of the batch, and rows that are never written stay zero.
 
-Weights are reordered (and packed for oneDNN, :mod:`lstmkit.backends.matmul`) once per
-parameter version; gradients are reordered back on the way out. Pure tensor operations: the
-same code runs on CUDA tensors.
+Weights are reordered (and packed for oneDNN, :mod:`lstmkit.backends.matmul`) at every call,
+from the values the call is given; gradients are reordered back on the way out. When autograd
+asks for higher-order gradients (``create_graph=True``), the backward differentiates the
+reference equations instead (:func:`lstmkit.backends.common.reference_backward`). Pure tensor
+operations: the same code runs on CUDA tensors.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ from lstmkit.backends.common import (
     cast,
     last_step,
     needs_backward,
-    packed_weight,
-    refuse_double_backward,
+    opaque_refusal,
+    reference_backward,
+    rerun_reference,
     running_rows,
     step_weight,
 )
@@ -70,14 +73,14 @@ def _doubled_cell_gate(w: Tensor) -> Tensor:
 
 def _back_weight(w_hh: Tensor, rows: int) -> matmul.Weight:
     """``dgates -> dgates @ W_hh`` with ``dgates`` in (i, f, o, g) order."""
-    return packed_weight((w_hh,), "back", lambda: _ifog(w_hh).t().contiguous(), rows)
+    return matmul.Weight(_ifog(w_hh).t().contiguous(), rows)
 
 
 class FusedLSTM(torch.autograd.Function):
     """One LSTM layer-direction over a whole sequence; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, training, dtype):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, training, dtype, rerun):
         steps, batch, inp = x.shape
         hidden, out_size = w_hh.size(0) // 4, w_hh.size(1)
         sizes = batch_sizes or [batch] * steps
@@ -136,14 +139,21 @@ class FusedLSTM(torch.autograd.Function):
         ctx.batch_sizes = sizes
         ctx.batch_sizes_given = batch_sizes is not None
         ctx.has_bias = b_ih is not None
+        ctx.rerun = rerun
         if training:
-            ctx.save_for_backward(xh, c0, w_ih, w_hh, w_hr, cell, sig_cell, *gates)
+            inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+            ctx.save_for_backward(*inputs, xh, cell, sig_cell, *gates)
         return xh[1:, :, inp:].contiguous(), h_n, c_n
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
-        refuse_double_backward()
-        xh, c0, w_ih, w_hh, w_hr, cell, sig_cell, *gates = ctx.saved_tensors
+        inputs, (xh, cell, sig_cell, *gates) = ctx.saved_tensors[:8], ctx.saved_tensors[8:]
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            grads = (grad_output, grad_h_n, grad_c_n)
+            return *reference_backward(ctx.rerun, inputs, grads, ctx.needs_input_grad[:8]), *(
+                (None,) * 4
+            )
+        _, _, c0, w_ih, w_hh, _, _, w_hr = inputs
         steps, batch, hidden = cell.shape
         inp = w_ih.size(1)
         # The state gradients flowing back in time start as those of (h_n, c_n): a finished
@@ -224,6 +234,7 @@ class FusedLSTM(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -233,15 +244,17 @@ def supports(cell: cells.Cell, masks) -> bool:
     return fused_cells.supports(cell, masks)
 
 
-def refusal(x: Tensor, params: cells.Params) -> None:
-    """Nothing about a layer's input or sizes stops this backend (:func:`supports` decides)."""
-    return None
+def refusal(x: Tensor, params: cells.Params) -> str | None:
+    """Why this backend cannot run a layer on ``x`` with ``params`` now (a ``torch.func``
+    transform, forward-mode AD, ``torch.jit.trace``: :func:`common.opaque_refusal`), or
+    ``None``; its sizes and dtypes never stop it."""
+    return opaque_refusal((x, *params.values()))
 
 
-# Dynamo cannot trace the Functions' bodies (weight caches in a WeakIdKeyDictionary, oneDNN
-# ops, Python loops over per-step views): without this it breaks the graph several times
-# inside them and warns. Disabled, a whole layer-direction is one clean graph break that runs
-# eagerly, as fast as without torch.compile.
+# Dynamo cannot trace the Functions' bodies (oneDNN ops, Python loops over per-step views):
+# without this it breaks the graph several times inside them and warns. Under torch.compile
+# the runner's "auto" picks the reference backend, which dynamo traces whole; an explicit
+# backend="fused" stays one clean graph break per layer-direction that runs eagerly.
 @torch.compiler.disable
 def run(
     cell: cells.Cell,
@@ -265,4 +278,5 @@ def run(
             return fused_cells.run(cell, x, h, c, params, batch_sizes, masks, dtype)
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
         tensors = (x, h, c, *(params[name] for name in names))
-        return FusedLSTM.apply(*tensors, batch_sizes, needs_backward(tensors), dtype)
+        rerun = rerun_reference(cell, names, batch_sizes, masks)
+        return FusedLSTM.apply(*tensors, batch_sizes, needs_backward(tensors), dtype, rerun)

@@ -1,7 +1,7 @@
 """The fused backend for the ``lstm``, ``layernorm`` and ``peephole`` cells with the in-loop
 regularisers (recurrent dropout, zoneout): one layer-direction as one
 ``torch.autograd.Function`` with a hand-written backward, built on the helpers it shares with
-:mod:`lstmkit.backends.fused` (:mod:`lstmkit.backends.common`: cached and packed weights,
+:mod:`lstmkit.backends.fused` (:mod:`lstmkit.backends.common`: the stacked step weight,
 per-step views made before the loop, buffers in which the rows of finished sequences are
 never touched).
 
@@ -51,6 +51,7 @@ Weight drop needs nothing here: the runner passes an already dropped ``weight_hh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,8 +63,8 @@ from lstmkit.backends.common import (
     cast,
     last_step,
     needs_backward,
-    packed_weight,
-    refuse_double_backward,
+    reference_backward,
+    rerun_reference,
     running_rows,
     step_weight,
 )
@@ -83,7 +84,8 @@ class _Config:
     kind: str  # a value of _KINDS
     batch_sizes: list[int] | None  # as in reference.run
     training: bool  # backward will run: keep every step's values
-    dtype: torch.dtype | None  # of the forward's products, as in common.packed_weight
+    dtype: torch.dtype | None  # of the forward's products (autocast), as in fused.run
+    rerun: Callable  # the reference equations, for higher-order gradients (common.rerun_reference)
 
 
 def _sigmoid_gates(w: Tensor) -> Tensor:
@@ -146,15 +148,13 @@ class FusedCell(torch.autograd.Function):
         if layernorm:
             ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b = extra
             x_rows = x.reshape(steps * batch, inp)
-            u = packed_weight((w_ih,), "ih", lambda: w_ih, steps * batch, None, config.dtype)(
-                x_rows
-            )
+            u = matmul.Weight(cast(w_ih, config.dtype), steps * batch)(x_rows)
             u = u.view(steps, batch, 4 * hidden)  # x W_ih.T
             shift = ln_ih_b + ln_hh_b if b_ih is None else ln_ih_b + ln_hh_b + b_ih + b_hh
             xp, mean_u, rstd_u = torch.native_layer_norm(
                 u, (4 * hidden,), _sigmoid_gates(ln_ih_w), _sigmoid_gates(shift), _EPS
             )  # (T, B, 4H): the input half, every bias included
-            recur = packed_weight((w_hh,), "hh", lambda: w_hh, batch, None, config.dtype)
+            recur = matmul.Weight(cast(w_hh, config.dtype), batch)
             gain_hh = _sigmoid_gates(ln_hh_w)
             gain_c, shift_c = ln_c_w * -2, ln_c_b * -2  # LN(c'; -2 g_c, -2 b_c) = -2 y
             xps = views(xp, every)
@@ -246,26 +246,31 @@ class FusedCell(torch.autograd.Function):
         ctx.config = config
         if training:
             ctx.zone_p = [None if isinstance(z, Tensor) else z for z in (zone_h, zone_c)]
-            saved = [ins, gates, cell, cell_new, sig_cell, w_ih, w_hh, w_hr, recurrent]
+            saved = [x, h0, c0, *weights, ins, gates, cell, cell_new, sig_cell, recurrent]
             saved += [z if isinstance(z, Tensor) else None for z in (zone_h, zone_c)]
             if layernorm:
                 stats = [
                     _stack(list(s), sizes)
                     for s in (*zip(*rec_stats, strict=True), *zip(*cell_stats, strict=True))
                 ]  # a W_hh.T (T, B, 4H), the means and rstds of it and of c' (T, B, 1)
-                saved += [x_rows, u, mean_u, rstd_u, *stats, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b]
-            elif peephole:
-                saved.append(weight_ch)
+                saved += [x_rows, u, mean_u, rstd_u, *stats]
             ctx.save_for_backward(*saved)
         # a copy: an output that is a view of a buffer could not be modified in place
         return hs[1:].clone(memory_format=torch.contiguous_format), h_n, c_n
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
-        refuse_double_backward()
         config = ctx.config
+        needs = ctx.needs_input_grad  # (config, x, h0, c0, three masks, *weights)
+        count = 3 + len(_NAMES) + len(_EXTRA[config.kind])  # x, h0, c0, weights
+        inputs, saved = ctx.saved_tensors[:count], ctx.saved_tensors[count:]
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            grads = (grad_output, grad_h_n, grad_c_n)
+            grads = reference_backward(config.rerun, inputs, grads, needs[1:4] + needs[7:])
+            return None, *grads[:3], None, None, None, *grads[3:]
         layernorm, peephole = config.kind == "layernorm", config.kind == "peephole"
-        ins, gates, cell, cell_new, sig_cell, w_ih, w_hh, w_hr, recurrent, *rest = ctx.saved_tensors
+        _, _, _, w_ih, w_hh, _, _, w_hr, *extra = inputs
+        ins, gates, cell, cell_new, sig_cell, recurrent, *rest = saved
         zone_h, zone_c = (p if z is None else z for z, p in zip(rest[:2], ctx.zone_p, strict=True))
         steps, batch, hidden = sig_cell.shape
         out_size = w_hh.size(1)
@@ -294,7 +299,8 @@ class FusedCell(torch.autograd.Function):
         sigs, dsigs = _per_step(gates[..., sig], sizes), _per_step(dgates[..., sig], sizes)
         c_prev, ss = _per_step(cell[:-1], sizes), _per_step(sig_cell, sizes)
         if layernorm:
-            x_rows, u, mean_u, rstd_u, rec, *stats, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b = rest[2:]
+            ln_ih_w, _, ln_hh_w, _, ln_c_w, ln_c_b = extra
+            x_rows, u, mean_u, rstd_u, rec, *stats = rest[2:]
             mean_r, rstd_r, mean_c, rstd_c = stats
             recs, mean_rs, rstd_rs, c_new, mean_cs, rstd_cs = (
                 _per_step(b, sizes) for b in (rec, mean_r, rstd_r, cell_new, mean_c, rstd_c)
@@ -308,8 +314,7 @@ class FusedCell(torch.autograd.Function):
             dv_all = gates.new_empty(1, batch, hidden)
         dvs = running_rows(dv_all.unbind(0), every if layernorm else [0] * steps, sizes)
         if peephole:
-            (weight_ch,) = rest[2:]
-            p_i, p_f, p_o = weight_ch.chunk(3)
+            p_i, p_f, p_o = extra[0].chunk(3)
         unproject = None if w_hr is None else matmul.Weight(w_hr.t(), batch)
         if unproject is not None:
             dh_new_all = new(steps, batch, out_size)  # gradients of h'
@@ -324,7 +329,7 @@ class FusedCell(torch.autograd.Function):
             carried_c = same(dc.new_empty(batch, hidden))
         if recurrent is not None:
             rs = same(recurrent)
-        back = packed_weight((w_hh,), "hh back", lambda: w_hh.t().contiguous(), batch)
+        back = matmul.Weight(w_hh.t().contiguous(), batch)
         zero = gates.new_zeros(())
 
         for t in reversed(every):
@@ -374,7 +379,6 @@ class FusedCell(torch.autograd.Function):
                 dh_t.add_(carried_h[t])
 
         # After the loop: every parameter's gradient as one product or reduction.
-        needs = ctx.needs_input_grad  # (config, x, h0, c0, three masks, *weights)
         need = dict(zip((*_NAMES, *_EXTRA[config.kind]), needs[7:], strict=True))
         flat = dgates.view(steps * batch, 4 * hidden)
         db = flat.sum(0)  # the gradient of every bias added to the pre-activations
@@ -449,8 +453,11 @@ def run(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Same contract as :func:`lstmkit.backends.reference.run`; ``dtype``: that of the
     forward's matrix products (autocast, see :func:`lstmkit.backends.fused.run`)."""
-    weights = tuple(params[name] for name in (*_NAMES, *cell.extra))
-    config = _Config(_KINDS[type(cell)], batch_sizes, needs_backward((x, h, c, *weights)), dtype)
+    names = (*_NAMES, *cell.extra)
+    weights = tuple(params[name] for name in names)
+    training = needs_backward((x, h, c, *weights))
+    rerun = rerun_reference(cell, names, batch_sizes, masks)
+    config = _Config(_KINDS[type(cell)], batch_sizes, training, dtype, rerun)
     return FusedCell.apply(
         config, x, h, c, masks.recurrent, masks.zoneout_h, masks.zoneout_c, *weights
     )

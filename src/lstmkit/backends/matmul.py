@@ -7,20 +7,14 @@ its blocked layout; see ``docs/performance.md``. Below about a million multiply-
 its fixed cost loses to ``torch.addmm``. The ops are private, so they are probed once at import
 (shape and value of a small product) and never used if anything about them is off.
 
-Packed weights of parameters (``nn.Parameter``) are cached per parameter and rebuilt when the
-parameter changes: in place (its version counter moves, as every optimizer step and
-``load_state_dict`` do) or by rebinding its storage. An in-place write through ``param.data``
-bypasses the version counter; call :func:`clear_cache` after one. Other tensors (as
-``torch.func.functional_call`` or ``gradcheck`` pass) are never cached.
+Weights are packed afresh by every forward call that uses them (:class:`Weight`); nothing
+is remembered between calls, so a product always sees the weight's values of that call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
-
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 MIN_ONEDNN_MACS = 1 << 20  # multiply-adds per call below which torch.addmm is faster
 ONE_SHOT_FACTOR = 64  # a product computed once must also repay packing its weight (~0.2 ms)
@@ -39,8 +33,6 @@ def _probe_onednn() -> bool:
 
 ONEDNN = _probe_onednn()
 
-_packed: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
 
 def uses_onednn(rows: int, weight: Tensor, factor: int = 1) -> bool:
     """Whether ``x @ weight.T`` with ``rows`` rows of ``x`` goes to oneDNN."""
@@ -52,42 +44,17 @@ def uses_onednn(rows: int, weight: Tensor, factor: int = 1) -> bool:
     )
 
 
-def cached(params: tuple[Tensor, ...], key: Hashable, make: Callable[[], Tensor]) -> Tensor:
-    """``make()``, a function of ``params``, remembered per ``(params, key)`` until one of
-    ``params`` changes. Computed afresh when any of them is not an ``nn.Parameter``."""
-    if not all(isinstance(p, torch.nn.Parameter) for p in params):
-        return make()
-    stamp = tuple((p._version, p.data_ptr()) for p in params)
-    entries = _packed.setdefault(params[0], {})
-    hit = entries.get((key, *map(id, params[1:])))
-    if hit is None or hit[0] != stamp:
-        value = make()
-        if isinstance(value, Tensor) and any(value is p or value._base is p for p in params):
-            return value  # a parameter or a view of one: caching it would keep it alive forever
-        hit = entries[(key, *map(id, params[1:]))] = (stamp, value)
-    return hit[1]
-
-
-def clear_cache() -> None:
-    """Forget every cached weight (needed only after writes through ``param.data``)."""
-    _packed.clear()
-
-
 class Weight:
     """A matrix ``W`` (and optional bias ``b``) ready for repeated products ``x @ W.T + b``
-    with inputs of at most ``rows`` rows; ``packed`` is ``W`` already in oneDNN's layout.
+    with inputs of at most ``rows`` rows, packed into oneDNN's layout where products go there.
     A ``W`` in a lower precision than ``x`` (autocast) takes ``x`` cast to its dtype, and
     gives the product back in ``x``'s dtype, to which ``b`` is added."""
 
-    def __init__(
-        self, w: Tensor, rows: int, bias: Tensor | None = None, packed: Tensor | None = None
-    ) -> None:
+    def __init__(self, w: Tensor, rows: int, bias: Tensor | None = None) -> None:
         self.w = w  # (out, in), as in F.linear
         self.bias = bias  # (out,)
         self.onednn = uses_onednn(rows, w)
-        if self.onednn and packed is None:
-            packed = pack(w, rows)
-        self.packed = packed
+        self.packed = pack(w, rows) if self.onednn else None
 
     def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         """``x @ W.T + b``, written into ``out`` when given."""

@@ -46,7 +46,12 @@ import torch
 from torch import Tensor
 
 from lstmkit import cells
-from lstmkit.backends.common import needs_backward, refuse_double_backward
+from lstmkit.backends.common import (
+    needs_backward,
+    opaque_refusal,
+    reference_backward,
+    rerun_reference,
+)
 
 AVAILABLE = importlib.util.find_spec("triton") is not None
 # Bytes of weights one program keeps on chip (registers / shared memory) for a whole launch.
@@ -145,6 +150,9 @@ def refusal(x: Tensor, params: cells.Params) -> str | None:
     ``None`` when it can."""
     if not AVAILABLE:
         return "the triton package is not installed (pip install triton)"
+    opaque = opaque_refusal((x, *params.values()))
+    if opaque is not None:
+        return opaque
     interpreted = kernels().INTERPRETED
     if x.device.type != "cuda" and not interpreted:
         return (
@@ -249,7 +257,21 @@ class TritonLSTM(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, extra, batch_sizes, training, dtype, kind
+        ctx,
+        x,
+        h0,
+        c0,
+        w_ih,
+        w_hh,
+        b_ih,
+        b_hh,
+        w_hr,
+        extra,
+        batch_sizes,
+        training,
+        dtype,
+        kind,
+        rerun,
     ):
         steps, batch, _ = x.shape
         hidden, out_size = w_hh.size(0) // 4, w_hh.size(1)
@@ -299,18 +321,28 @@ class TritonLSTM(torch.autograd.Function):
                 SAVE=training,
             )
         ctx.plan, ctx.batch_sizes, ctx.has_bias, ctx.dot = plan, batch_sizes, b_ih is not None, dot
-        ctx.kind = kind
+        ctx.kind, ctx.rerun = kind, rerun
         if training:
             saved = (out, gates, cell, norms, stats, sizes)
-            ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, extra, *saved)
+            ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, extra, *saved)
         return out, h_state.to(x.dtype), c_state.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
-        refuse_double_backward("triton")
-        x, h0, c0, w_ih, w_hh, w_hr, extra, out, gates, cell, norms, stats, sizes = (
-            ctx.saved_tensors
-        )
+        inputs = ctx.saved_tensors[:9]
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            if ctx.rerun is None:
+                raise RuntimeError(
+                    "the triton backend's backward of cell='layernorm' is not itself "
+                    "differentiable (create_graph=True, double backward); use "
+                    "LSTM(..., backend='fused') for higher-order gradients"
+                )
+            grads = (grad_output, grad_h_n, grad_c_n)
+            return *reference_backward(ctx.rerun, inputs, grads, ctx.needs_input_grad[:9]), *(
+                (None,) * 5
+            )
+        x, h0, c0, w_ih, w_hh, _, _, w_hr, extra = inputs
+        out, gates, cell, norms, stats, sizes = ctx.saved_tensors[9:]
         plan, dot, layernorm = ctx.plan, ctx.dot, ctx.kind == "layernorm"
         steps, batch, inp = x.shape
         hidden, out_size = w_hh.size(0) // 4, w_hh.size(1)
@@ -393,6 +425,7 @@ class TritonLSTM(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -421,4 +454,7 @@ def run(
     with torch.autocast(x.device.type, enabled=False):
         tensors = (x, h, c, *weights.values())
         training = needs_backward(tensors)
-        return TritonLSTM.apply(*tensors, batch_sizes, training, dtype, kind)
+        # higher-order gradients rerun the reference equations on the Function's own inputs,
+        # which for layernorm are the input half already normalised: not a cell's inputs
+        rerun = None if kind == "layernorm" else rerun_reference(cell, _NAMES, batch_sizes, masks)
+        return TritonLSTM.apply(*tensors, batch_sizes, training, dtype, kind, rerun)
