@@ -30,8 +30,8 @@ def _initialise(module: nn.Module, kinds: dict[str, str], hidden_size: int) -> N
             weight = getattr(module, name)
             if kind == "uniform":
                 weight.uniform_(-bound, bound)
-            else:
-                weight.fill_(1.0 if kind == "ones" else 0.0)
+            else:  # the kinds were checked with the cell (validation.INIT_KINDS)
+                weight.fill_({"ones": 1.0, "zeros": 0.0}[kind])
 
 
 class LSTMCell(nn.Module):
@@ -69,14 +69,16 @@ class LSTMCell(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.input_size = check.check_positive_int("input_size", input_size)
-        self.hidden_size = check.check_positive_int("hidden_size", hidden_size)
-        self.bias = check.check_bool("bias", bias)
+        # what torch.nn.LSTMCell takes: sizes with __index__, any truth value as bias
+        self.input_size = check.check_positive_int("input_size", input_size, any_index=True)
+        self.hidden_size = check.check_positive_int("hidden_size", hidden_size, any_index=True)
+        self.bias = check.check_truth("bias", bias)
+        check.check_factory(device, dtype)
         factory = {"device": device, "dtype": dtype}
-        gates = 4 * hidden_size
-        self.weight_ih = nn.Parameter(torch.empty(gates, input_size, **factory))
-        self.weight_hh = nn.Parameter(torch.empty(gates, hidden_size, **factory))
-        if bias:
+        gates = 4 * self.hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(gates, self.input_size, **factory))
+        self.weight_hh = nn.Parameter(torch.empty(gates, self.hidden_size, **factory))
+        if self.bias:
             self.bias_ih = nn.Parameter(torch.empty(gates, **factory))
             self.bias_hh = nn.Parameter(torch.empty(gates, **factory))
         else:
@@ -224,12 +226,14 @@ class LSTM(nn.Module):
         super().__init__()
         self.input_size = check.check_positive_int("input_size", input_size)
         self.hidden_size = check.check_positive_int("hidden_size", hidden_size)
-        self.num_layers = check.check_positive_int("num_layers", num_layers)
+        # torch.nn.LSTM takes num_layers with __index__ and any truth value as bidirectional
+        self.num_layers = check.check_positive_int("num_layers", num_layers, any_index=True)
         self.bias = check.check_bool("bias", bias)
         self.batch_first = check.check_bool("batch_first", batch_first)
         self.dropout = check.check_probability("dropout", dropout)
-        self.bidirectional = check.check_bool("bidirectional", bidirectional)
-        self.proj_size = check.check_proj_size(proj_size, hidden_size)
+        self.bidirectional = check.check_truth("bidirectional", bidirectional)
+        self.proj_size = check.check_proj_size(proj_size, self.hidden_size)
+        check.check_factory(device, dtype)
         self.cell = check.check_cell(cell, cells.CELLS)
         self.forget_bias = check.check_real("forget_bias", forget_bias)
         zoneout_h, zoneout_c = check.check_pair("zoneout", zoneout)
@@ -239,8 +243,8 @@ class LSTM(nn.Module):
             zoneout_h=check.check_rate("zoneout (for h)", zoneout_h),
             zoneout_c=check.check_rate("zoneout (for c)", zoneout_c),
         )
-        self.backend = check.check_choice("backend", backend, runner.BACKEND_NAMES)
-        if self.dropout > 0 and num_layers == 1:
+        self.backend = backend  # checked by the property
+        if self.dropout > 0 and self.num_layers == 1:
             warnings.warn(
                 f"dropout={dropout} has no effect with num_layers=1: it is applied between "
                 "layers only",
@@ -252,13 +256,14 @@ class LSTM(nn.Module):
                 f"got bias={bias} and cell={self.cell.name!r}"
             )
         factory = {"device": device, "dtype": dtype}
-        directions = 2 if bidirectional else 1
+        input_size, hidden_size, proj_size = self.input_size, self.hidden_size, self.proj_size
+        directions = 2 if self.bidirectional else 1
         out_size = proj_size or hidden_size
         gates = self.cell.gates * hidden_size
         self._init: dict[str, str] = {}  # parameter name -> "uniform" | "ones" | "zeros"
         self._flat_weights_names: list[str] = []
         self._all_weights: list[list[str]] = []
-        for layer in range(num_layers):
+        for layer in range(self.num_layers):
             layer_input = input_size if layer == 0 else out_size * directions
             for direction in range(directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
@@ -271,8 +276,9 @@ class LSTM(nn.Module):
                     shapes |= {"bias_ih": ((gates,), "uniform"), "bias_hh": ((gates,), "uniform")}
                 if proj_size:
                     shapes |= {"weight_hr": ((proj_size, hidden_size), "uniform")}
-                for kind, (shape_of, init) in self.cell.extra.items():
-                    shapes[kind] = (shape_of(hidden_size, out_size), init)
+                for kind, (_, init) in self.cell.extra.items():
+                    shape = check.check_extra_shape(self.cell, kind, hidden_size, out_size)
+                    shapes[kind] = (shape, init)
                 names = []
                 for kind, (shape, init) in shapes.items():
                     names.append(kind + suffix)
@@ -293,6 +299,17 @@ class LSTM(nn.Module):
                     bias.view(self.cell.gates, -1)[self.cell.forget_gate] += self.forget_bias
 
     @property
+    def backend(self) -> str:
+        """How the loop over time runs (see the class docstring); may be set on an existing
+        model, and is checked when it is."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        # nn.Module.__setattr__ hands a plain value to object.__setattr__, so this runs
+        self._backend = check.check_choice("backend", value, runner.BACKEND_NAMES)
+
+    @property
     def _flat_weights(self) -> list[Tensor]:
         return [getattr(self, name) for name in self._flat_weights_names]
 
@@ -304,6 +321,14 @@ class LSTM(nn.Module):
     def flatten_parameters(self) -> None:
         """A no-op kept for ``torch.nn.LSTM`` compatibility: lstmkit reads each parameter
         where it is and never needs them in one contiguous buffer."""
+
+    def __prepare_scriptable__(self) -> LSTM:
+        """Called by ``torch.jit.script`` before it compiles the module: refuse clearly."""
+        raise RuntimeError(
+            "torch.jit.script cannot compile lstmkit.LSTM (its backends, cells and options "
+            "are Python objects TorchScript does not support); use torch.compile(model), "
+            "torch.export.export(model, (x,)) or torch.jit.trace(model, (x,)) instead"
+        )
 
     def extra_repr(self) -> str:
         text = f"{self.input_size}, {self.hidden_size}"
@@ -357,7 +382,7 @@ class LSTM(nn.Module):
             elif self.batch_first:
                 x = x.transpose(0, 1)
             if x.size(0) == 0:
-                raise ValueError(
+                raise check.LSTMValueError(
                     f"input must have at least one time step, got shape {tuple(input.shape)}"
                 )
             if lengths is not None:
