@@ -1,4 +1,4 @@
-"""The ``lstmkit`` command line: ``train``, ``sample``, ``plot``, ``bench`` and ``demo``."""
+"""The ``lstmkit`` command line: ``train``, ``sample``, ``plot`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -13,9 +13,6 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lstmkit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     train.add_arguments(commands)
-    commands.add_parser(
-        "demo", help="show lstmkit agreeing with torch.nn.LSTM, then train a tiny model"
-    )
     bench.add_arguments(
         commands.add_parser(
             "bench",
@@ -27,10 +24,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command == "demo":
-        from lstmkit import demo
-
-        return demo.main()
     if args.command == "bench":
         return bench.main(args)
     return train.main(args)

@@ -19,6 +19,9 @@ from lstmkit import cells, runner
 from lstmkit import validation as check
 from lstmkit.state import LSTMState, detach_state
 
+# the constructor arguments of torch.nn.LSTM after its two sizes, which lstmkit.LSTM shares
+SHARED_OPTIONS = ("num_layers", "bias", "batch_first", "dropout", "bidirectional", "proj_size")
+
 
 def _initialise(module: nn.Module, kinds: dict[str, str], hidden_size: int) -> None:
     """``torch.nn.LSTM``'s initialisation for every ``"uniform"`` parameter,
@@ -321,6 +324,42 @@ class LSTM(nn.Module):
     def flatten_parameters(self) -> None:
         """A no-op kept for ``torch.nn.LSTM`` compatibility: lstmkit reads each parameter
         where it is and never needs them in one contiguous buffer."""
+
+    @classmethod
+    def from_torch(
+        cls,
+        module: nn.LSTM,
+        *,
+        recurrent_dropout: float = 0.0,
+        weight_drop: float = 0.0,
+        zoneout: float | tuple[float, float] = 0.0,
+        backend: str = "auto",
+    ) -> LSTM:
+        """An ``LSTM`` computing what the ``torch.nn.LSTM`` ``module`` computes: its sizes,
+        options, device, dtype, training mode and a copy of its weights, plus lstmkit's
+        keyword-only options that add no parameters (see the class docstring). Building it
+        does not move the caller's random stream. The way there: :func:`lstmkit.to_torch`.
+
+        Raises:
+            TypeError: ``module`` is not a ``torch.nn.LSTM``.
+        """
+        if not isinstance(module, nn.LSTM):
+            raise TypeError(f"module must be a torch.nn.LSTM, got {type(module).__name__}")
+        weight = module.weight_ih_l0
+        with torch.random.fork_rng(devices=[]):
+            model = cls(
+                module.input_size,
+                module.hidden_size,
+                **{name: getattr(module, name) for name in SHARED_OPTIONS},
+                device=weight.device,
+                dtype=weight.dtype,
+                recurrent_dropout=recurrent_dropout,
+                weight_drop=weight_drop,
+                zoneout=zoneout,
+                backend=backend,
+            )
+        model.load_state_dict(module.state_dict())
+        return model.train(module.training)
 
     def __prepare_scriptable__(self) -> LSTM:
         """Called by ``torch.jit.script`` before it compiles the module: refuse clearly."""

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lstmkit.bench.parity import torch_twin
 from lstmkit.cells import CELLS
+from lstmkit.interop import to_torch
 from lstmkit.modules import LSTM
 from lstmkit.runner import BACKEND_NAMES
 from lstmkit.train.config import (
@@ -79,7 +79,7 @@ def recurrent(config: LSTMConfig, input_size: int) -> nn.Module:
         cell=config.cell,
         backend=backend,
     )
-    return torch_twin(lstm) if config.backend == "nn" else lstm
+    return to_torch(lstm) if config.backend == "nn" else lstm
 
 
 class Task:
