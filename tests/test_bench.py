@@ -4,13 +4,16 @@ on hand-checkable inputs, and the CLI end to end."""
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
+import subprocess
 
 import pytest
 import torch
 from torch import nn
 
 from lstmkit.__main__ import main
+from lstmkit.bench import report
 from lstmkit.bench.measure import saved_bytes, time_interleaved
 from lstmkit.bench.naive import NaiveLSTM
 from lstmkit.bench.suite import BASELINE, NAIVE, Config, implementation_name, run_config
@@ -119,3 +122,17 @@ def test_run_config_times_a_variant_against_its_reference(cell):
     for name in names:
         assert result.max_abs_diff[name] < 1e-5
     assert result.max_abs_diff[NAIVE] < 1e-5  # the naive plain LSTM against nn.LSTM
+
+
+@pytest.mark.skipif(shutil.which("lscpu") is None, reason="needs lscpu")
+def test_cpu_info_agrees_with_lscpu():
+    """The bench records the CPU as lscpu names it: model name, family, model, flags."""
+    text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    rows = (line.partition(":") for line in text.splitlines())
+    lscpu = {key.strip(): value.strip() for key, _, value in rows}
+    info = report.cpu_info()
+    assert info["cpu"] == lscpu["Model name"]
+    assert info["cpu_family"] == lscpu["CPU family"]
+    assert info["cpu_model"] == lscpu["Model"]
+    assert set(info["cpu_flags_all"].split()) == set(lscpu["Flags"].split())
+    assert set(info["cpu_vector_flags"].split()) <= set(lscpu["Flags"].split())
