@@ -727,7 +727,7 @@ def test_unknown_cell_name():
 
 @pytest.mark.parametrize(
     ("value", "shown"),
-    [(3, "3 (int)"), (lstmkit.cells.LayerNorm, "<class 'lstmkit.cells.LayerNorm'> (type)")],
+    [(3, "3 (int)"), (lstmkit.cells.LayerNorm, "the class LayerNorm: pass cell=LayerNorm()")],
 )
 def test_cell_of_wrong_type_message(value, shown):
     with pytest.raises(TypeError) as info:

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from lstmkit import cells
+from lstmkit import validation as check
 
 
 def supports(cell: cells.Cell, masks) -> bool:
@@ -61,7 +62,7 @@ def run(
     for t, xp_t in enumerate(xp.unbind(0)):
         n = batch if batch_sizes is None else batch_sizes[t]
         h_in = h[:n] if masks.recurrent is None else h[:n] * masks.recurrent[:n]
-        h_t, c_t = cell.step(xp_t[:n], h_in, c[:n], params)
+        h_t, c_t = check.check_step(cell, cell.step(xp_t[:n], h_in, c[:n], params), h_in, c[:n])
         h_t = _zoneout(h_t, h[:n], masks.zoneout_h, t)
         c_t = _zoneout(c_t, c[:n], masks.zoneout_c, t)
         if n < batch:  # rows n: have finished: they keep their state and output zeros
