@@ -175,7 +175,8 @@ class LSTM(nn.Module):
             layer-direction with a hand-written backward), ``"triton"`` (persistent Triton
             kernels on the GPU, ``docs/gpu.md``; a ValueError at the call where it cannot run
             the layer) or ``"reference"`` (the per-step autograd loop that is the oracle). May
-            be changed on an existing module.
+            be changed on an existing module (``model.backend = "reference"``; an unknown name
+            is a ValueError there and then).
 
     Inputs: ``input, hx=None, *, lengths=None``
         - ``input``: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first``, unbatched
@@ -193,6 +194,12 @@ class LSTM(nn.Module):
         - ``h_n``: ``(D * num_layers, N, H_out)``, ``c_n``: ``(D * num_layers, N, H_cell)``,
           the state after each sequence's last valid step, ordered layer by layer, forward
           direction before reverse (row ``2k + 1`` is layer ``k``'s reverse direction).
+
+    Errors: a bad argument or input raises a ``TypeError`` or ``ValueError`` that names it; where
+    ``torch.nn.LSTM`` raises another class for the same mistake (a ``RuntimeError`` for an
+    ``hx`` of the wrong shape), it is an instance of that class too (:mod:`lstmkit.validation`).
+    A custom ``cell`` is checked when the model is built and what its ``step`` returns at every
+    step.
 
     Trap: for a bidirectional LSTM ``h_n`` is *not* ``output[-1]``. The reverse direction
     finishes at time step 0, so its final state is ``output[0, :, H_out:]``; only the forward
