@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lstmkit import cells
+from lstmkit import validation as check
 from lstmkit.backends import fused, reference, triton
 
 BACKENDS = {"reference": reference, "fused": fused, "triton": triton}
@@ -261,7 +262,7 @@ def step_layer(
         h_t, c_t = cells.lstm_step(bias, torch.cat([x, h], 1), c, weight, params["weight_hr"])
     else:
         xp = cell.project_input(x.unsqueeze(0), params)[0]
-        h_t, c_t = cell.step(xp, h, c, params)
+        h_t, c_t = check.check_step(cell, cell.step(xp, h, c, params), h, c)
     if not (regularizers.zoneout_h or regularizers.zoneout_c):
         return h_t, c_t
     masks = draw_masks(regularizers, False, 1, h, c)  # evaluation: zoneout's expectation
