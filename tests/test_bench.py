@@ -12,11 +12,20 @@ import pytest
 import torch
 from torch import nn
 
+import lstmkit
 from lstmkit.__main__ import main
-from lstmkit.bench import report
+from lstmkit.bench import report, suite
 from lstmkit.bench.measure import saved_bytes, time_interleaved
 from lstmkit.bench.naive import NaiveLSTM
-from lstmkit.bench.suite import BASELINE, NAIVE, Config, implementation_name, run_config
+from lstmkit.bench.suite import (
+    BASELINE,
+    NAIVE,
+    PEER,
+    Config,
+    implementation_name,
+    run_config,
+)
+from lstmkit.bench.torchscript import ScriptedLayerNormLSTM
 
 
 @pytest.mark.parametrize(
@@ -113,15 +122,54 @@ def test_bench_cli_writes_reports(tmp_path, capsys):
 
 @pytest.mark.parametrize("cell", ["layernorm", "peephole", "cifg"])
 def test_run_config_times_a_variant_against_its_reference(cell):
-    """``--cell``: lstmkit models of the variant are checked against the variant on the
-    reference backend (their outputs are recorded), the baselines against nn.LSTM."""
+    """``--cell``: every implementation's float32 error is measured against the same model in
+    float64 (the variant on the reference backend, or nn.LSTM for the baselines); for the
+    layernorm cell its TorchScript peer is timed beside them."""
     tiny = Config("tiny", batch=2, seq_len=3, input_size=4, hidden_size=5)
     result = run_config(tiny, ["auto", "reference"], repeats=1, warmup=0, cell=cell)
     names = [implementation_name(b, cell) for b in ("auto", "reference")]
-    assert list(result.timings["training"]) == [*names, BASELINE, NAIVE]
-    for name in names:
-        assert result.max_abs_diff[name] < 1e-5
-    assert result.max_abs_diff[NAIVE] < 1e-5  # the naive plain LSTM against nn.LSTM
+    peer = [PEER] if cell == "layernorm" else []
+    assert list(result.timings["training"]) == [*names, *peer, BASELINE, NAIVE]
+    assert set(result.errors) == set(result.bounds) == set(result.timings["training"])
+    for name, error in result.errors.items():
+        assert error < 1e-5, name
+    assert result.suspect() == {}
+
+
+def test_torchscript_peer_computes_lstmkits_layernorm_cell():
+    ours = lstmkit.LSTM(4, 5, cell="layernorm", batch_first=True, dtype=torch.float64)
+    peer = ScriptedLayerNormLSTM(4, 5, batch_first=True).double()
+    peer.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 6, 4, dtype=torch.float64)
+    (out, (h, c)), (want, (h_want, c_want)) = peer(x), ours(x)
+    for got, expected in ((out, want), (h, h_want), (c, c_want)):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+
+
+def test_an_inaccurate_implementation_is_marked_not_fatal(monkeypatch, tmp_path):
+    """An implementation far from float64 is timed and reported with a mark, not aborted."""
+    build = suite.build_models
+
+    def with_a_wrong_one(*args, **kwargs):
+        models = build(*args, **kwargs)
+        with torch.no_grad():
+            models[implementation_name("auto")].weight_hh_l0.add_(0.5)
+        return models
+
+    monkeypatch.setattr(suite, "build_models", with_a_wrong_one)
+    tiny = Config("tiny", batch=2, seq_len=3, input_size=4, hidden_size=5)
+    result = run_config(tiny, ["auto"], repeats=1, warmup=0)
+    assert list(result.suspect()) == [implementation_name("auto")]
+    assert "✗" in report.markdown_tables([result])
+    assert set(result.timings["inference"]) == {implementation_name("auto"), BASELINE, NAIVE}
+
+
+def test_several_thread_counts_write_a_report_each(tmp_path):
+    argv = ["bench", "--configs", "S", "--quick", "--repeats", "1", "--threads", "1", "2"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    for threads in (1, 2):
+        data = json.loads((tmp_path / f"threads-{threads}" / "bench.json").read_text())
+        assert data["machine"]["threads"] == threads
 
 
 @pytest.mark.skipif(shutil.which("lscpu") is None, reason="needs lscpu")

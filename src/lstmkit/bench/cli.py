@@ -74,7 +74,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="smoke test: {repeats} repeats and {warmup} warm-up unless given".format(**QUICK_RUNS),
     )
-    parser.add_argument("--threads", type=_count(1), default=2, help="torch threads (default 2)")
+    parser.add_argument(
+        "--threads",
+        type=_count(1),
+        nargs="+",
+        default=[2],
+        help="torch intra-op thread counts, each a separate run (default 2); with several, "
+        "each run writes into OUT/threads-N",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -103,42 +110,50 @@ def main(args: argparse.Namespace) -> int:
     warmup = runs["warmup"] if args.warmup is None else args.warmup
     if args.stream:
         return stream_main(args, repeats, warmup)
-    args.out = args.out or Path("benchmarks/cpu")
     backends = list(dict.fromkeys(args.backend or ["auto"]))
-    machine = machine_info(args.threads)
-    results = run_suite(args.configs, backends, repeats, warmup, args.threads, args.cell)
-    settings = {
-        "repeats": repeats,
-        "warmup": warmup,
-        "backends": backends,
-        "cell": args.cell,
-        "implementations": list(results[0].saved),
-        "dtype": "float32",
-        "batch_first": True,
-    }
-    tables = write_reports(args.out, results, machine, settings)
-    print()
-    print(tables)
-    print(f"wrote {args.out / 'bench.json'}, bench.md, bench.png")
+    for threads, out in _runs(args, Path("benchmarks/cpu")):
+        machine = machine_info(threads)
+        results = run_suite(args.configs, backends, repeats, warmup, threads, args.cell)
+        settings = {
+            "repeats": repeats,
+            "warmup": warmup,
+            "backends": backends,
+            "cell": args.cell,
+            "implementations": list(results[0].saved),
+            "dtype": "float32",
+            "batch_first": True,
+        }
+        tables = write_reports(out, results, machine, settings)
+        print(f"\n{threads} thread(s):\n{tables}")
+        print(f"wrote {out / 'bench.json'}, bench.md, bench.png")
     return 0
+
+
+def _runs(args: argparse.Namespace, default_out: Path) -> list[tuple[int, Path]]:
+    """``(threads, directory)`` of each run: ``--out`` itself for one thread count, a
+    ``threads-N`` directory inside it for each of several."""
+    out = args.out or default_out
+    counts = list(dict.fromkeys(args.threads))
+    if len(counts) == 1:
+        return [(counts[0], out)]
+    return [(n, out / f"threads-{n}") for n in counts]
 
 
 def stream_main(args: argparse.Namespace, repeats: int, warmup: int) -> int:
     """``--stream``: time per-step latency and write ``stream.json`` / ``stream.md``."""
-    out = args.out or Path("benchmarks/cpu-stream")
-    machine = machine_info(args.threads)
-    rows = run_stream(stream.HIDDEN_SIZES, args.steps, repeats, warmup, args.threads)
-    settings = {
-        "repeats": repeats,
-        "warmup": warmup,
-        "steps": args.steps,
-        "batch": 1,
-        "num_layers": stream.NUM_LAYERS,
-        "dtype": "float32",
-        "mode": "eval, torch.no_grad()",
-    }
-    table = write_stream_reports(out, rows, machine, settings)
-    print()
-    print(table)
-    print(f"wrote {out / 'stream.json'}, stream.md")
+    for threads, out in _runs(args, Path("benchmarks/cpu-stream")):
+        machine = machine_info(threads)
+        rows = run_stream(stream.HIDDEN_SIZES, args.steps, repeats, warmup, threads)
+        settings = {
+            "repeats": repeats,
+            "warmup": warmup,
+            "steps": args.steps,
+            "batch": 1,
+            "num_layers": stream.NUM_LAYERS,
+            "dtype": "float32",
+            "mode": "eval, torch.no_grad()",
+        }
+        table = write_stream_reports(out, rows, machine, settings)
+        print(f"\n{threads} thread(s):\n{table}")
+        print(f"wrote {out / 'stream.json'}, stream.md")
     return 0

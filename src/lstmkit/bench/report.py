@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lstmkit.bench.suite import BASELINE, ConfigResult
+from lstmkit.bench.suite import AGREEMENT_TOLERANCE, BASELINE, ConfigResult
 
 MIB = 2**20
 
@@ -100,7 +100,9 @@ def to_json(
             {
                 **asdict(result.config),
                 "description": result.config.describe(),
-                "max_abs_diff_vs_baseline": result.max_abs_diff,
+                "float32_error_vs_float64": result.errors,
+                "error_bound": result.bounds,
+                "suspect": sorted(result.suspect()),
                 "timings_ms": {
                     mode: {
                         name: {
@@ -131,8 +133,10 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 
 def markdown_tables(results: Sequence[ConfigResult]) -> str:
-    """The time table (median ms and ratios per configuration and mode) and the saved-bytes
-    table (MiB excluding parameters, total in parentheses, and ratios), in Markdown."""
+    """The time table (median ms and ratios per configuration and mode), the saved-bytes
+    table (MiB excluding parameters, total in parentheses, and ratios) and the accuracy table
+    (each float32 output's largest error against float64, marked where above its bound), in
+    Markdown."""
     names = list(results[0].saved)
     others = [name for name in names if name != BASELINE]
     ratio_header = [f"{name} ÷ {BASELINE}" for name in others]
@@ -156,16 +160,28 @@ def markdown_tables(results: Sequence[ConfigResult]) -> str:
             ]
             + [f"{ratios[name]:.2f}" for name in others]
         )
+    error_rows = [
+        [result.config.name, result.config.describe()]
+        + [
+            f"{result.errors[name]:.1e}" + (" ✗" if name in result.suspect() else "")
+            for name in names
+        ]
+        for result in results
+    ]
     times = _markdown_table(
         ["config", "mode", *(f"{name} ms" for name in names), *ratio_header], time_rows
     )
     saved = _markdown_table(
         ["config", "shape", *(f"{name} MiB" for name in names), *ratio_header], saved_rows
     )
+    errors = _markdown_table(["config", "shape", *names], error_rows)
     return (
         f"Median time (ms) and ratio to {BASELINE}:\n\n{times}\n\n"
         f"Saved for backward, MiB excluding parameters (total), and ratio of the former:\n\n"
-        f"{saved}\n"
+        f"{saved}\n\n"
+        f"Largest |float32 output - float64 output| of the same weights (✗: above its bound, "
+        f"max({AGREEMENT_TOLERANCE:g}, 2 x the float32 reference backend's) for a variant cell, "
+        f"{AGREEMENT_TOLERANCE:g} otherwise):\n\n{errors}\n"
     )
 
 

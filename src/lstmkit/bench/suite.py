@@ -16,12 +16,13 @@ from lstmkit.bench.measure import (
     time_interleaved,
 )
 from lstmkit.bench.naive import NaiveLSTM
+from lstmkit.bench.torchscript import ScriptedLayerNormLSTM
 from lstmkit.modules import LSTM
 
 BASELINE = "nn.LSTM"
 NAIVE = "naive"
-ORACLE = "lstmkit reference in float64 (oracle)"
-AGREEMENT_TOLERANCE = 1e-4  # largest |output - nn.LSTM's| in float32 worth timing
+PEER = "TorchScript layernorm"  # the layer-norm LSTM written as a scripted loop, --cell layernorm
+AGREEMENT_TOLERANCE = 1e-4  # float32 error against float64 that is never marked
 
 
 @dataclass(frozen=True)
@@ -68,16 +69,22 @@ GRID = {
 class ConfigResult:
     """Everything measured for one configuration.
 
-    ``timings[mode][implementation]``, ``saved[implementation]`` (one training forward), and
-    ``max_abs_diff[implementation]``: the largest difference of its inference output from
-    the oracle's (``nn.LSTM`` for the plain cell, lstmkit's reference backend in float64 for
-    the others), checked before any timing.
+    ``timings[mode][implementation]``, ``saved[implementation]`` (one training forward),
+    ``errors[implementation]``: the largest difference of its float32 inference output from
+    the same model run in float64 (``nn.LSTM`` in float64 for the baselines, lstmkit's
+    reference backend in float64 for the rest), measured before any timing, and
+    ``bounds[implementation]``: the error above which it is marked as suspect (not dropped).
     """
 
     config: Config
     timings: dict[str, dict[str, Timing]]
     saved: dict[str, SavedBytes]
-    max_abs_diff: dict[str, float]
+    errors: dict[str, float]
+    bounds: dict[str, float]
+
+    def suspect(self) -> dict[str, float]:
+        """The implementations whose error exceeds their bound, with the error."""
+        return {name: e for name, e in self.errors.items() if e > self.bounds[name]}
 
 
 def _sizes(config: Config) -> dict[str, object]:
@@ -98,7 +105,9 @@ def build_models(
     config: Config, backends: Sequence[str], cell: str = "lstm"
 ) -> dict[str, nn.Module]:
     """The compared models with one set of weights, in timing order: an ``lstmkit.LSTM`` of
-    ``cell`` per backend, then ``torch.nn.LSTM``, then :class:`~lstmkit.bench.naive.NaiveLSTM`.
+    ``cell`` per backend, for the layernorm cell of one layer and direction its TorchScript
+    peer (:mod:`lstmkit.bench.torchscript`), then ``torch.nn.LSTM``, then
+    :class:`~lstmkit.bench.naive.NaiveLSTM`.
 
     The baselines are always the plain LSTM; lstmkit models of another cell share nn.LSTM's
     weights only when the cell is the plain LSTM."""
@@ -108,6 +117,8 @@ def build_models(
         implementation_name(backend, cell): LSTM(**sizes, cell=cell, backend=backend)
         for backend in backends
     }
+    if cell == "layernorm" and config.num_layers == 1 and not config.bidirectional:
+        models[PEER] = ScriptedLayerNormLSTM(config.input_size, config.hidden_size, True)
     models[BASELINE] = baseline
     models[NAIVE] = NaiveLSTM(**sizes)
     first = models[implementation_name(backends[0], cell)]
@@ -146,44 +157,48 @@ def training_run(model: nn.Module, x: Tensor) -> Callable[[], None]:
 def run_config(
     config: Config, backends: Sequence[str], repeats: int, warmup: int, cell: str = "lstm"
 ) -> ConfigResult:
-    """Check every implementation agrees with its oracle, count what each saves for
-    backward, then time each mode with all implementations interleaved.
+    """Measure every implementation's float32 error against float64, count what each saves
+    for backward, then time each mode with all implementations interleaved.
 
-    Raises:
-        RuntimeError: an implementation's output differs from its oracle's by more than
-            :data:`AGREEMENT_TOLERANCE` (for a variant cell: or twice what the float32
-            reference backend differs by).
+    An implementation is marked (:meth:`ConfigResult.suspect`, and a printed line) but still
+    timed when its error exceeds :data:`AGREEMENT_TOLERANCE` and, for a variant cell's
+    implementations, twice the float32 reference backend's own error.
     """
     torch.manual_seed(0)
     models = build_models(config, backends, cell)
     x = torch.randn(config.batch, config.seq_len, config.input_size)
     x_grad = x.clone().requires_grad_()
 
-    with torch.no_grad():
-        outputs = {name: model(x)[0] for name, model in models.items()}
-    tolerance = {name: AGREEMENT_TOLERANCE for name in models}
-    oracle = {name: BASELINE for name in models}
-    if cell != "lstm":
-        # lstmkit models of a variant against its reference backend in float64; each may be as
-        # far from it as twice the float32 reference backend is (layer norm amplifies float32
-        # rounding: ~8e-4 at M), and at least AGREEMENT_TOLERANCE.
-        exact = LSTM(**_sizes(config), cell=cell, backend="reference", dtype=torch.float64)
-        exact.load_state_dict(models[implementation_name(backends[0], cell)].state_dict())
-        reference = LSTM(**_sizes(config), cell=cell, backend="reference")
-        reference.load_state_dict(exact.state_dict())
-        with torch.no_grad():
-            outputs[ORACLE] = exact(x.double())[0]
-            float32_error = (reference(x)[0] - outputs[ORACLE]).abs().max().item()
-        for name in models:
-            if name.startswith("lstmkit"):
-                oracle[name] = ORACLE
-                tolerance[name] = max(AGREEMENT_TOLERANCE, 2 * float32_error)
-    max_abs_diff = {
-        name: (outputs[name].double() - outputs[oracle[name]]).abs().max().item() for name in models
+    # float64 twins: nn.LSTM for the baselines, lstmkit's reference backend for the rest
+    first = models[implementation_name(backends[0], cell)]
+    exact = {
+        "plain": nn.LSTM(**_sizes(config), dtype=torch.float64),
+        "cell": LSTM(**_sizes(config), cell=cell, backend="reference", dtype=torch.float64),
     }
-    wrong = {name: diff for name, diff in max_abs_diff.items() if diff > tolerance[name]}
-    if wrong:
-        raise RuntimeError(f"{config.name}: outputs differ from their oracles': {wrong}")
+    exact["plain"].load_state_dict(models[BASELINE].state_dict())
+    exact["cell"].load_state_dict(first.state_dict())
+    reference = LSTM(**_sizes(config), cell=cell, backend="reference")
+    reference.load_state_dict(first.state_dict())
+    with torch.no_grad():
+        want = {kind: model(x.double())[0] for kind, model in exact.items()}
+        reference_error = (reference(x)[0].double() - want["cell"]).abs().max().item()
+        errors = {
+            name: (model(x)[0].double() - want[_twin(name)]).abs().max().item()
+            for name, model in models.items()
+        }
+    # layer norm amplifies float32 rounding over time (~1e-3 at M for every implementation)
+    variant_bound = max(AGREEMENT_TOLERANCE, 2 * reference_error)
+    bounds = {
+        name: variant_bound if cell != "lstm" and _twin(name) == "cell" else AGREEMENT_TOLERANCE
+        for name in models
+    }
+    for name, error in errors.items():
+        if error > bounds[name]:
+            print(
+                f"  {config.name}: {name} is {error:.2e} from float64, above its bound "
+                f"{bounds[name]:.2e}: marked in the tables",
+                flush=True,
+            )
 
     saved = {
         name: saved_bytes(lambda model=model: model(x_grad), model.parameters())
@@ -196,7 +211,13 @@ def run_config(
         )
         for mode, (make, data) in runs.items()
     }
-    return ConfigResult(config, timings, saved, max_abs_diff)
+    return ConfigResult(config, timings, saved, errors, bounds)
+
+
+def _twin(name: str) -> str:
+    """Which float64 twin an implementation is measured against: ``"plain"`` (nn.LSTM's
+    weights: the baselines) or ``"cell"`` (the lstmkit models' weights and cell)."""
+    return "plain" if name in (BASELINE, NAIVE) else "cell"
 
 
 def run_suite(
