@@ -443,8 +443,6 @@ LSTM_CASES = [
         "input must have at least one time step",
         "got shape (0, 2, 5)",
     ),
-    # The next three fail: see the report (the check runs on the internal time-major tensor,
-    # and after the lengths check).
     bad(
         "T0-batch_first",
         lambda m: m(randn(N, 0, IN)),
