@@ -755,3 +755,19 @@ def test_double_backward_variant_cells_match_reference(cell, config, kind):
     hx = random_hx(ours, len(LENGTHS))
     results = [second_order(m, x, hx, kind) for m in (ours, reference)]
     assert_all_close(*results, TOL)
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused", "reference"])
+def test_built_on_meta_then_materialised(backend):
+    """The meta-device pattern (build without memory, run for shapes, ``to_empty``, load real
+    weights) works as with nn.LSTM, and the materialised model computes nn.LSTM's values."""
+    ours = lstmkit.LSTM(3, 4, num_layers=2, device="meta", dtype=torch.float64, backend=backend)
+    theirs = nn.LSTM(3, 4, num_layers=2, device="meta", dtype=torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    (out, (h_n, _)), (want, (h_want, _)) = ours(x.to("meta")), theirs(x.to("meta"))
+    assert out.device.type == "meta" and (out.shape, h_n.shape) == (want.shape, h_want.shape)
+    reference = nn.LSTM(3, 4, num_layers=2, dtype=torch.float64)
+    for model in (ours, theirs):
+        model.to_empty(device="cpu").load_state_dict(reference.state_dict())
+    torch.testing.assert_close(ours(x)[0], reference(x)[0], atol=1e-10, rtol=0)
+    torch.testing.assert_close(theirs(x)[0], reference(x)[0], atol=1e-10, rtol=0)

@@ -40,8 +40,11 @@ def project_input(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | N
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype of the matrix products of float32 ``x`` inside ``torch.autocast`` on its
     device (bfloat16 on the CPU by default), or ``None`` when they run in ``x``'s dtype."""
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    device = x.device.type  # "meta" and other devices without autocast: never enabled
+    if x.dtype != torch.float32 or not torch.amp.is_autocast_available(device):
+        return None
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
     return None
 
 

@@ -10,6 +10,7 @@ layer-direction and call, amortised over the time steps (``docs/performance.md``
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -23,6 +24,14 @@ from lstmkit.backends import matmul, reference
 def cast(w: Tensor, dtype: torch.dtype | None) -> Tensor:
     """``w`` in ``dtype`` for low-precision products, or as it is for ``None``."""
     return w if dtype is None else w.to(dtype)
+
+
+def autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
+    """A block with autocast off on ``x``'s device (devices without autocast, such as
+    ``meta``, have nothing to turn off)."""
+    if torch.amp.is_autocast_available(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def step_weight(

@@ -36,6 +36,7 @@ from torch import Tensor
 from lstmkit import cells
 from lstmkit.backends import fused_cells, matmul
 from lstmkit.backends.common import (
+    autocast_off,
     cast,
     last_step,
     needs_backward,
@@ -273,7 +274,7 @@ def run(
     dtype, as the reference backend's do (:func:`lstmkit.cells.linear`); everything else,
     backward included, runs in float32, with autocast itself off."""
     dtype = cells.autocast_dtype(x)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x):
         if type(cell) is not cells.LSTM or masks.active():
             return fused_cells.run(cell, x, h, c, params, batch_sizes, masks, dtype)
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from lstmkit import cells
 from lstmkit.backends.common import (
+    autocast_off,
     needs_backward,
     opaque_refusal,
     reference_backward,
@@ -451,7 +452,7 @@ def run(
         x = cell.project_input(x, params)
         weights |= {"weight_ih": None, "bias_ih": None, "bias_hh": None}  # all in x now
         weights["weight_ch"] = torch.cat([params[name] for name in _LAYERNORM])
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x):
         tensors = (x, h, c, *weights.values())
         training = needs_backward(tensors)
         # higher-order gradients rerun the reference equations on the Function's own inputs,
