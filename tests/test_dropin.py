@@ -274,6 +274,14 @@ def mutate_both(mutation, ours, theirs, seed: int) -> None:
     assert_same_parameters(ours, theirs, 0.0)
 
 
+def assert_forwards_match(ours, theirs, x, hx) -> None:
+    """Both models' results, with and without gradients (two code paths), agree."""
+    for grad in (True, False):
+        assert_all_close(
+            forward_results(ours, x, hx, grad), forward_results(theirs, x, hx, grad), TOL
+        )
+
+
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
 @pytest.mark.parametrize("config", list(FORWARD_CONFIGS))
 def test_forward_reads_written_parameters(config, mutation):
@@ -282,15 +290,9 @@ def test_forward_reads_written_parameters(config, mutation):
     hx = random_hx(ours)
     previous = forward_results(ours, x, hx, grad=False)["output"]
     for seed in (1, 2):
-        for grad in (True, False):  # first calls, on both paths, before the write
-            assert_all_close(
-                forward_results(ours, x, hx, grad), forward_results(theirs, x, hx, grad), TOL
-            )
+        assert_forwards_match(ours, theirs, x, hx)  # first calls, before the write
         mutate_both(MUTATIONS[mutation], ours, theirs, seed)
-        for grad in (True, False):
-            assert_all_close(
-                forward_results(ours, x, hx, grad), forward_results(theirs, x, hx, grad), TOL
-            )
+        assert_forwards_match(ours, theirs, x, hx)
         output = forward_results(ours, x, hx, grad=False)["output"]
         assert (output - previous).abs().max().item() > 1e-3  # the write did change the result
         previous = output
