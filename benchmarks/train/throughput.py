@@ -34,7 +34,7 @@ def step_seconds(task: CharLM, model: nn.Module, optimizer, inputs, targets) -> 
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), task.config.grad_clip)
     for group in optimizer.param_groups:
-        group["lr"] = learning_rate(task.config, 0)
+        group["lr"] = learning_rate(task.config, 0.0)
     optimizer.step()
     return time.perf_counter() - started
 
@@ -42,6 +42,7 @@ def step_seconds(task: CharLM, model: nn.Module, optimizer, inputs, targets) -> 
 def measure(batch_size: int, steps: int, warmup: int) -> dict:
     config = from_mapping(CharLMConfig, {"batch_size": batch_size})
     task = CharLM(config)
+    task.prepare()
     models, optimizers = {}, {}
     for backend in ("auto", "nn"):
         config.backend = backend

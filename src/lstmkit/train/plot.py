@@ -6,9 +6,9 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from lstmkit.train import metrics
 from lstmkit.train.checkpoint import atomic_write
-from lstmkit.train.config import TrainError
-from lstmkit.train.loop import read_metrics
+from lstmkit.train.config import TrainError, require
 
 
 def _series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
@@ -25,22 +25,21 @@ def _series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
 
 
 def draw(run_dirs: list[Path], out: Path) -> None:
-    """Draw every run's curves into the PNG ``out``.
+    """Draw every run's curves into the PNG ``out``, which is replaced whole or not at all.
 
     Raises:
         TrainError: a run directory without metrics.
+        OSError: ``out`` cannot be written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     runs = []
     for run_dir in run_dirs:
-        records = read_metrics(run_dir)
+        records = metrics.read(run_dir)
         if not records:
-            raise TrainError(f"{run_dir} holds no metrics ({run_dir / 'metrics.jsonl'})")
+            raise TrainError(f"{run_dir} holds no metrics ({run_dir / metrics.METRICS})")
         runs.append(_series(records))
+    require("matplotlib").use("Agg")
+    from matplotlib import pyplot as plt
+
     # train and eval loss share the first panel; every other quantity has its own
     names = ["loss", *sorted({k for s in runs for k in s if not k.endswith("loss")})]
     figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)

@@ -1,8 +1,10 @@
 """The tasks: each brings its data, its model and its metrics to the training loop.
 
 A task is a :class:`Task` subclass with a configuration dataclass (:class:`LSTMConfig` and
-its own fields). The loop only calls :meth:`Task.build_model`, :meth:`Task.batch`,
-:meth:`Task.loss`, :meth:`Task.evaluate` and :meth:`Task.summary`.
+its own fields), listed in :data:`TASKS`. The loop only calls :meth:`Task.prepare`,
+:meth:`Task.build_model`, :meth:`Task.batch`, :meth:`Task.loss`, :meth:`Task.evaluate` and
+:meth:`Task.units`; the command line calls :meth:`Task.describe`, :meth:`Task.summary` and,
+for ``lstmkit sample``, :meth:`Task.generate`. A new task needs no edit anywhere else.
 
 Data encodings:
 
@@ -20,7 +22,7 @@ Data encodings:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -28,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lstmkit.cells import CELLS
 from lstmkit.interop import to_torch
 from lstmkit.modules import LSTM
 from lstmkit.runner import BACKEND_NAMES
@@ -38,6 +39,7 @@ from lstmkit.train.config import (
     TrainError,
     check_choice,
     check_positive,
+    setting,
 )
 
 BACKENDS = (*BACKEND_NAMES, "nn")
@@ -45,25 +47,19 @@ BACKENDS = (*BACKEND_NAMES, "nn")
 
 @dataclass
 class LSTMConfig(TrainConfig):
-    """The model fields every task shares: an LSTM between an input layer and a head."""
+    """The model fields every task shares: an LSTM between an input layer and a head. The LSTM
+    checks its own options when the loop builds it; only ``backend`` has a value of the
+    application's own, ``nn``."""
 
-    hidden_size: int = 128  # LSTM units per layer
-    num_layers: int = 1  # stacked LSTM layers
-    dropout: float = 0.0  # dropout between stacked layers, in training
-    cell: str = "lstm"  # lstmkit cell: lstm, layernorm, peephole or cifg
-    backend: str = "auto"  # an lstmkit backend (auto, fused, ...), or nn for torch.nn.LSTM
+    hidden_size: int = setting(128, "LSTM units per layer")
+    num_layers: int = setting(1, "stacked LSTM layers")
+    dropout: float = setting(0.0, "dropout between stacked layers, in training")
+    cell: str = setting("lstm", "lstmkit cell: lstm, layernorm, peephole or cifg")
+    backend: str = setting("auto", "an lstmkit backend (auto, fused, ...), or nn: torch.nn.LSTM")
 
     def validate(self) -> None:
         super().validate()
-        check_positive(self, "hidden_size", "num_layers")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        check_choice("cell", self.cell, tuple(CELLS))
         check_choice("backend", self.backend, BACKENDS)
-        if self.backend == "nn" and self.cell != "lstm":
-            raise ConfigError(
-                f"backend 'nn' (torch.nn.LSTM) runs only cell 'lstm', got {self.cell!r}"
-            )
 
 
 def recurrent(config: LSTMConfig, input_size: int) -> nn.Module:
@@ -83,7 +79,8 @@ def recurrent(config: LSTMConfig, input_size: int) -> nn.Module:
 
 
 class Task:
-    """What the loop needs from a task. ``unit`` names what throughput counts."""
+    """What the loop and the command line need from a task. ``unit`` names what throughput
+    counts. Constructing one is cheap; :meth:`prepare` reads the data."""
 
     name: ClassVar[str]
     Config: ClassVar[type[LSTMConfig]]
@@ -92,7 +89,16 @@ class Task:
     def __init__(self, config: LSTMConfig) -> None:
         self.config = config
 
+    def prepare(self) -> None:
+        """Read or draw the data, before anything else of a run.
+
+        Raises:
+            TrainError: the data is missing or unusable with this configuration.
+        """
+
     def build_model(self) -> nn.Module:
+        """The model, from the configuration alone (``lstmkit sample`` builds it without
+        :meth:`prepare`)."""
         raise NotImplementedError
 
     def batch(self, generator: torch.Generator, rows: slice) -> tuple[Tensor, Tensor]:
@@ -110,9 +116,33 @@ class Task:
     def units(self, inputs: Tensor) -> int:
         return inputs.size(0)
 
+    def describe(self) -> str:
+        """The settings, one line, as ``lstmkit train`` prints them when it starts."""
+        return _listed(asdict(self.config))
+
     def summary(self, model: nn.Module) -> str:
         """Text to print when training ends."""
         return ""
+
+    def generate(
+        self, model: nn.Module, prime: str, length: int, temperature: float, generator
+    ) -> str:
+        """``length`` items the trained ``model`` writes after ``prime``, for ``lstmkit
+        sample``; ``generator`` draws them.
+
+        Raises:
+            TrainError: the task writes nothing (the default), or ``prime`` or
+                ``temperature`` is unusable.
+        """
+        writers = [t.name for t in TASKS.values() if t.generate is not Task.generate]
+        raise TrainError(
+            f"task {self.name!r} writes no text; lstmkit sample needs a run of "
+            f"{' or '.join(writers)}"
+        )
+
+
+def _listed(settings: dict) -> str:
+    return ", ".join(f"{key}={value}" for key, value in settings.items())
 
 
 def _evaluate_batches(
@@ -143,17 +173,18 @@ class LastStep(nn.Module):
 @dataclass
 class CharLMConfig(LSTMConfig):
     task: str = "charlm"
-    steps: int = 1000
+    steps: int = 100_000  # a cap: the time budget ends the default run
+    time_budget: float = 100.0  # with start-up, evaluations and the sample: ~2 minutes
     batch_size: int = 32
     lr: float = 3e-3
     eval_every: int = 200
     hidden_size: int = 256
     num_layers: int = 2
-    data: str = ""  # UTF-8 text file; "" = Python's own documentation (pydoc_data.topics)
-    seq_len: int = 128  # characters per training window (backpropagation through time)
-    embedding_size: int = 64  # width of each character's learned embedding
-    val_fraction: float = 0.05  # the text's last part, held out for validation
-    vocab: str = ""  # the characters, sorted; "" = those of the text (filled in at start)
+    data: str = setting("", "UTF-8 text file; empty = Python's documentation (pydoc_data)")
+    seq_len: int = setting(128, "characters per training window (backpropagation through time)")
+    embedding_size: int = setting(64, "width of each character's learned embedding")
+    val_fraction: float = setting(0.05, "the text's last part, held out for validation")
+    vocab: str = setting("", "the characters, sorted; empty = the text's (filled in at start)")
 
     def validate(self) -> None:
         super().validate()
@@ -213,7 +244,7 @@ def encode(text: str, vocab: str, what: str) -> Tensor:
 
 
 @torch.no_grad()
-def generate(
+def sample_chars(
     model: CharModel,
     vocab: str,
     prime: str,
@@ -222,7 +253,12 @@ def generate(
     generator: torch.Generator,
 ) -> str:
     """``length`` characters sampled after ``prime``, each from the model's softmax at
-    ``temperature``; ``prime`` defaults to a newline (or the first character) when empty."""
+    ``temperature``; ``prime`` defaults to a newline (or the first character) when empty.
+
+    Raises:
+        TrainError: ``prime`` holds a character outside ``vocab``, or ``temperature`` is so
+            small that the logits divided by it overflow (float64).
+    """
     model.eval()
     device = next(model.parameters()).device
     prime = prime or ("\n" if "\n" in vocab else vocab[0])
@@ -230,7 +266,13 @@ def generate(
     logits, state = model(ids)
     chars = []
     for _ in range(length):
-        probs = torch.softmax(logits[0, -1].float() / temperature, -1).cpu()
+        scaled = logits[0, -1].double().cpu() / temperature  # (V,)
+        if not torch.isfinite(scaled).all():
+            raise TrainError(
+                f"temperature {temperature} is too small: the logits divided by it overflow; "
+                "use 1e-3 or more (near 0 picks the likeliest character)"
+            )
+        probs = torch.softmax(scaled, -1)
         nxt = torch.multinomial(probs, 1, generator=generator)  # (1,)
         chars.append(vocab[nxt.item()])
         logits, state = model(nxt.view(1, 1).to(device), state)
@@ -244,11 +286,11 @@ class CharLM(Task):
     Config = CharLMConfig
     unit = "tok"
 
-    def __init__(self, config: CharLMConfig) -> None:
+    def prepare(self):
+        config = self.config
         text = read_text(config.data)
         if not config.vocab:
             config.vocab = "".join(sorted(set(text)))
-        super().__init__(config)
         ids = encode(text, config.vocab, f"data {config.data or 'pydoc_data.topics'!r}")
         n_val = int(len(ids) * config.val_fraction)
         if min(n_val, len(ids) - n_val) < config.seq_len + 1:
@@ -289,10 +331,17 @@ class CharLM(Task):
         loss = total / targets.numel()
         return {"loss": loss, "bpc": loss / math.log(2)}
 
+    def describe(self):
+        settings = asdict(self.config)
+        del settings["vocab"]  # a hundred characters, saved in the run's config.json
+        return _listed(settings)
+
     def summary(self, model):
         generator = torch.Generator().manual_seed(self.config.seed)
-        text = generate(model, self.config.vocab, "", 300, 0.8, generator)
-        return f"sample (temperature 0.8):\n{text}"
+        return f"sample (temperature 0.8):\n{self.generate(model, '', 300, 0.8, generator)}"
+
+    def generate(self, model, prime, length, temperature, generator):
+        return sample_chars(model, self.config.vocab, prime, length, temperature, generator)
 
 
 # ----------------------------------------------------------------------------- adding
@@ -306,8 +355,8 @@ class AddingConfig(LSTMConfig):
     lr: float = 3e-3
     final_lr: float = 0.02
     eval_every: int = 500
-    seq_len: int = 100  # steps per sequence, T
-    test_size: int = 2000  # held-out sequences, drawn once from their own seed
+    seq_len: int = setting(100, "steps per sequence, T")
+    test_size: int = setting(2000, "held-out sequences, drawn once from their own seed")
 
     def validate(self) -> None:
         super().validate()
@@ -336,10 +385,9 @@ class Adding(Task):
     name = "adding"
     Config = AddingConfig
 
-    def __init__(self, config: AddingConfig) -> None:
-        super().__init__(config)
-        test_seed = torch.Generator().manual_seed(2**31 + config.seed)
-        self.test = adding_problem(config.test_size, config.seq_len, test_seed)
+    def prepare(self):
+        test_seed = torch.Generator().manual_seed(2**31 + self.config.seed)
+        self.test = adding_problem(self.config.test_size, self.config.seq_len, test_seed)
 
     def build_model(self):
         return LastStep(self.config, 2, 1)
@@ -375,7 +423,7 @@ class DigitsConfig(LSTMConfig):
     batch_size: int = 64
     lr: float = 3e-3
     eval_every: int = 100
-    test_fraction: float = 0.2  # images held out for the test, chosen by a seeded shuffle
+    test_fraction: float = setting(0.2, "images held out for the test, by a seeded shuffle")
 
     def validate(self) -> None:
         super().validate()
@@ -402,11 +450,11 @@ class Digits(Task):
     name = "digits"
     Config = DigitsConfig
 
-    def __init__(self, config: DigitsConfig) -> None:
-        super().__init__(config)
+    def prepare(self):
         images, labels = load_digits()
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(config.seed))
-        n_test = int(len(labels) * config.test_fraction)
+        seeded = torch.Generator().manual_seed(self.config.seed)
+        order = torch.randperm(len(labels), generator=seeded)
+        n_test = int(len(labels) * self.config.test_fraction)
         test, train = order[:n_test], order[n_test:]
         self.train_set = images[train], labels[train]
         self.test = images[test], labels[test]
