@@ -10,6 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[train]"
+	$(PY) -m lstmkit.backends.native  # build the C++ backend once (or say why it cannot)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

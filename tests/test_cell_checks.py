@@ -325,7 +325,7 @@ def test_good_custom_cell_runs_like_the_builtin_lstm():
 
 def test_setting_an_unknown_backend_is_refused_at_once():
     model = lstmkit.LSTM(IN, H, backend="reference")
-    names = "'auto', 'reference', 'fused', 'triton'"
+    names = "'auto', 'reference', 'fused', 'native', 'triton'"
     with pytest.raises(
         ValueError, match=re.escape(f"backend must be one of {names}, got 'garbage'")
     ):

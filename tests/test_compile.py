@@ -1,8 +1,9 @@
 """``torch.compile``, ``torch.export`` and ``torch.jit`` on lstmkit, against eager and float64.
 
-Under ``torch.compile`` / ``torch.export`` the default backend (``"auto"``) runs the reference
-equations, which dynamo traces whole (``fullgraph=True`` holds); an explicit ``backend="fused"``
-stays eager behind one graph break per layer-direction. Shapes stay tiny: inductor compiles the
+Under ``torch.compile`` / ``torch.export`` the default backend (``"auto"``) runs the native
+backend's custom operator on the CPU where it is available, else the reference equations;
+dynamo traces either whole (``fullgraph=True`` holds); an explicit ``backend="fused"`` stays
+eager behind one graph break per layer-direction. Shapes stay tiny: inductor compiles the
 loop unrolled, T steps of it.
 
 Compiled float32 is not bit-equal to eager float32: inductor fuses and reorders float32

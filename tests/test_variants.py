@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstmkit
 from lstmkit import runner
+from lstmkit.backends import native
 
 IN, H, P, T, B = 3, 4, 2, 5, 4
 F64 = torch.float64
@@ -638,18 +639,20 @@ REGULARISER_CASES = [
 @pytest.mark.parametrize(("regularizers", "training"), REGULARISER_CASES)
 @pytest.mark.parametrize("cell", CELL_NAMES)
 def test_auto_backend_is_fused_where_supported(cell, regularizers, training):
-    """``auto`` picks ``fused`` exactly where the fused backend supports the cell and masks,
-    ``reference`` otherwise. The standard LSTM without in-loop masks (weight drop is applied
-    before the loop; recurrent dropout is off in eval) is always fused; ``cifg`` never is."""
+    """``auto`` picks ``native`` where it is available and supports the cell and masks, else
+    ``fused`` exactly where the fused backend supports them, ``reference`` otherwise. The
+    standard LSTM without in-loop masks (weight drop is applied before the loop; recurrent
+    dropout is off in eval) is always native or fused; ``cifg`` never is."""
     reg = runner.Regularizers(**regularizers)
     h0, c0 = torch.zeros(B, H, dtype=F64), torch.zeros(B, H, dtype=F64)
     masks = runner.draw_masks(reg, training, T, h0, c0)
     cell_object = lstmkit.cells.CELLS[cell]
     chosen = runner.choose_backend("auto", cell_object, masks)
+    native_runs = lstmkit.native_available()[0] and native.supports(cell_object, masks)
     fused_runs = runner.BACKENDS["fused"].supports(cell_object, masks)
-    assert chosen == ("fused" if fused_runs else "reference")
+    assert chosen == ("native" if native_runs else "fused" if fused_runs else "reference")
     if cell == "lstm" and not masks.active():
-        assert chosen == "fused"
+        assert chosen in ("native", "fused")
     if cell == "cifg":
         assert chosen == "reference"
     assert runner.choose_backend("reference", cell_object, masks) == "reference"

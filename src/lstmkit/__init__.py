@@ -1,5 +1,6 @@
 """lstmkit: LSTMs written from scratch on PyTorch tensor operations."""
 
+from lstmkit.backends.native import available as native_available
 from lstmkit.interop import to_torch
 from lstmkit.modules import LSTM, BidirectionalLSTM, DeepLSTM, LSTMCell, SimpleLSTM
 from lstmkit.state import LSTMState, detach_state
@@ -12,6 +13,7 @@ __all__ = [
     "LSTMState",
     "SimpleLSTM",
     "detach_state",
+    "native_available",
     "to_torch",
 ]
 __version__ = "0.1.0"

@@ -170,8 +170,11 @@ class LSTM(nn.Module):
             2017), one float for both ``h`` and ``c`` or a pair ``(p_h, p_c)``; in evaluation
             every unit moves by the expectation ``p * old + (1 - p) * new``. Default 0.
         backend: how the loop over time runs: ``"auto"`` (default: ``"triton"`` for CUDA
-            tensors where it can run the layer, else ``"fused"`` where it supports the cell
-            and regularisers, else ``"reference"``), ``"fused"`` (one autograd Function per
+            tensors where it can run the layer, ``"native"`` for CPU tensors where it can,
+            else ``"fused"`` where it supports the cell and regularisers, else
+            ``"reference"``), ``"native"`` (the time loop in C++ as custom operators, CPU,
+            float32/float64, the plain cell without in-loop regularisers; see
+            :func:`lstmkit.native_available`), ``"fused"`` (one autograd Function per
             layer-direction with a hand-written backward), ``"triton"`` (persistent Triton
             kernels on the GPU, ``docs/gpu.md``; a ValueError at the call where it cannot run
             the layer) or ``"reference"`` (the per-step autograd loop that is the oracle). May

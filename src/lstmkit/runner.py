@@ -8,6 +8,7 @@ equation; those live in :mod:`lstmkit.cells`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -15,9 +16,9 @@ from torch import Tensor
 
 from lstmkit import cells
 from lstmkit import validation as check
-from lstmkit.backends import fused, reference, triton
+from lstmkit.backends import fused, native, reference, triton
 
-BACKENDS = {"reference": reference, "fused": fused, "triton": triton}
+BACKENDS = {"reference": reference, "fused": fused, "native": native, "triton": triton}
 BACKEND_NAMES = ("auto", *BACKENDS)
 
 
@@ -100,15 +101,18 @@ def choose_backend(
     params: cells.Params | None = None,
 ) -> str:
     """The backend that runs a layer: ``name`` itself, or for ``"auto"`` the first that can
-    run it of ``triton`` (CUDA tensors only), ``fused`` and ``reference``. A backend can run a
-    layer when it :func:`supports` the cell and regularisers and, given the layer's input ``x``
-    (``(T, B, I)``) and ``params``, its ``refusal`` gives no reason against them (device,
-    dtype, sizes; and for the backends with a hand-written backward, a ``torch.func``
-    transform, forward-mode AD or ``torch.jit.trace`` around the call).
+    run it of ``triton`` (CUDA tensors only), ``native`` (CPU tensors only), ``fused`` and
+    ``reference``. A backend can run a layer when it :func:`supports` the cell and
+    regularisers and, given the layer's input ``x`` (``(T, B, I)``) and ``params``, its
+    ``refusal`` gives no reason against them (device, dtype, sizes; and for the backends with
+    a hand-written backward, a ``torch.func`` transform, forward-mode AD or
+    ``torch.jit.trace`` around the call).
 
-    While ``torch.compile`` or ``torch.export`` traces the model, ``"auto"`` is the reference
-    backend: its equations are plain tensor operations the compiler sees whole (one graph, no
-    break), where the others would run eagerly behind a graph break.
+    While ``torch.compile`` or ``torch.export`` traces the model, ``"auto"`` is ``native``
+    (a custom operator with a fake implementation and an autograd formula, which the compiler
+    keeps as one opaque node) or else the reference backend: their graphs have no break,
+    where the others would run eagerly behind one. Where the native backend cannot be built,
+    ``"auto"`` warns once, saying why.
 
     Raises:
         ValueError: ``name`` is a backend that cannot run this configuration.
@@ -116,16 +120,32 @@ def choose_backend(
     if name == "auto":
         cuda = x is not None and x.is_cuda
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-            order = ("reference",)
+            order = ("reference",) if cuda else ("native", "reference")
         elif cuda:
             order = ("triton", "fused", "reference")
         else:
-            order = ("fused", "reference")
+            order = ("native", "fused", "reference") if _native_loads() else ("fused", "reference")
         return next(n for n in order if _refusal(n, cell, masks, x, params) is None)
     reason = _refusal(name, cell, masks, x, params)
     if reason is not None:
         raise ValueError(f"backend={name!r} cannot run {reason}; use backend='auto'")
     return name
+
+
+_warned = False
+
+
+def _native_loads() -> bool:
+    """Whether the native backend's operators are loaded; one warning per process if not."""
+    global _warned
+    ok, why = native.available()
+    if not (ok or _warned):
+        _warned = True
+        warnings.warn(
+            f"lstmkit: the native CPU backend is unavailable ({why}); using the Python backends",
+            stacklevel=4,
+        )
+    return ok
 
 
 def _refusal(name, cell: cells.Cell, masks: Masks, x: Tensor | None, params) -> str | None:

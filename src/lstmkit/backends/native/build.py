@@ -1,0 +1,101 @@
+"""Building and loading the native backend's C++ operators, once per machine.
+
+The shared library is compiled by ``torch.utils.cpp_extension`` (ninja, the system's C++
+compiler, :data:`FLAGS`) into a cache directory keyed by everything the binary
+depends on: the C++ source, torch's version, Python's, and the CPU's model and instruction-set
+flags (``-march=native`` code must never run on another CPU). The first process on a machine
+builds it (``python -m lstmkit.backends.native``, which ``make`` runs after installing); every
+later one only loads the ``.so``.
+
+The cache is ``$LSTMKIT_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/lstmkit`` or
+``~/.cache/lstmkit``. ``LSTMKIT_NATIVE=0`` in the environment makes the backend unavailable
+without trying to build or load it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "lstm.cpp"
+NAME = "lstmkit_native"
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math")  # the last lets GCC vectorise selects
+
+
+def _cpu() -> str:
+    """The CPU's model name and instruction-set flags, as the kernel reports them."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = {}
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return " ".join(fields.get(k, "") for k in ("vendor_id", "model name", "flags"))
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept, one subdirectory per key."""
+    if os.environ.get("LSTMKIT_CACHE_DIR"):
+        return Path(os.environ["LSTMKIT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lstmkit"
+
+
+def library_path() -> Path:
+    """The ``.so`` for this source, torch, Python and CPU."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__, sys.version, _cpu(), " ".join(FLAGS)):
+        key.update(part if isinstance(part, bytes) else part.encode())
+    return cache_dir() / f"native-{key.hexdigest()[:16]}" / f"{NAME}.so"
+
+
+def _compile(target: Path) -> None:
+    """Build the library and move it to ``target`` in one rename, so that a concurrent process
+    either finds no library or a whole one."""
+    from torch.utils import cpp_extension
+
+    cpp_extension.verify_ninja_availability()
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler!r} is not on PATH)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as build:
+        cpp_extension.load(
+            name=NAME,
+            sources=[str(SOURCE)],
+            extra_cflags=list(FLAGS),
+            build_directory=build,
+            is_python_module=False,
+            verbose=False,
+        )
+        os.replace(Path(build) / f"{NAME}.so", target)
+
+
+def load() -> tuple[bool, str]:
+    """Load the operators into ``torch.ops.lstmkit``, building them first if no cached library
+    fits this machine. Returns ``(True, what happened)`` or ``(False, why not)``; never raises."""
+    if os.environ.get("LSTMKIT_NATIVE", "1") == "0":
+        return False, "LSTMKIT_NATIVE=0 is set in the environment"
+    try:
+        target = library_path()
+        start = time.perf_counter()
+        if target.exists():
+            torch.ops.load_library(str(target))
+            return True, f"loaded {target} in {1e3 * (time.perf_counter() - start):.0f} ms"
+        _compile(target)  # loads it into this process too
+        return True, f"built {target} in {time.perf_counter() - start:.1f} s"
+    except Exception as error:  # a missing compiler, a build error, an unwritable cache
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        errors = [line for line in lines if "error:" in line]  # the compiler's first
+        detail = (errors or lines or [type(error).__name__])[0]
+        return False, f"the C++ extension could not be built or loaded: {detail}"
