@@ -580,6 +580,15 @@ def test_a_full_disk_fails_the_run_and_keeps_the_last_checkpoint(run, capsys, mo
     assert checkpoint.load(run).state["step"] == 30
 
 
+@pytest.mark.parametrize("tool", ["tqdm", "safetensors", "matplotlib"])
+def test_a_missing_tool_of_the_train_extra_is_named_before_training(tool, tmp_path, capsys):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, tool, None)  # as if not installed
+        line = _refused(capsys, "train", "--task", "digits", "--run-dir", tmp_path, status=1)
+    assert f"needs {tool}: pip install 'lstmkit[train]'" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------ time budget
 
 

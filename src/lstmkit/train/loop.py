@@ -39,6 +39,7 @@ from lstmkit.train.config import ConfigError, TrainConfig, TrainError, require
 from lstmkit.train.tasks import Task
 
 BYTES_TO_TRAIN = 16  # per float32 parameter: the weight, its gradient, Adam's two moments
+TOOLS = ("tqdm", "safetensors.torch", "matplotlib")  # the train extra's: the bar, saves, plots
 
 
 @dataclass
@@ -289,7 +290,10 @@ def _try_a_step(task: Task, model: nn.Module, processes: Processes) -> None:
 
 def setup(task: Task, processes: Processes) -> Run:
     """A run at step 0: the task's data, its model (checked by :func:`build_model` and a
-    trial step), Adam, and the generators seeded from ``seed``."""
+    trial step), Adam, and the generators seeded from ``seed``; the tools a run uses on its
+    way are imported first, so that a missing one stops it before it trains."""
+    for tool in TOOLS:
+        require(tool)
     config, device = task.config, processes.device
     if config.batch_size % processes.world:
         raise TrainError(
