@@ -248,6 +248,25 @@ def test_compile_and_export_keep_the_native_op():
     torch.testing.assert_close(program.module()(x)[0], model(x)[0], atol=1e-10, rtol=0)
 
 
+@needs_native
+def test_compile_first_in_a_fresh_process():
+    """The first question about the backend may come from inside torch.compile(fullgraph=True):
+    dynamo takes the answer as a constant instead of tracing the loading code."""
+    script = textwrap.dedent(
+        """
+        import torch, lstmkit
+        model = lstmkit.LSTM(3, 4, num_layers=2)
+        x = torch.randn(3, 2, 3)
+        compiled = torch.compile(model, fullgraph=True)(x)[0]
+        print(float((compiled - model(x)[0]).abs().max()))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert float(done.stdout.splitlines()[-1]) < 1e-6
+
+
 FALLBACK = textwrap.dedent(
     """
     import json, warnings

@@ -36,6 +36,9 @@ DTYPES = (torch.float32, torch.float64)
 _status: tuple[bool, str] | None = None  # (available, how it was loaded or why not)
 
 
+# Under torch.compile the answer is taken as a constant: dynamo calls the function instead of
+# tracing the build (files, hashes, subprocesses) it may run the first time.
+@torch.compiler.assume_constant_result
 def available() -> tuple[bool, str]:
     """``(True, how the operators were loaded)`` or ``(False, why not)``. The first call in a
     process loads the compiled operators, building them if this machine has no cached build
