@@ -152,8 +152,7 @@ void check_inputs(const Tensor& x, const Tensor& h0, const Tensor& c0, const Ten
   TORCH_CHECK(x.device().is_cpu(), "lstmkit::lstm_* runs on the CPU, got ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "lstmkit::lstm_* takes float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 3 && h0.dim() == 2 && c0.dim() == 2 && w_ih.dim() == 2 &&
-                  w_hh.dim() == 2,
+  TORCH_CHECK(x.dim() == 3 && h0.dim() == 2 && c0.dim() == 2 && w_ih.dim() == 2 && w_hh.dim() == 2,
               "lstmkit::lstm_*: x (T, B, I), h0 (B, P), c0 (B, H), weights 2-d");
   const std::int64_t hidden = w_hh.size(0) / 4, proj = w_hh.size(1);
   TORCH_CHECK(w_hh.size(0) == 4 * hidden && w_ih.size(0) == 4 * hidden &&
@@ -187,8 +186,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
     at::mm_out(gates_flat, x_flat, w_ih.t());
   }
   // Finished rows must read as zero: zeros only where some sequence ends early.
-  Tensor output = ragged ? at::zeros({steps, batch, proj}, options)
-                         : at::empty({steps, batch, proj}, options);
+  Tensor output =
+      ragged ? at::zeros({steps, batch, proj}, options) : at::empty({steps, batch, proj}, options);
   // Training keeps every c_t (zero past a sequence's end, like the output); inference two
   // slots, c_t in slot t % 2 (a row of a finished sequence is never written again, so its
   // last slot still holds its final state).
@@ -210,12 +209,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
       scalar_t* c = cells[slot(t)].data_ptr<scalar_t>();
       Tensor h_t = output[t].narrow(0, 0, n);
       if (w_hr.has_value()) {
-        gates_forward(g.data_ptr<scalar_t>(), c_prev, c, m.data_ptr<scalar_t>(), n, hidden,
-                      hidden);
+        gates_forward(g.data_ptr<scalar_t>(), c_prev, c, m.data_ptr<scalar_t>(), n, hidden, hidden);
         at::mm_out(h_t, m.narrow(0, 0, n), w_hr_t);  // (n, P)
       } else {
-        gates_forward(g.data_ptr<scalar_t>(), c_prev, c, h_t.data_ptr<scalar_t>(), n, hidden,
-                      proj);
+        gates_forward(g.data_ptr<scalar_t>(), c_prev, c, h_t.data_ptr<scalar_t>(), n, hidden, proj);
       }
     }
   });
@@ -269,10 +266,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
 
   // The state gradients flowing back in time start as those of (h_n, c_n): a finished
   // sequence's rows wait untouched until the step where it ended.
-  Tensor dh = grad_h_n.has_value() ? grad_h_n->contiguous().clone()
-                                   : at::zeros({batch, proj}, options);
-  Tensor dc = grad_c_n.has_value() ? grad_c_n->contiguous().clone()
-                                   : at::zeros({batch, hidden}, options);
+  Tensor dh =
+      grad_h_n.has_value() ? grad_h_n->contiguous().clone() : at::zeros({batch, proj}, options);
+  Tensor dc =
+      grad_c_n.has_value() ? grad_c_n->contiguous().clone() : at::zeros({batch, hidden}, options);
   const Tensor dout = grad_output.has_value() ? grad_output->contiguous() : Tensor();
   // Rows of finished sequences are never written: zeros only where there are any.
   Tensor dgates = ragged ? at::zeros({steps, batch, 4 * hidden}, options)
