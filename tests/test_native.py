@@ -203,6 +203,20 @@ def test_inference_keeps_nothing_and_equals_reference(mode):
 
 
 @needs_native
+def test_long_inference_projects_the_input_in_blocks():
+    """Inference computes the input half of the gates a block of steps at a time (B x 4H x 32
+    steps here): every block boundary, with lengths, equals the reference."""
+    ours, reference = twin_backends(backend="native", input_size=8, hidden_size=512)
+    x = torch.randn(70, 64, 8, dtype=torch.float64)
+    lengths = torch.randint(1, 71, (64,))
+    lengths[0] = 70
+    with torch.no_grad():
+        got, want = ours(x, lengths=lengths), reference(x, lengths=lengths)
+    for a, b in zip((got[0], *got[1]), (want[0], *want[1]), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+@needs_native
 def test_auto_picks_native_on_the_cpu():
     weights = [None if w is None else w.float() for w in _forward_args(False, [])[3:8]]
     params = dict(zip(native.NAMES, weights, strict=True))

@@ -20,6 +20,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -163,6 +164,9 @@ void check_inputs(const Tensor& x, const Tensor& h0, const Tensor& c0, const Ten
               "lstmkit::lstm_*: weight_hr must be (P, H)");
 }
 
+// Elements of the input-projection block that inference computes at once (16 MiB of float32).
+constexpr std::int64_t kInferenceBlock = std::int64_t{1} << 22;
+
 // A (rows, cols) row-major view of memory inside one of this file's buffers, made without the
 // dispatcher: select/narrow cost 1-2 us each, as much as a whole step's gate pass at B=1.
 template <typename T>
@@ -184,15 +188,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   const bool ragged = !batch_sizes.empty();
   const auto options = x.options();
 
-  // (T, B, 4H): the input half of every step's gates, then each step's gates in place.
-  Tensor gates = at::empty({steps, batch, 4 * hidden}, options);
-  Tensor gates_flat = gates.view({steps * batch, 4 * hidden});
-  const Tensor x_flat = x.view({steps * batch, inp});
-  if (b_ih.has_value()) {
-    at::addmm_out(gates_flat, *b_ih + *b_hh, x_flat, w_ih.t());
-  } else {
-    at::mm_out(gates_flat, x_flat, w_ih.t());
-  }
+  // The input half of the gates of `chunk` steps at a time, then each step's gates in place:
+  // training keeps all of them (T, B, 4H), one product; inference a block of steps of about
+  // kInferenceBlock elements, so that a long sequence does not hold 4x its output.
+  const std::int64_t step_elems = std::max<std::int64_t>(1, batch * 4 * hidden);
+  const std::int64_t chunk =
+      training ? steps : std::max<std::int64_t>(1, std::min(steps, kInferenceBlock / step_elems));
+  Tensor gates = at::empty({chunk, batch, 4 * hidden}, options);
+  const Tensor bias = b_ih.has_value() ? *b_ih + *b_hh : Tensor();
+  const auto project = [&](std::int64_t t0) {
+    const std::int64_t len = std::min(chunk, steps - t0);
+    Tensor out = gates.narrow(0, 0, len).view({len * batch, 4 * hidden});
+    const Tensor xs = x.narrow(0, t0, len).view({len * batch, inp});
+    if (bias.defined()) {
+      at::addmm_out(out, bias, xs, w_ih.t());
+    } else {
+      at::mm_out(out, xs, w_ih.t());
+    }
+  };
   // Finished rows must read as zero: zeros only where some sequence ends early.
   Tensor output =
       ragged ? at::zeros({steps, batch, proj}, options) : at::empty({steps, batch, proj}, options);
@@ -215,7 +228,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
     for (std::int64_t t = 0; t < steps; ++t) {
       const std::int64_t n = sizes[t];
       if (n == 0) break;
-      scalar_t* g = gates_p + t * batch * 4 * hidden;
+      if (t % chunk == 0) project(t);
+      scalar_t* g = gates_p + (t % chunk) * batch * 4 * hidden;
       const scalar_t* h_prev = t == 0 ? h0_p : output_p + (t - 1) * batch * proj;
       rows_of(g, n, 4 * hidden, options).addmm_(rows_of(h_prev, n, proj, options), w_hh_t);
       const scalar_t* c_prev = t == 0 ? c0_p : cells_p + slot(t - 1) * batch * hidden;
