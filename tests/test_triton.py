@@ -30,9 +30,14 @@ from lstmkit.backends import triton as backend
 from lstmkit.cells import CELLS
 
 # triton.jit reads TRITON_INTERPRET when the kernels are defined (on their first use) and the
-# interpreter reads it again while they run: it stays set for the rest of the process.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-if not backend.kernels().INTERPRETED:
+# interpreter reads it again while they run: set here to define them, then only while this
+# file's tests run (interpreted, the backend accepts CPU tensors: other files expect it not to).
+_BEFORE = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = _BEFORE or "1"
+_DEFINED_INTERPRETED = backend.kernels().INTERPRETED
+if _BEFORE is None:
+    del os.environ["TRITON_INTERPRET"]
+if not _DEFINED_INTERPRETED:
     pytest.skip(
         "the triton kernels are compiled for the GPU in this process (TRITON_INTERPRET is not "
         "1, or they were used before this file); run this file alone to test them in Triton's "
@@ -42,6 +47,17 @@ if not backend.kernels().INTERPRETED:
 
 IN, STEPS = 3, 5
 LENGTHS = [5, 2, 4]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter():
+    """``TRITON_INTERPRET=1`` for this file's tests only."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if _BEFORE is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _BEFORE
 
 
 def forced(mode: str):
@@ -337,3 +353,12 @@ def test_auto_picks_triton_for_cuda_tensors():
     assert runner.choose_backend("auto", CELLS["layernorm"], masks, x, params) == "fused"
     x, params = on_cuda(128, "layernorm")  # 4H x H float32 weights: too many for "registers"
     assert runner.choose_backend("auto", CELLS["layernorm"], runner.NO_MASKS, x, params) == "fused"
+
+
+def test_interpreter_refuses_a_barrier_it_could_never_finish():
+    """A multi-slice barrier plan waits for programs the interpreter runs one at a time: it is
+    refused (before, ``lstmkit train --backend triton`` hung there after this file's tests)."""
+    wide, wide_params = layer(128)
+    assert backend._layer_plan(wide, wide_params, None).slices > 1
+    with pytest.raises(ValueError, match="mode 'barrier' with 4 slices in Triton's interpreter"):
+        runner.choose_backend("triton", CELLS["lstm"], runner.NO_MASKS, wide, wide_params)

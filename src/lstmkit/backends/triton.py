@@ -154,7 +154,7 @@ def refusal(x: Tensor, params: cells.Params) -> str | None:
     opaque = opaque_refusal((x, *params.values()))
     if opaque is not None:
         return opaque
-    interpreted = kernels().INTERPRETED
+    interpreted = kernels().interpreting()
     if x.device.type != "cuda" and not interpreted:
         return (
             f"its tensors are on {x.device.type!r}, not CUDA (TRITON_INTERPRET=1 runs the "
@@ -174,6 +174,11 @@ def refusal(x: Tensor, params: cells.Params) -> str | None:
             f"cell='layernorm' with hidden_size={params['weight_hh'].size(0) // 4}: its layer "
             "norms need all 4H recurrent pre-activations in one program, which holds at most "
             f"{ON_CHIP_BYTES} bytes of weights (this layer would need mode {plan.mode!r})"
+        )
+    if interpreted and plan.mode == "barrier" and plan.slices > 1:
+        return (
+            f"mode 'barrier' with {plan.slices} slices in Triton's interpreter: its programs "
+            "wait for each other at every step, and the interpreter runs one at a time"
         )
     return None
 

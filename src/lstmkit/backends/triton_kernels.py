@@ -30,7 +30,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-INTERPRETED = bool(triton.knobs.runtime.interpret)
+INTERPRETED = bool(triton.knobs.runtime.interpret)  # the kernels below are the interpreter's
+
+
+def interpreting() -> bool:
+    """Whether the kernels run in Triton's interpreter now: defined for it, and
+    ``TRITON_INTERPRET`` still set (the interpreter reads it while a kernel runs)."""
+    return INTERPRETED and bool(triton.knobs.runtime.interpret)
 
 
 # Only builtins of triton.language here, none of its @jit library functions (tl.sigmoid,
