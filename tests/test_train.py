@@ -583,7 +583,10 @@ def test_a_full_disk_fails_the_run_and_keeps_the_last_checkpoint(run, capsys, mo
 @pytest.mark.parametrize("tool", ["tqdm", "safetensors", "matplotlib"])
 def test_a_missing_tool_of_the_train_extra_is_named_before_training(tool, tmp_path, capsys):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(sys.modules, tool, None)  # as if not installed
+        # as if not installed; its submodules too (imported by earlier tests, they would be
+        # found in sys.modules without their package)
+        for name in {tool, *(m for m in sys.modules if m.startswith(f"{tool}."))}:
+            patch.setitem(sys.modules, name, None)
         line = _refused(capsys, "train", "--task", "digits", "--run-dir", tmp_path, status=1)
     assert f"needs {tool}: pip install 'lstmkit[train]'" in line
     assert list(tmp_path.iterdir()) == []
