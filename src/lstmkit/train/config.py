@@ -10,7 +10,7 @@ wrong types, non-finite floats and values out of range are :class:`ConfigError` 
 what was expected and what was received.
 
 Options of the model itself (sizes, cell, backend, dropout) are checked by the model's own
-constructor, once, when the training loop builds it (:func:`lstmkit.train.loop.build`).
+constructor, once, when the training loop builds it (:func:`lstmkit.train.loop.build_model`).
 """
 
 from __future__ import annotations

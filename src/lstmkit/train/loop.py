@@ -282,7 +282,7 @@ def _try_a_step(task: Task, model: nn.Module, processes: Processes) -> None:
         with _autocast(task.config, processes.device):
             loss = task.loss(model, inputs, targets)
         loss.backward()
-    except (ValueError, TypeError, torch.OutOfMemoryError) as error:
+    except (ValueError, TypeError, torch.cuda.OutOfMemoryError) as error:
         raise ConfigError(f"these settings cannot train on {processes.device}: {error}") from None
     finally:
         model.zero_grad(set_to_none=True)
