@@ -7,6 +7,7 @@ import json
 import shutil
 import statistics
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -185,3 +186,14 @@ def test_cpu_info_agrees_with_lscpu():
     assert info["cpu_model"] == lscpu["Model"]
     assert set(info["cpu_flags_all"].split()) == set(lscpu["Flags"].split())
     assert set(info["cpu_vector_flags"].split()) <= set(lscpu["Flags"].split())
+
+
+def test_reports_without_matplotlib_skip_only_the_chart(tmp_path, monkeypatch, capsys):
+    """matplotlib is optional (the train extra): without it the JSON and Markdown are written
+    and the chart is skipped with one line."""
+    tiny = Config("tiny", batch=2, seq_len=3, input_size=4, hidden_size=5)
+    result = run_config(tiny, ["auto"], repeats=1, warmup=0)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    report.write_reports(tmp_path, [result], report.machine_info(1), {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md"]
+    assert "bench.png not drawn: matplotlib is not installed" in capsys.readouterr().out

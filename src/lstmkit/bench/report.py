@@ -186,8 +186,13 @@ def markdown_tables(results: Sequence[ConfigResult]) -> str:
 
 
 def plot_ratios(results: Sequence[ConfigResult], path: Path) -> None:
-    """A bar chart per mode of every time ratio per configuration, with a line at 1.0."""
-    import matplotlib
+    """A bar chart per mode of every time ratio per configuration, with a line at 1.0; none,
+    with one line saying so, where matplotlib (an optional dependency) is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"{path.name} not drawn: matplotlib is not installed (pip install matplotlib)")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
