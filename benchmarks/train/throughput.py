@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lstmkit.bench.report import cpu_info
 from lstmkit.train.config import from_mapping
 from lstmkit.train.loop import keep_freed_memory, learning_rate
 from lstmkit.train.tasks import CharLM, CharLMConfig
@@ -86,7 +86,7 @@ def main() -> None:
         keep_freed_memory()
     rows = [measure(b, args.steps, args.warmup) for b in args.batch_size]
     machine = {
-        "cpu": platform.processor() or platform.machine(),
+        **cpu_info(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -100,7 +100,9 @@ def main() -> None:
         "",
         f"2 layers, H=256, T=128, Adam + clipping; median of {args.steps} interleaved steps "
         f"each; torch {torch.__version__}, {torch.get_num_threads()} threads; malloc: "
-        f"{machine['malloc']}.",
+        f"{machine['malloc']}; CPU {machine['cpu']} (family {machine.get('cpu_family')}, "
+        f"model {machine.get('cpu_model')}; {machine.get('cpu_vector_flags')}); lstmkit's "
+        "backend: auto.",
         "",
         "| batch | lstmkit tok/s | nn.LSTM tok/s | time ratio lstmkit / nn |",
         "|---|---|---|---|",
