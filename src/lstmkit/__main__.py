@@ -9,8 +9,16 @@ from lstmkit.bench import cli as bench
 from lstmkit.train import cli as train
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but a bad command line is one line on stderr (exit 2), not the
+    usage text and then the error; its subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lstmkit", description=__doc__)
+    parser = _Parser(prog="lstmkit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     train.add_arguments(commands)
     bench.add_arguments(
