@@ -56,6 +56,16 @@ def run_with_grads(model: nn.Module, input, hx=None, **kwargs) -> dict[str, torc
     return results
 
 
+def second_derivatives(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What a double backward computes: the gradients, with respect to ``x`` and every
+    parameter, of the sum of squares of a fixed loss's first-order gradients."""
+    out, (h_n, c_n) = model(x)
+    loss = out.square().sum() + h_n.sum() + c_n.square().sum()
+    leaves = (x, *model.parameters())
+    grads = torch.autograd.grad(loss, leaves, create_graph=True)
+    return torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
+
+
 def assert_all_close(ours: dict, theirs: dict, tol: float) -> None:
     assert ours.keys() == theirs.keys()
     for key in ours:

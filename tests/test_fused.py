@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_all_close, run_with_grads
+from conftest import TOLERANCES, assert_all_close, run_with_grads, second_derivatives
 from test_parity import GRID, IN, make_hx, make_input
 
 import lstmkit
+from lstmkit import native_available
 from lstmkit.backends import fused, matmul
 from lstmkit.cells import CELLS
 from lstmkit.runner import NO_MASKS
@@ -23,15 +24,25 @@ def twin_backends(dtype=torch.float64, backend="fused", **config):
     return ours, reference
 
 
+NATIVE, WHY_NOT_NATIVE = native_available()
+HAND_WRITTEN = [
+    "fused",
+    pytest.param("native", marks=pytest.mark.skipif(not NATIVE, reason=f"{WHY_NOT_NATIVE}")),
+]
+
+
+@pytest.mark.parametrize("backend", HAND_WRITTEN)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize(
     ("layers", "bidirectional", "proj", "batch_first", "bias", "kind", "with_hx"), GRID
 )
-def test_fused_equals_reference(
-    dtype, layers, bidirectional, proj, batch_first, bias, kind, with_hx
+def test_hand_written_backward_equals_reference(
+    backend, dtype, layers, bidirectional, proj, batch_first, bias, kind, with_hx
 ):
+    """The fused and the native backend against the reference over the parity grid."""
     fused, reference = twin_backends(
         dtype,
+        backend=backend,
         input_size=IN,
         hidden_size=6,
         num_layers=layers,
@@ -97,15 +108,8 @@ def test_second_backward_and_double_backward():
     (first,) = torch.autograd.grad(out.sum(), x, retain_graph=True)
     (second,) = torch.autograd.grad(out.sum(), x, retain_graph=True)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
-
-    def second_derivatives(model):
-        out, (h_n, c_n) = model(x)
-        loss = out.square().sum() + h_n.sum() + c_n.square().sum()
-        leaves = (x, *model.parameters())
-        grads = torch.autograd.grad(loss, leaves, create_graph=True)
-        return torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
-
-    for got, want in zip(second_derivatives(ours), second_derivatives(reference), strict=True):
+    pairs = zip(second_derivatives(ours, x), second_derivatives(reference, x), strict=True)
+    for got, want in pairs:
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
     assert torch.autograd.gradgradcheck(lambda x: ours(x)[0], (x,))
 

@@ -12,9 +12,9 @@ import textwrap
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_all_close, run_with_grads, twin_models
+from conftest import TOLERANCES, assert_all_close, run_with_grads, second_derivatives, twin_models
 from test_fused import twin_backends
-from test_parity import GRID, IN, make_hx, make_input
+from test_parity import IN, make_hx
 
 import lstmkit
 from lstmkit import runner
@@ -44,32 +44,6 @@ def small_layer(dtype=torch.float64, proj=2, bias=True, requires_grad=True):
     h0 = torch.randn(4, out, dtype=dtype, requires_grad=requires_grad)
     c0 = torch.randn(4, hidden, dtype=dtype, requires_grad=requires_grad)
     return x, h0, c0, params
-
-
-@needs_native
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize(
-    ("layers", "bidirectional", "proj", "batch_first", "bias", "kind", "with_hx"), GRID
-)
-def test_native_equals_reference(
-    dtype, layers, bidirectional, proj, batch_first, bias, kind, with_hx
-):
-    ours, reference = twin_backends(
-        dtype,
-        backend="native",
-        input_size=IN,
-        hidden_size=6,
-        num_layers=layers,
-        bias=bias,
-        batch_first=batch_first,
-        bidirectional=bidirectional,
-        proj_size=proj,
-    )
-    x = make_input(kind, 3, 5, batch_first, dtype, lengths=[2, 5, 1])
-    hx = make_hx(layers, bidirectional, proj, 3, dtype, kind == "unbatched") if with_hx else None
-    assert_all_close(
-        run_with_grads(ours, x, hx), run_with_grads(reference, x, hx), TOLERANCES[dtype]
-    )
 
 
 @needs_native
@@ -139,15 +113,8 @@ def test_gradcheck_and_gradgradcheck_through_the_module():
     x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: ours(x)[0], (x,))
     assert torch.autograd.gradgradcheck(lambda x: ours(x)[0], (x,))
-
-    def second_derivatives(model):
-        out, (h_n, c_n) = model(x)
-        loss = out.square().sum() + h_n.sum() + c_n.square().sum()
-        leaves = (x, *model.parameters())
-        grads = torch.autograd.grad(loss, leaves, create_graph=True)
-        return torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
-
-    for got, want in zip(second_derivatives(ours), second_derivatives(reference), strict=True):
+    pairs = zip(second_derivatives(ours, x), second_derivatives(reference, x), strict=True)
+    for got, want in pairs:
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
 
 
