@@ -28,6 +28,8 @@ Params = Mapping[str, Tensor | None]
 # extra parameters: name -> (shape from (H, P), initialisation: "uniform" | "ones" | "zeros")
 Extra = Mapping[str, tuple[Callable[[int, int], tuple[int, ...]], str]]
 LAYER_NORM_EPS = 1e-5
+# the parameters of torch.nn.LSTM that every cell owns, by name without suffix
+NN_PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 
 
 def project_input(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:

@@ -402,7 +402,7 @@ class LSTM(nn.Module):
         """The parameters of one layer-direction by name without suffix, ``None`` where
         absent."""
         suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-        kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr", *self.cell.extra)
+        kinds = (*cells.NN_PARAMETERS, *self.cell.extra)
         return {kind: getattr(self, kind + suffix, None) for kind in kinds}
 
     def forward(

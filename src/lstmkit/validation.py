@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lstmkit.cells import NN_PARAMETERS, Cell
+
 
 class LSTMValueError(ValueError, RuntimeError):
     """A wrong value, size, shape or device where ``torch.nn.LSTM`` raises a ``RuntimeError``
@@ -139,7 +141,6 @@ def check_rate(name: str, value: object) -> float:
 
 
 INIT_KINDS = ("uniform", "ones", "zeros")  # how a cell's extra parameter starts
-STANDARD_PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 
 
 def _cell_label(cell: object) -> str:
@@ -155,12 +156,12 @@ def _check_index(label: str, name: str, value: object, stop: int | None = None) 
         raise ValueError(f"{label}: {name} must be {expected}, got {value}")
 
 
-def _check_cell_contract(cell, base: type) -> None:
+def _check_cell_contract(cell: Cell) -> None:
     """What ``docs/custom_cells.md`` asks of a cell, checked where the model is built."""
     label = _cell_label(cell)
     if not isinstance(cell.name, str):
         raise TypeError(f"{label}: name must be a str, got {_describe(cell.name)}")
-    if type(cell).step is base.step:
+    if type(cell).step is Cell.step:
         raise TypeError(f"{label} must override step(xp, h, c, p), which returns (h, c)")
     _check_index(label, "gates", cell.gates)
     if cell.forget_gate is not None:
@@ -168,10 +169,10 @@ def _check_cell_contract(cell, base: type) -> None:
     if not isinstance(cell.extra, Mapping):
         raise TypeError(f"{label}: extra must be a dict, got {_describe(cell.extra)}")
     for key, entry in cell.extra.items():
-        if not isinstance(key, str) or not key or "." in key or key in STANDARD_PARAMETERS:
+        if not isinstance(key, str) or not key or "." in key or key in NN_PARAMETERS:
             raise ValueError(
                 f"{label}: extra's names must be non-empty strs without '.', other than "
-                f"{', '.join(STANDARD_PARAMETERS)}; got {key!r}"
+                f"{', '.join(NN_PARAMETERS)}; got {key!r}"
             )
         if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[0])):
             raise TypeError(
@@ -184,10 +185,8 @@ def _check_cell_contract(cell, base: type) -> None:
 def check_cell(value: object, cells: Mapping[str, object]) -> object:
     """A cell name from ``cells`` or an instance of :class:`lstmkit.cells.Cell` that keeps
     the contract of ``docs/custom_cells.md`` as far as it can be known before a step runs."""
-    from lstmkit.cells import Cell
-
     if isinstance(value, Cell):
-        _check_cell_contract(value, Cell)
+        _check_cell_contract(value)
         return value
     expected = f"one of {', '.join(map(repr, cells))} or a lstmkit.cells.Cell instance"
     if isinstance(value, type) and issubclass(value, Cell):

@@ -277,7 +277,6 @@ def run(
     with autocast_off(x):
         if type(cell) is not cells.LSTM or masks.active():
             return fused_cells.run(cell, x, h, c, params, batch_sizes, masks, dtype)
-        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
-        tensors = (x, h, c, *(params[name] for name in names))
-        rerun = rerun_reference(cell, names, batch_sizes, masks)
+        tensors = (x, h, c, *(params[name] for name in cells.NN_PARAMETERS))
+        rerun = rerun_reference(cell, cells.NN_PARAMETERS, batch_sizes, masks)
         return FusedLSTM.apply(*tensors, batch_sizes, needs_backward(tensors), dtype, rerun)

@@ -70,7 +70,7 @@ from lstmkit.backends.common import (
 )
 
 _KINDS = {cells.LSTM: "lstm", cells.LayerNorm: "layernorm", cells.Peephole: "peephole"}
-_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+_NAMES = cells.NN_PARAMETERS
 _EXTRA = {kind: tuple(cell.extra) for cell, kind in _KINDS.items()}  # their parameters' names
 _EPS = cells.LAYER_NORM_EPS
 # Resolved overloads: torch.ops.aten.<op>(..., grad_input=...) costs ~3 us more per call.

@@ -50,7 +50,7 @@ def run(
             with the batch sorted by decreasing length (as in a ``PackedSequence``), or
             ``None`` when every sequence is ``T`` long. A finished sequence keeps its state
             and outputs zeros.
-        masks: the regularisers' masks (:class:`lstmkit.runner.Masks`).
+        masks: the regularisers' masks (:class:`lstmkit.backends.masks.Masks`).
 
     Returns:
         ``(output, h_n, c_n)`` of shapes ``(T, B, P)``, ``(B, P)``, ``(B, H)``.

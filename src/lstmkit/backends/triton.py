@@ -59,7 +59,7 @@ AVAILABLE = importlib.util.find_spec("triton") is not None
 # Not measured yet (no GPU in the session that wrote this): benchmarks/gpu.py is the way to.
 ON_CHIP_BYTES = 96 * 1024
 _GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr", "weight_ch")
+_NAMES = (*cells.NN_PARAMETERS, "weight_ch")
 _KINDS = {cells.LSTM: "lstm", cells.Peephole: "peephole", cells.LayerNorm: "layernorm"}
 # The layernorm cell's parameters inside the kernels, in the order of their ``extra`` vector.
 _LAYERNORM = ("ln_hh_weight", "ln_hh_bias", "ln_c_weight", "ln_c_bias")

@@ -28,9 +28,10 @@ from lstmkit.backends.common import (
     reference_backward,
     rerun_reference,
 )
+from lstmkit.backends.masks import NO_MASKS
 from lstmkit.backends.native import build
 
-NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+NAMES = cells.NN_PARAMETERS
 DTYPES = (torch.float32, torch.float64)
 
 _status: tuple[bool, str] | None = None  # (available, how it was loaded or why not)
@@ -100,8 +101,6 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     *inputs, out, gates, cell_states = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-        from lstmkit.runner import NO_MASKS  # the runner imports this module
-
         rerun = rerun_reference(cells.CELLS["lstm"], NAMES, ctx.batch_sizes or None, NO_MASKS)
         grads = (grad_output, grad_h_n, grad_c_n)
         return *reference_backward(rerun, inputs, grads, needs[:8]), None, None
