@@ -33,10 +33,10 @@ BATCH_SIZES = [4, 4, 3, 1, 1]  # for calls to a backend's run: sequences of 5, 3
 LAYERNORM_FLOAT32_TOLERANCE = 2e-3
 
 
-def compare_backends(dtype, cell, regularizers, training, tolerance, **config):
-    """Both backends on the same weights, input, hx and lengths; each forward after the same
-    seed, so that the runner draws the same masks for both."""
-    models = twin_backends(dtype, cell=cell, **config, **regularizers)
+def compare_backends(dtype, cell, regularizers, training, tolerance, backend="fused", **config):
+    """``backend`` and the reference on the same weights, input, hx and lengths; each forward
+    after the same seed, so that the runner draws the same masks for both."""
+    models = twin_backends(dtype, backend, cell=cell, **config, **regularizers)
     batch, steps, inp = BATCH, STEPS, config["input_size"]
     x = torch.randn(steps, batch, inp, dtype=dtype)
     states = config.get("num_layers", 1) * (2 if config.get("bidirectional") else 1)
@@ -93,7 +93,7 @@ def test_without_projection_or_bias(cell, bias):
 
 def _random_params(cell: str, hidden: int, inp: int, out: int, generator) -> dict:
     """Parameters of one layer-direction (float64, LN gains near 1), by name."""
-    gates = 4 * hidden
+    gates = CELLS[cell].gates * hidden
     shapes = {
         "weight_ih": (gates, inp),
         "weight_hh": (gates, out),
@@ -123,14 +123,15 @@ def _masks(steps: int, batch: int, hidden: int, out: int, training: bool, genera
     )
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train masks", "eval masks"])
-@pytest.mark.parametrize("cell", CELL_NAMES)
-def test_gradcheck(cell, training):
+def layer_function(backend, cell: str, training: bool):
+    """``(f, inputs)``: ``f(x, h0, c0, *weights)`` runs one layer-direction of ``cell`` (H = 3,
+    P = 2, lengths ``BATCH_SIZES``) on ``backend`` with fixed masks (``f.masks``; training's,
+    or evaluation's zoneout probabilities), the weights named by ``f.names``; ``inputs``: float64
+    values for it that require grad."""
     hidden, out, inp, steps, batch = 3, 2, 3, len(BATCH_SIZES), BATCH_SIZES[0]
     generator = torch.Generator().manual_seed(0)
     params = _random_params(cell, hidden, inp, out, generator)
     masks = _masks(steps, batch, hidden, out, training, generator)
-    names = list(params)
     inputs = [
         torch.randn(steps, batch, inp, generator=generator, dtype=torch.float64),
         torch.randn(batch, out, generator=generator, dtype=torch.float64),
@@ -139,10 +140,17 @@ def test_gradcheck(cell, training):
     ]
 
     def f(x, h0, c0, *weights):
-        params = dict(zip(names, weights, strict=True))
-        return fused_cells.run(CELLS[cell], x, h0, c0, params, BATCH_SIZES, masks)
+        params = dict(zip(f.names, weights, strict=True))
+        return backend.run(CELLS[cell], x, h0, c0, params, BATCH_SIZES, masks)
 
-    inputs = [t.requires_grad_() for t in inputs]
+    f.names, f.masks = list(params), masks
+    return f, [t.requires_grad_() for t in inputs]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train masks", "eval masks"])
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_gradcheck(cell, training):
+    f, inputs = layer_function(fused_cells, cell, training)
     assert torch.autograd.gradcheck(f, inputs)
 
 

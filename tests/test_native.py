@@ -14,12 +14,20 @@ import pytest
 import torch
 from conftest import TOLERANCES, assert_all_close, run_with_grads, second_derivatives, twin_models
 from test_fused import twin_backends
+from test_fused_cells import (
+    BATCH_SIZES,
+    CELL_NAMES,
+    LAYERNORM_FLOAT32_TOLERANCE,
+    REGULARIZERS,
+    compare_backends,
+    layer_function,
+)
 from test_parity import IN, make_hx
 
 import lstmkit
 from lstmkit import runner
-from lstmkit.backends import native
-from lstmkit.cells import CELLS
+from lstmkit.backends import native, reference
+from lstmkit.cells import CELLS, NN_PARAMETERS
 from lstmkit.runner import NO_MASKS, Masks
 
 AVAILABLE, WHY = lstmkit.native_available()
@@ -88,6 +96,71 @@ def test_larger_layer_with_lengths_equals_reference(dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("regularizers", list(REGULARIZERS))
+@pytest.mark.parametrize("cell", [*CELL_NAMES, "cifg"])
+def test_every_cell_and_regulariser_equals_reference(cell, regularizers, training, dtype):
+    """Two stacked bidirectional layers with projection, hx and lengths, against the
+    reference backend with the same masks: outputs, final states, every gradient."""
+    tolerance = TOLERANCES[dtype]
+    if cell == "layernorm" and dtype == torch.float32:
+        tolerance = LAYERNORM_FLOAT32_TOLERANCE
+    compare_backends(
+        dtype,
+        cell,
+        REGULARIZERS[regularizers],
+        training,
+        tolerance,
+        backend="native",
+        input_size=IN,
+        hidden_size=6,
+        num_layers=2,
+        bidirectional=True,
+        proj_size=3,
+    )
+
+
+@needs_native
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("cell", [*CELL_NAMES, "cifg"])
+def test_every_cell_without_projection_or_bias(cell, bias):
+    compare_backends(
+        torch.float64,
+        cell,
+        REGULARIZERS["all"],
+        True,
+        1e-10,
+        backend="native",
+        input_size=IN,
+        hidden_size=6,
+        bias=bias,
+    )
+
+
+@needs_native
+@pytest.mark.parametrize("cell", [*CELL_NAMES, "cifg"])
+def test_every_cell_at_vector_widths(cell):
+    """Sizes where the gate loops run whole vectors and their remainders, and the layer
+    norms' partial sums all their lanes (4H = 268), float32 and float64."""
+    for dtype in (torch.float64, torch.float32):
+        tolerance = TOLERANCES[dtype]
+        if cell == "layernorm" and dtype == torch.float32:
+            tolerance = LAYERNORM_FLOAT32_TOLERANCE
+        compare_backends(
+            dtype,
+            cell,
+            REGULARIZERS["all"],
+            True,
+            tolerance,
+            backend="native",
+            input_size=40,
+            hidden_size=67,
+            proj_size=19,
+        )
+
+
+@needs_native
 @pytest.mark.parametrize("proj", [0, 2])
 @pytest.mark.parametrize("batch_sizes", [None, [4, 4, 3, 1, 1]])
 @pytest.mark.parametrize("bias", [True, False])
@@ -97,10 +170,20 @@ def test_gradcheck_native_op(proj, batch_sizes, bias):
 
     def f(x, h0, c0, *weights):
         given = dict(zip(names, weights, strict=True))
-        layer = {k: given.get(k) for k in native.NAMES}
+        layer = {k: given.get(k) for k in NN_PARAMETERS}
         return native.run(CELLS["lstm"], x, h0, c0, layer, batch_sizes, NO_MASKS)
 
     assert torch.autograd.gradcheck(f, (x, h0, c0, *(params[k] for k in names)))
+
+
+@needs_native
+@pytest.mark.parametrize("training", [True, False], ids=["train masks", "eval masks"])
+@pytest.mark.parametrize("cell", [*CELL_NAMES, "cifg"])
+def test_gradcheck_every_cell_with_masks(cell, training):
+    """gradcheck of one layer-direction of each cell on the native backend, with lengths and
+    the masks of recurrent dropout and zoneout."""
+    f, inputs = layer_function(native, cell, training)
+    assert torch.autograd.gradcheck(f, inputs)
 
 
 @needs_native
@@ -118,35 +201,61 @@ def test_gradcheck_and_gradgradcheck_through_the_module():
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
 
 
-def _forward_args(training, batch_sizes, proj=2, bias=True):
-    x, h0, c0, params = small_layer(proj=proj, bias=bias, requires_grad=training)
-    return (x, h0, c0, *(params[k] for k in native.NAMES), batch_sizes, training)
+@needs_native
+@pytest.mark.parametrize("cell", [*CELL_NAMES, "cifg"])
+def test_second_derivatives_of_every_cell_with_masks(cell):
+    """create_graph=True through the native backend differentiates the reference equations
+    with the very masks of the forward."""
+    f, inputs = layer_function(native, cell, True)
+    g, _ = layer_function(reference, cell, True)
+    got, want = (second_derivatives_of(fn, inputs) for fn in (f, g))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def second_derivatives_of(function, inputs):
+    """d/d(inputs) of the sum of squared first derivatives of sum(outputs)."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    first = torch.autograd.grad(sum(o.sum() for o in function(*leaves)), leaves, create_graph=True)
+    total = sum((g * g).sum() for g in first)
+    return torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True)
+
+
+def _op_args(cell, training, requires_grad):
+    """The arguments of lstmkit::recurrence for one layer-direction of ``cell`` with masks."""
+    f, inputs = layer_function(native, cell, training)
+    x, h0, c0, *weights = (t.detach().requires_grad_(requires_grad) for t in inputs)
+    params = dict(zip(f.names, weights, strict=True))
+    xp = CELLS[cell].project_input(x, params)
+    zone_h, zone_h_p = native._zone(f.masks.zoneout_h, x)
+    zone_c, zone_c_p = native._zone(f.masks.zoneout_c, x)
+    return (
+        xp, h0, c0, *(params.get(k) for k in native.NAMES), cell, f.masks.recurrent, zone_h,
+        zone_c, zone_h_p, zone_c_p, BATCH_SIZES,
+    )  # fmt: skip
 
 
 @needs_native
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("batch_sizes", [[], [4, 4, 3, 1, 1]])
-@pytest.mark.parametrize(("proj", "bias"), [(2, True), (0, False)])
-def test_opcheck_forward(training, batch_sizes, proj, bias):
-    args = _forward_args(training, batch_sizes, proj, bias)
-    torch.library.opcheck(torch.ops.lstmkit.lstm_forward.default, args)
+@pytest.mark.parametrize("masks", ["train", "eval"])
+@pytest.mark.parametrize("cell", [*CELL_NAMES, "cifg"])
+def test_opcheck_forward(cell, masks, training):
+    args = _op_args(cell, masks == "train", training)
+    torch.library.opcheck(torch.ops.lstmkit.recurrence.default, (*args, training))
 
 
 @needs_native
-@pytest.mark.parametrize("batch_sizes", [[], [4, 4, 3, 1, 1]])
-@pytest.mark.parametrize(("proj", "bias"), [(2, True), (0, False)])
 @pytest.mark.parametrize("some_grads", [False, True])
-def test_opcheck_backward(batch_sizes, proj, bias, some_grads):
-    args = _forward_args(False, batch_sizes, proj, bias)
-    x, h0, c0, w_ih, w_hh, _, _, w_hr = args[:8]
-    output, h_n, c_n, gates, cell_states = torch.ops.lstmkit.lstm_forward(*args[:9], True)
+@pytest.mark.parametrize("cell", [*CELL_NAMES, "cifg"])
+def test_opcheck_backward(cell, some_grads):
+    args = _op_args(cell, True, False)
+    output, h_n, c_n, *saved = torch.ops.lstmkit.recurrence(*args, True)
     grads = [torch.randn_like(t) for t in (output, h_n, c_n)]
     if some_grads:
         grads[1] = None  # autograd may pass None for an output nobody used
-    backward_args = (
-        *grads, x, h0, c0, w_ih, w_hh, w_hr, output, gates, cell_states, batch_sizes, bias, True
-    )  # fmt: skip
-    torch.library.opcheck(torch.ops.lstmkit.lstm_backward.default, backward_args)
+    _, h0, c0, *rest = args[:-1]
+    backward_args = (*grads, h0, c0, *rest, output, *saved, args[-1])
+    torch.library.opcheck(torch.ops.lstmkit.recurrence_backward.default, backward_args)
 
 
 @needs_native
@@ -161,8 +270,9 @@ def test_inference_keeps_nothing_and_equals_reference(mode):
     with context():
         got = ours(x, lengths=lengths)
         want = reference(x, lengths=lengths)
-        args = _forward_args(True, [4, 4, 3, 1, 1])[:9]
-        *_, gates, cell_states = torch.ops.lstmkit.lstm_forward(*args, False)
+        *_, gates, cell_states, _, _, _, _ = torch.ops.lstmkit.recurrence(
+            *_op_args("lstm", True, False), False
+        )
     assert not got[0].requires_grad
     assert gates.numel() == cell_states.numel() == 0
     for a, b in zip((got[0], *got[1]), (want[0], *want[1]), strict=True):
@@ -170,29 +280,14 @@ def test_inference_keeps_nothing_and_equals_reference(mode):
 
 
 @needs_native
-def test_long_inference_projects_the_input_in_blocks():
-    """Inference computes the input half of the gates a block of steps at a time (B x 4H x 32
-    steps here): every block boundary, with lengths, equals the reference."""
-    ours, reference = twin_backends(backend="native", input_size=8, hidden_size=512)
-    x = torch.randn(70, 64, 8, dtype=torch.float64)
-    lengths = torch.randint(1, 71, (64,))
-    lengths[0] = 70
-    with torch.no_grad():
-        got, want = ours(x, lengths=lengths), reference(x, lengths=lengths)
-    for a, b in zip((got[0], *got[1]), (want[0], *want[1]), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
-
-
-@needs_native
 def test_auto_picks_native_on_the_cpu():
-    weights = [None if w is None else w.float() for w in _forward_args(False, [])[3:8]]
-    params = dict(zip(native.NAMES, weights, strict=True))
+    _, _, _, params = small_layer(torch.float32, requires_grad=False)
     x = torch.randn(5, 4, 3)
     lstm = CELLS["lstm"]
-    assert runner.choose_backend("auto", lstm, NO_MASKS, x, params) == "native"
-    assert runner.choose_backend("auto", CELLS["peephole"], NO_MASKS, x, params) == "fused"
+    for cell in CELLS.values():
+        assert runner.choose_backend("auto", cell, NO_MASKS, x, params) == "native"
     masks = Masks(recurrent=torch.ones(4, 2))
-    assert runner.choose_backend("auto", lstm, masks, x, params) == "fused"
+    assert runner.choose_backend("auto", lstm, masks, x, params) == "native"
     with torch.autocast("cpu"):
         assert runner.choose_backend("auto", lstm, NO_MASKS, x, params) == "fused"
     half = {k: None if v is None else v.half() for k, v in params.items()}
@@ -215,7 +310,7 @@ def test_torch_func_falls_back_from_native():
 @needs_native
 def test_compile_and_export_keep_the_native_op():
     """With the default backend, torch.compile(fullgraph=True) and torch.export keep each
-    layer-direction as one lstmkit::lstm_forward node, with eager's numbers."""
+    layer-direction as one lstmkit::recurrence node, with eager's numbers."""
     torch._dynamo.reset()
     model = lstmkit.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, dtype=torch.float64)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
@@ -225,7 +320,7 @@ def test_compile_and_export_keep_the_native_op():
     assert_all_close(got, want, 1e-10)
     program = torch.export.export(model, (x,))
     ops = [n.target for n in program.graph.nodes if n.op == "call_function"]
-    assert ops.count(torch.ops.lstmkit.lstm_forward.default) == 4
+    assert ops.count(torch.ops.lstmkit.recurrence.default) == 4
     torch.testing.assert_close(program.module()(x)[0], model(x)[0], atol=1e-10, rtol=0)
 
 

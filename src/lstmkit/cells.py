@@ -111,6 +111,7 @@ class Cell:
     gates = 4  # blocks of H rows in weight_ih / weight_hh / the biases
     forget_gate: int | None = 1  # block that forget_bias= adds to; None if there is none
     extra: ClassVar[Extra] = {}  # parameters beyond torch.nn.LSTM's
+    kind: ClassVar[str | None] = None  # the equations a fast backend runs for it, if any
 
     def project_input(self, x: Tensor, p: Params) -> Tensor:
         """``(T, B, I) -> (T, B, GH)``: the state-independent part of the gates, all steps."""
@@ -128,6 +129,7 @@ class LSTM(Cell):
     """The standard LSTM of ``torch.nn.LSTM``: :func:`lstm_step`."""
 
     name = "lstm"
+    kind = "lstm"
 
     def step(self, xp, h, c, p):
         return lstm_step(xp, h, c, p["weight_hh"], p["weight_hr"])
@@ -153,6 +155,7 @@ class LayerNorm(Cell):
     """
 
     name = "layernorm"
+    kind = "layernorm"
     extra: ClassVar[Extra] = {
         "ln_ih_weight": (lambda h, p: (4 * h,), "ones"),
         "ln_ih_bias": (lambda h, p: (4 * h,), "zeros"),
@@ -191,6 +194,7 @@ class Peephole(Cell):
     """
 
     name = "peephole"
+    kind = "peephole"
     extra: ClassVar[Extra] = {"weight_ch": (lambda h, p: (3 * h,), "uniform")}
 
     def step(self, xp, h, c, p):
@@ -211,6 +215,7 @@ class CIFG(Cell):
     """
 
     name = "cifg"
+    kind = "cifg"
     gates = 3
     forget_gate = 0
 

@@ -55,8 +55,21 @@ def run(
     Returns:
         ``(output, h_n, c_n)`` of shapes ``(T, B, P)``, ``(B, P)``, ``(B, H)``.
     """
-    xp = cell.project_input(x, params)  # (T, B, GH)
-    batch = x.size(1)
+    return recur(cell, cell.project_input(x, params), h, c, params, batch_sizes, masks)
+
+
+def recur(
+    cell: cells.Cell,
+    xp: Tensor,
+    h: Tensor,
+    c: Tensor,
+    params: cells.Params,
+    batch_sizes: list[int] | None,
+    masks,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`run` given the input half of the gates, ``xp`` ``(T, B, GH)``
+    (:meth:`lstmkit.cells.Cell.project_input`), instead of the input."""
+    batch = xp.size(1)
     outputs = []
     # unbind, not xp[t]: indexing a tensor that requires grad makes backward O(T^2).
     for t, xp_t in enumerate(xp.unbind(0)):

@@ -1,19 +1,23 @@
-"""The native backend: a layer-direction's whole time loop in C++, forward and hand-written
-backward, as the custom operators ``torch.ops.lstmkit.lstm_forward`` and
-``torch.ops.lstmkit.lstm_backward`` (``csrc/lstm.cpp``).
+"""The native backend: a layer-direction's whole recurrence in C++, forward and hand-written
+backward, as the custom operators ``torch.ops.lstmkit.recurrence`` and
+``torch.ops.lstmkit.recurrence_backward`` (``csrc/lstm.cpp``), for the cells of the kinds
+``lstm``, ``peephole``, ``cifg`` and ``layernorm`` with recurrent dropout and zoneout.
 
-Python adds what makes them behave like any PyTorch operator: a fake (shape-only)
-implementation of each, for ``torch.compile`` and ``torch.export``, and the forward's autograd
-formula, which calls the backward operator. When autograd asks for higher-order gradients
-(``create_graph=True``) the formula differentiates the reference equations instead
-(:func:`lstmkit.backends.common.reference_backward`), as the fused backend does.
+The input half of the gates is the cell's own :meth:`~lstmkit.cells.Cell.project_input`, one
+product over all steps (its autograd graph gives the input's and ``weight_ih``'s gradients); the
+operator runs the steps. Python adds what makes the operators behave like any PyTorch operator:
+a fake (shape-only) implementation of each, for ``torch.compile`` and ``torch.export``, and the
+forward's autograd formula, which calls the backward operator. When autograd asks for
+higher-order gradients (``create_graph=True``) the formula differentiates the reference
+equations instead (:func:`lstmkit.backends.common.reference_backward`), as the fused backend
+does.
 
 The operators are compiled once per machine and cached (:mod:`.build`); they are loaded the
 first time a process asks whether this backend is :func:`available`. Where they cannot be
 built, the backend says why and ``backend="auto"`` runs the Python backends.
 
-Runs the standard LSTM cell (``lstmkit.cells.LSTM``) with or without projection, lengths,
-given state and biases, in float32 and float64 on the CPU, without in-loop regularisers.
+Runs float32 and float64 on the CPU, with or without projection, lengths, given state and
+biases.
 """
 
 from __future__ import annotations
@@ -22,16 +26,22 @@ import torch
 from torch import Tensor
 
 from lstmkit import cells
-from lstmkit.backends.common import (
-    needs_backward,
-    opaque_refusal,
-    reference_backward,
-    rerun_reference,
-)
-from lstmkit.backends.masks import NO_MASKS
+from lstmkit.backends import reference
+from lstmkit.backends.common import needs_backward, opaque_refusal, reference_backward
+from lstmkit.backends.masks import Masks
 from lstmkit.backends.native import build
 
-NAMES = cells.NN_PARAMETERS
+# the step's parameters, in the operators' order (None where a cell has none)
+NAMES = (
+    "weight_hh",
+    "weight_hr",
+    "weight_ch",
+    "ln_hh_weight",
+    "ln_hh_bias",
+    "ln_c_weight",
+    "ln_c_bias",
+)
+KINDS = frozenset({"lstm", "peephole", "cifg", "layernorm"})
 DTYPES = (torch.float32, torch.float64)
 
 _status: tuple[bool, str] | None = None  # (available, how it was loaded or why not)
@@ -55,78 +65,91 @@ def available() -> tuple[bool, str]:
 
 def _register() -> None:
     """The fake implementations and the autograd formula of the loaded operators."""
-    torch.library.register_fake("lstmkit::lstm_forward", _forward_fake)
-    torch.library.register_fake("lstmkit::lstm_backward", _backward_fake)
-    torch.library.register_autograd(
-        "lstmkit::lstm_forward", _backward, setup_context=_setup_context
-    )
+    torch.library.register_fake("lstmkit::recurrence", _forward_fake)
+    torch.library.register_fake("lstmkit::recurrence_backward", _backward_fake)
+    torch.library.register_autograd("lstmkit::recurrence", _backward, setup_context=_setup_context)
 
 
-def _forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, training):
-    steps, batch = x.shape[:2]
-    gate_rows, proj = w_hh.shape  # (4H, P)
-    hidden = gate_rows // 4
-    return (
-        x.new_empty(steps, batch, proj),  # output
-        x.new_empty(batch, proj),  # h_n
-        x.new_empty(batch, hidden),  # c_n
-        x.new_empty(steps, batch, gate_rows) if training else x.new_empty(0),  # gates
-        x.new_empty(steps, batch, hidden) if training else x.new_empty(0),  # cell states
+def _forward_fake(
+    xp, h0, c0, w_hh, w_hr, w_ch, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b, kind, recurrent, zone_h,
+    zone_c, zone_h_p, zone_c_p, batch_sizes, training,
+):  # fmt: skip
+    steps, batch, rows = xp.shape
+    hidden, proj = c0.shape[1], w_hh.shape[1]
+    layernorm = kind == "layernorm"
+    zoned_c = zone_c is not None or zone_c_p != 0
+    kept = (
+        (steps, batch, rows),  # activated gates
+        (steps, batch, hidden),  # every c_t
+        (steps, batch, hidden) if zoned_c else (0,),  # c' before zoneout
+        (steps, batch, rows) if layernorm else (0,),  # LN_hh's normalised input
+        (steps, batch, hidden) if layernorm else (0,),  # LN_c's normalised input
+        (steps, batch, 2) if layernorm else (0,),  # 1 / std of both
     )
+    # inference keeps nothing; no two outputs alias each other
+    kept = (shape if training else (0,) for shape in kept)
+    out = xp.new_empty(steps, batch, proj)
+    return out, torch.empty_like(h0), torch.empty_like(c0), *(xp.new_empty(s) for s in kept)
 
 
 def _backward_fake(
-    grad_output, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, output, gates, cell_states,
-    batch_sizes, has_bias, input_grad,
+    grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, w_ch, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
+    kind, recurrent, zone_h, zone_c, zone_h_p, zone_c_p, output, gates, *_saved,
 ):  # fmt: skip
+    weights = (w_hh, w_hr, w_ch, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b)
     return (
-        torch.empty_like(x) if input_grad else x.new_empty(0),
+        torch.empty_like(gates),  # dxp
         torch.empty_like(h0),
         torch.empty_like(c0),
-        torch.empty_like(w_ih),
-        torch.empty_like(w_hh),
-        x.new_empty(w_hh.size(0)) if has_bias else x.new_empty(0),
-        x.new_empty(0) if w_hr is None else torch.empty_like(w_hr),
+        *(h0.new_empty(0) if w is None else torch.empty_like(w) for w in weights),
     )
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    *tensors, batch_sizes, _ = inputs  # x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr
-    out, _, _, gates, cell_states = output
-    ctx.save_for_backward(*tensors, out, gates, cell_states)
-    ctx.batch_sizes = list(batch_sizes)
+    xp, h0, c0, *weights = inputs[:10]
+    kind, recurrent, zone_h, zone_c, zone_h_p, zone_c_p, batch_sizes, _ = inputs[10:]
+    ctx.save_for_backward(xp, h0, c0, *weights, recurrent, zone_h, zone_c, *output[:1], *output[3:])
+    ctx.kind, ctx.zone_p, ctx.batch_sizes = kind, (zone_h_p, zone_c_p), list(batch_sizes)
 
 
-def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
-    *inputs, out, gates, cell_states = ctx.saved_tensors
-    needs = ctx.needs_input_grad
+def _backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_saved):
+    xp, h0, c0, *weights = ctx.saved_tensors[:10]
+    recurrent, zone_h, zone_c, output, *saved = ctx.saved_tensors[10:]
+    needs = ctx.needs_input_grad[:10]
     if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-        rerun = rerun_reference(cells.CELLS["lstm"], NAMES, ctx.batch_sizes or None, NO_MASKS)
-        grads = (grad_output, grad_h_n, grad_c_n)
-        return *reference_backward(rerun, inputs, grads, needs[:8]), None, None
-    x, h0, c0, w_ih, w_hh, b_ih, _, w_hr = inputs
-    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.lstmkit.lstm_backward(
-        grad_output, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, out, gates, cell_states,
-        ctx.batch_sizes, b_ih is not None, needs[0],
-    )  # fmt: skip
-    return (
-        dx if needs[0] else None,
-        dh0 if needs[1] else None,
-        dc0 if needs[2] else None,
-        dw_ih if needs[3] else None,
-        dw_hh if needs[4] else None,
-        db if needs[5] else None,
-        db.clone() if needs[6] else None,
-        dw_hr if needs[7] else None,
-        None,
-        None,
-    )
+        grads = reference_backward(
+            _rerun(ctx.kind, ctx.batch_sizes, recurrent, (zone_h, zone_c), ctx.zone_p),
+            (xp, h0, c0, *weights),
+            (grad_output, grad_h_n, grad_c_n),
+            needs,
+        )
+    else:
+        grads = torch.ops.lstmkit.recurrence_backward(
+            grad_output, grad_h_n, grad_c_n, h0, c0, *weights, ctx.kind, recurrent, zone_h,
+            zone_c, *ctx.zone_p, output, *saved, ctx.batch_sizes,
+        )  # fmt: skip
+    return *(g if n else None for g, n in zip(grads, needs, strict=True)), *[None] * 8
+
+
+def _rerun(kind: str, batch_sizes: list[int], recurrent, zones, zone_p):
+    """``(xp, h0, c0, *weights) -> (output, h_n, c_n)`` by the reference equations, with the
+    masks that the operator received (zoneout's as 0 / 1 or as the probability)."""
+    zoneout = [
+        (zone.bool() if zone is not None else p or None)
+        for zone, p in zip(zones, zone_p, strict=True)
+    ]
+    masks = Masks(recurrent, *zoneout)
+
+    def rerun(xp: Tensor, h0: Tensor, c0: Tensor, *weights: Tensor | None):
+        params = dict(zip(NAMES, weights, strict=True))
+        return reference.recur(cells.CELLS[kind], xp, h0, c0, params, batch_sizes or None, masks)
+
+    return rerun
 
 
 def supports(cell: cells.Cell, masks) -> bool:
-    """The standard LSTM cell without recurrent dropout or zoneout (weight drop is applied to
-    the weights before the loop)."""
-    return type(cell) is cells.LSTM and not masks.active()
+    """The cells of the kinds in :data:`KINDS`, with any regulariser."""
+    return cell.kind in KINDS
 
 
 def refusal(x: Tensor, params: cells.Params) -> str | None:
@@ -154,9 +177,25 @@ def run(
     batch_sizes: list[int] | None,
     masks,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Same contract as :func:`lstmkit.backends.reference.run`; one operator call. The forward
-    keeps what the backward needs only when autograd will differentiate it."""
-    tensors = (x, h, c, *(params[name] for name in NAMES))
-    training = needs_backward(tensors)
-    output, h_n, c_n, _, _ = torch.ops.lstmkit.lstm_forward(*tensors, batch_sizes or [], training)
+    """Same contract as :func:`lstmkit.backends.reference.run`: the cell's input half, then one
+    operator call. The forward keeps what the backward needs only when autograd will
+    differentiate it."""
+    xp = cell.project_input(x, params)  # (T, B, GH)
+    weights = [params.get(name) for name in NAMES]
+    (zone_h, zone_h_p), (zone_c, zone_c_p) = (
+        _zone(z, x) for z in (masks.zoneout_h, masks.zoneout_c)
+    )
+    training = needs_backward((xp, h, c, *weights))
+    output, h_n, c_n, *_ = torch.ops.lstmkit.recurrence(
+        xp, h, c, *weights, cell.kind, masks.recurrent, zone_h, zone_c, zone_h_p, zone_c_p,
+        batch_sizes or [], training,
+    )  # fmt: skip
     return output, h_n, c_n
+
+
+def _zone(zone: Tensor | float | None, like: Tensor) -> tuple[Tensor | None, float]:
+    """A zoneout mask as the operator takes it: the training mask as 0 / 1 in ``like``'s dtype,
+    or the evaluation probability."""
+    if isinstance(zone, Tensor):
+        return zone.to(like.dtype), 0.0
+    return None, zone or 0.0

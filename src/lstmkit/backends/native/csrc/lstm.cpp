@@ -1,21 +1,30 @@
-// One layer-direction of the standard LSTM over a whole sequence, forward and hand-written
-// backward (back-propagation through time), registered as the custom operators
-// lstmkit::lstm_forward and lstmkit::lstm_backward. Gate blocks in torch.nn.LSTM's order
-// (i, f, g, o); the equations are those of lstmkit.cells.lstm_step.
+// The recurrence of one layer-direction over a whole sequence, forward and hand-written
+// backward (back-propagation through time), for the lstm, peephole, cifg and layernorm cells
+// of lstmkit.cells, with recurrent dropout and zoneout, registered as the custom operators
+// lstmkit::recurrence and lstmkit::recurrence_backward. Gate blocks in torch.nn.LSTM's order
+// (i, f, g, o); cifg has three, (f, g, o).
 //
-// Forward: the input half of every step's gates, x W_ih^T + b_ih + b_hh, is ONE product over
-// all steps before the loop; step t adds h_{t-1} W_hh^T to its row in place (one addmm), then
-// ONE pass over the gates applies the activations and the cell update and writes h_t (or, with
-// a projection, o * tanh(c_t), then one product by W_hr^T). Nothing is allocated inside the
-// loop. In training the activated gates and every c_t are kept for the backward.
+// The input half of the gates, xp (T, B, GH), is the operator's input: the cell's own
+// project_input computes it for all steps, as one product, before the call. Step t, on the
+// first n = batch_sizes[t] rows (the sequences still running, the batch sorted by decreasing
+// length; finished rows keep their state and output zeros):
 //
-// Backward: per step one pass gives the pre-activation gradients and the cell-state gradient,
-// then dh_{t-1} = dgates W_hh (one product); after the loop the weight gradients are products
-// over all steps, the input gradient one product, the bias gradient one sum.
+//   a = h_{t-1} r                          r: the recurrent dropout mask (B, P), or 1
+//   z = xp_t + a W_hh^T                     lstm, peephole, cifg (one addmm)
+//   z = xp_t + LN(a W_hh^T; g_hh, b_hh)     layernorm (xp_t holds LN(x W_ih^T) and the biases)
+//   then ONE pass over the gates, per cell (see the *_forward_row functions), gives c' and
+//   m = o tanh(y), y = c' or LN(c'; g_c, b_c);  h' = m, or m W_hr^T with a projection
+//   h_t = w_h h_{t-1} + (1 - w_h) h',  c_t = w_c c_{t-1} + (1 - w_c) c'     zoneout
 //
-// Lengths: batch_sizes[t] is the number of sequences still running at step t, the batch sorted
-// by decreasing length (empty: all B). Step t touches only its first batch_sizes[t] rows;
-// finished rows keep their state and output zeros.
+// w_h, w_c are the zoneout masks as 0 / 1 (training, (T, B, .)) or the probability p
+// (evaluation). Nothing is allocated inside the loop. In training the activated gates, every
+// c_t (and c' under zoneout), and for layernorm the normalised values and their 1 / std, are
+// kept for the backward.
+//
+// Backward walks t down with dh, dc, the gradients reaching h_t and c_t: one pass over the
+// gates gives dz and dL/dc_{t-1}, then dL/dh_{t-1} = (dz W_hh) r (layernorm: LN_hh's
+// backward of dz first) plus the zoneout share. dz is the gradient of xp; after the loop
+// every weight gradient is one product or reduction over all steps.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -24,12 +33,17 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <tuple>
 #include <vector>
 
 namespace lstmkit {
 namespace {
 
 using at::Tensor;
+using std::int64_t;
 
 // exp(x) for float32 that the compiler vectorises (std::exp stays a scalar call without
 // -ffast-math): x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for exp(r), and 2^n
@@ -60,87 +74,248 @@ inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 inline float tanh_(float x) { return 2.0f * sigmoid(2.0f * x) - 1.0f; }
 inline double tanh_(double x) { return std::tanh(x); }
 
-// One row of step t of the forward: the four pre-activation blocks (H each) receive their
-// activations, c = f c_prev + i g, h = o tanh(c). The pointers never overlap (no buffer is
-// updated in place), which lets the compiler vectorise the loop without run-time checks.
-template <typename T>
-void gates_forward_row(T* __restrict__ gi, T* __restrict__ gf, T* __restrict__ gg,
-                       T* __restrict__ go, const T* __restrict__ c_prev, T* __restrict__ c,
-                       T* __restrict__ h, std::int64_t hidden) {
-  for (std::int64_t j = 0; j < hidden; ++j) {
-    const T i = sigmoid(gi[j]);
-    const T f = sigmoid(gf[j]);
-    const T cand = tanh_(gg[j]);
-    const T o = sigmoid(go[j]);
-    const T cell = f * c_prev[j] + i * cand;
-    gi[j] = i;
-    gf[j] = f;
-    gg[j] = cand;
-    go[j] = o;
-    c[j] = cell;
-    h[j] = o * tanh_(cell);
+// sum_j term(j) over j in [0, n), in 16 independent partial sums that the compiler can keep in
+// vector registers (one running sum would be a chain it may not reorder).
+template <typename T, typename Term>
+T lane_sum(int64_t n, Term term) {
+  constexpr int64_t kLanes = 16;
+  T lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) lanes[k] += term(j + k);
   }
+  T total = 0;
+  for (; j < n; ++j) total += term(j);
+  for (const T lane : lanes) total += lane;
+  return total;
 }
 
-// Step t of the forward, rows [0, n): `g` (n, 4H) holds the pre-activations and receives the
-// activations, `c` receives c_t, `h` o tanh(c_t); rows of `h` are `ldh` apart.
+constexpr double kLayerNormEps = 1e-5;  // lstmkit.cells.LAYER_NORM_EPS
+
+// v (n values) normalised: out = (v - mean) / sqrt(var + eps); returns 1 / sqrt(var + eps).
 template <typename T>
-void gates_forward(T* g, const T* c_prev, T* c, T* h, std::int64_t n, std::int64_t hidden,
-                   std::int64_t ldh) {
-  for (std::int64_t b = 0; b < n; ++b) {
-    T* gi = g + b * 4 * hidden;
-    gates_forward_row(gi, gi + hidden, gi + 2 * hidden, gi + 3 * hidden, c_prev + b * hidden,
-                      c + b * hidden, h + b * ldh, hidden);
-  }
+T normalise(const T* __restrict__ v, T* __restrict__ out, int64_t n) {
+  const T mean = lane_sum<T>(n, [&](int64_t j) { return v[j]; }) / T(n);
+  const T var = lane_sum<T>(n, [&](int64_t j) { return (v[j] - mean) * (v[j] - mean); }) / T(n);
+  const T rstd = T(1) / std::sqrt(var + T(kLayerNormEps));
+  for (int64_t j = 0; j < n; ++j) out[j] = (v[j] - mean) * rstd;
+  return rstd;
 }
 
-// One row of step t of the backward. In: the activated gates, c_{t-1}, c_t, dm = dL/d(o tanh
-// c_t), and dc = dL/dc_t from later steps. Out: the pre-activation gradients (four blocks),
-// and dc becomes dL/dc_{t-1}.
+// Layer norm's backward for one row: d (n values, the gradient of the normalised xhat, gain
+// already applied) becomes the gradient of the input, rstd (d - mean(d) - xhat mean(d xhat)).
 template <typename T>
-void gates_backward_row(const T* __restrict__ gi, const T* __restrict__ gf,
-                        const T* __restrict__ gg, const T* __restrict__ go,
-                        const T* __restrict__ c_prev, const T* __restrict__ c,
-                        const T* __restrict__ dm, T* __restrict__ dc, T* __restrict__ di,
-                        T* __restrict__ df, T* __restrict__ dcand, T* __restrict__ dout,
-                        std::int64_t hidden) {
-  for (std::int64_t j = 0; j < hidden; ++j) {
+void normalise_backward(T* __restrict__ d, const T* __restrict__ xhat, T rstd, int64_t n) {
+  const T mean_d = lane_sum<T>(n, [&](int64_t j) { return d[j]; }) / T(n);
+  const T mean_dx = lane_sum<T>(n, [&](int64_t j) { return d[j] * xhat[j]; }) / T(n);
+  for (int64_t j = 0; j < n; ++j) d[j] = rstd * (d[j] - mean_d - xhat[j] * mean_dx);
+}
+
+enum class Kind { kLstm, kPeephole, kCifg, kLayerNorm };
+
+Kind parse_kind(std::string_view name) {
+  if (name == "lstm") return Kind::kLstm;
+  if (name == "peephole") return Kind::kPeephole;
+  if (name == "cifg") return Kind::kCifg;
+  TORCH_CHECK(name == "layernorm",
+              "lstmkit::recurrence: kind must be lstm, peephole, cifg or layernorm, got ", name);
+  return Kind::kLayerNorm;
+}
+
+// The cell's parameters besides the weights, as raw pointers (null where the cell has none),
+// and its sizes.
+template <typename T>
+struct Cell {
+  Kind kind;
+  int64_t hidden, blocks;  // H, and the gate blocks G (3 for cifg, else 4)
+  const T* peephole;       // (3H): p_i, p_f, p_o
+  const T* ln_hh_weight;   // (4H)
+  const T* ln_hh_bias;     // (4H)
+  const T* ln_c_weight;    // (H)
+  const T* ln_c_bias;      // (H)
+};
+
+// Step t's pass over the gates of one row. In: z (G H pre-activations, replaced by their
+// activations), c_prev. Out: c (c'), m = o tanh(y); layernorm also keeps chat = LN(c') before
+// its gain and returns 1 / std of c' (1 for the other cells). No two pointers overlap, which
+// lets the compiler vectorise without run-time checks.
+template <typename T>
+T gates_forward_row(const Cell<T>& cell, T* __restrict__ z, const T* __restrict__ c_prev,
+                    T* __restrict__ c, T* __restrict__ m, T* __restrict__ chat) {
+  const int64_t hidden = cell.hidden;
+  if (cell.kind == Kind::kCifg) {
+    T* __restrict__ zf = z;
+    T* __restrict__ zg = z + hidden;
+    T* __restrict__ zo = z + 2 * hidden;
+    for (int64_t j = 0; j < hidden; ++j) {
+      const T f = sigmoid(zf[j]), cand = tanh_(zg[j]), o = sigmoid(zo[j]);
+      const T next = f * c_prev[j] + (T(1) - f) * cand;
+      zf[j] = f;
+      zg[j] = cand;
+      zo[j] = o;
+      c[j] = next;
+      m[j] = o * tanh_(next);
+    }
+    return T(1);
+  }
+  T* __restrict__ zi = z;
+  T* __restrict__ zf = z + hidden;
+  T* __restrict__ zg = z + 2 * hidden;
+  T* __restrict__ zo = z + 3 * hidden;
+  if (cell.kind == Kind::kPeephole) {
+    const T* __restrict__ p_i = cell.peephole;
+    const T* __restrict__ p_f = cell.peephole + hidden;
+    const T* __restrict__ p_o = cell.peephole + 2 * hidden;
+    for (int64_t j = 0; j < hidden; ++j) {
+      const T cp = c_prev[j];
+      const T i = sigmoid(zi[j] + p_i[j] * cp), f = sigmoid(zf[j] + p_f[j] * cp);
+      const T cand = tanh_(zg[j]);
+      const T next = f * cp + i * cand;
+      const T o = sigmoid(zo[j] + p_o[j] * next);
+      zi[j] = i;
+      zf[j] = f;
+      zg[j] = cand;
+      zo[j] = o;
+      c[j] = next;
+      m[j] = o * tanh_(next);
+    }
+    return T(1);
+  }
+  for (int64_t j = 0; j < hidden; ++j) {
+    const T i = sigmoid(zi[j]), f = sigmoid(zf[j]), cand = tanh_(zg[j]), o = sigmoid(zo[j]);
+    const T next = f * c_prev[j] + i * cand;
+    zi[j] = i;
+    zf[j] = f;
+    zg[j] = cand;
+    zo[j] = o;
+    c[j] = next;
+    if (cell.kind == Kind::kLstm) m[j] = o * tanh_(next);
+  }
+  if (cell.kind == Kind::kLstm) return T(1);
+  const T rstd = normalise(c, chat, hidden);
+  const T* __restrict__ gain = cell.ln_c_weight;
+  const T* __restrict__ shift = cell.ln_c_bias;
+  for (int64_t j = 0; j < hidden; ++j) m[j] = zo[j] * tanh_(gain[j] * chat[j] + shift[j]);
+  return rstd;
+}
+
+// Step t's pass over the gates of one row, backward. In: the activated gates g, c_prev, c
+// (c'), chat and rstd (layernorm), dm = dL/dm, dc = dL/dc' from later steps and zoneout. Out:
+// dz (the pre-activation gradients), dc becomes c_{t-1}'s share of them, m (where not null)
+// receives m again (for dW_hr), and layernorm adds to dgain_c and dshift_c; `work` holds H
+// values of scratch.
+template <typename T>
+void gates_backward_row(const Cell<T>& cell, const T* __restrict__ g, const T* __restrict__ c_prev,
+                        const T* __restrict__ c, const T* __restrict__ chat, T rstd,
+                        const T* __restrict__ dm, T* __restrict__ dc, T* __restrict__ dz,
+                        T* __restrict__ m, T* __restrict__ dgain_c, T* __restrict__ dshift_c,
+                        T* __restrict__ work) {
+  const int64_t hidden = cell.hidden;
+  if (cell.kind == Kind::kCifg) {
+    const T *gf = g, *gg = g + hidden, *go = g + 2 * hidden;
+    for (int64_t j = 0; j < hidden; ++j) {
+      const T f = gf[j], cand = gg[j], o = go[j];
+      const T tc = tanh_(c[j]);
+      const T dcell = dc[j] + dm[j] * o * (T(1) - tc * tc);
+      dz[j] = dcell * (c_prev[j] - cand) * f * (T(1) - f);
+      dz[hidden + j] = dcell * (T(1) - f) * (T(1) - cand * cand);
+      dz[2 * hidden + j] = dm[j] * tc * o * (T(1) - o);
+      dc[j] = dcell * f;
+    }
+    if (m != nullptr) {
+      for (int64_t j = 0; j < hidden; ++j) m[j] = go[j] * tanh_(c[j]);
+    }
+    return;
+  }
+  const T *gi = g, *gf = g + hidden, *gg = g + 2 * hidden, *go = g + 3 * hidden;
+  T *di = dz, *df = dz + hidden, *dcand = dz + 2 * hidden, *dout = dz + 3 * hidden;
+  if (cell.kind == Kind::kLayerNorm) {
+    // y = gain chat + shift; dL/dc' through m = o tanh(y) is LN_c's backward of dL/dy
+    const T* __restrict__ gain = cell.ln_c_weight;
+    const T* __restrict__ shift = cell.ln_c_bias;
+    for (int64_t j = 0; j < hidden; ++j) {
+      const T o = go[j];
+      const T ty = tanh_(gain[j] * chat[j] + shift[j]);
+      const T dy = dm[j] * o * (T(1) - ty * ty);
+      dout[j] = dm[j] * ty * o * (T(1) - o);
+      dgain_c[j] += dy * chat[j];
+      dshift_c[j] += dy;
+      work[j] = dy * gain[j];
+      if (m != nullptr) m[j] = o * ty;
+    }
+    normalise_backward(work, chat, rstd, hidden);
+    for (int64_t j = 0; j < hidden; ++j) {
+      const T i = gi[j], f = gf[j], cand = gg[j];
+      const T dcell = dc[j] + work[j];
+      di[j] = dcell * cand * i * (T(1) - i);
+      df[j] = dcell * c_prev[j] * f * (T(1) - f);
+      dcand[j] = dcell * i * (T(1) - cand * cand);
+      dc[j] = dcell * f;
+    }
+    return;
+  }
+  const bool peephole = cell.kind == Kind::kPeephole;
+  for (int64_t j = 0; j < hidden; ++j) {
     const T i = gi[j], f = gf[j], cand = gg[j], o = go[j];
     const T tc = tanh_(c[j]);
-    const T dcell = dc[j] + dm[j] * o * (T(1) - tc * tc);
-    di[j] = dcell * cand * i * (T(1) - i);
-    df[j] = dcell * c_prev[j] * f * (T(1) - f);
+    const T d_o = dm[j] * tc * o * (T(1) - o);
+    T dcell = dc[j] + dm[j] * o * (T(1) - tc * tc);
+    if (peephole) dcell += cell.peephole[2 * hidden + j] * d_o;
+    const T d_i = dcell * cand * i * (T(1) - i);
+    const T d_f = dcell * c_prev[j] * f * (T(1) - f);
+    di[j] = d_i;
+    df[j] = d_f;
     dcand[j] = dcell * i * (T(1) - cand * cand);
-    dout[j] = dm[j] * tc * o * (T(1) - o);
-    dc[j] = dcell * f;
+    dout[j] = d_o;
+    dc[j] = peephole ? dcell * f + cell.peephole[j] * d_i + cell.peephole[hidden + j] * d_f
+                     : dcell * f;
+  }
+  if (m != nullptr) {
+    for (int64_t j = 0; j < hidden; ++j) m[j] = go[j] * tanh_(c[j]);
   }
 }
 
-// Step t of the backward, rows [0, n): `dg` (n, 4H) receives the pre-activation gradients,
-// `dc` goes from dL/dc_t to dL/dc_{t-1}; `m`, where not null, receives o tanh(c_t).
+// The zoneout weight of the previous state: the mask's element, or the probability.
 template <typename T>
-void gates_backward(const T* g, const T* c_prev, const T* c, const T* dm, T* dc, T* dg, T* m,
-                    std::int64_t n, std::int64_t hidden) {
-  for (std::int64_t b = 0; b < n; ++b) {
-    const T* gi = g + b * 4 * hidden;
-    T* d = dg + b * 4 * hidden;
-    const std::int64_t row = b * hidden;
-    gates_backward_row(gi, gi + hidden, gi + 2 * hidden, gi + 3 * hidden, c_prev + row, c + row,
-                       dm + row, dc + row, d, d + hidden, d + 2 * hidden, d + 3 * hidden, hidden);
-    if (m != nullptr) {
-      for (std::int64_t j = 0; j < hidden; ++j) m[row + j] = gi[3 * hidden + j] * tanh_(c[row + j]);
+struct Zone {
+  const T* mask;  // (T, B, width) as 0 / 1, or null
+  T p;            // where mask is null: 0 (off) or the probability (evaluation)
+  int64_t width;  // P or H
+
+  bool on() const { return mask != nullptr || p != T(0); }
+  // new_ (n rows, ld apart) becomes w old + (1 - w) new_ at step t.
+  void apply(T* new_, const T* old, int64_t t, int64_t batch, int64_t n) const {
+    if (mask != nullptr) {
+      const T* w = mask + t * batch * width;
+      for (int64_t k = 0; k < n * width; ++k) new_[k] = w[k] * old[k] + (T(1) - w[k]) * new_[k];
+    } else {
+      for (int64_t k = 0; k < n * width; ++k) new_[k] = p * old[k] + (T(1) - p) * new_[k];
     }
   }
-}
+  // Backward at step t: keep = d w (what passes to the previous state), d = d (1 - w).
+  void split(T* d, T* keep, int64_t t, int64_t batch, int64_t n) const {
+    if (mask != nullptr) {
+      const T* w = mask + t * batch * width;
+      for (int64_t k = 0; k < n * width; ++k) {
+        keep[k] = d[k] * w[k];
+        d[k] *= T(1) - w[k];
+      }
+    } else {
+      for (int64_t k = 0; k < n * width; ++k) {
+        keep[k] = d[k] * p;
+        d[k] *= T(1) - p;
+      }
+    }
+  }
+};
 
 // Running rows at each step: batch_sizes, or `batch` at every step when it is empty.
-std::vector<std::int64_t> running(at::IntArrayRef batch_sizes, std::int64_t steps,
-                                  std::int64_t batch) {
-  if (batch_sizes.empty()) return std::vector<std::int64_t>(steps, batch);
-  TORCH_CHECK(static_cast<std::int64_t>(batch_sizes.size()) == steps, "batch_sizes has ",
+std::vector<int64_t> running(at::IntArrayRef batch_sizes, int64_t steps, int64_t batch) {
+  if (batch_sizes.empty()) return std::vector<int64_t>(steps, batch);
+  TORCH_CHECK(static_cast<int64_t>(batch_sizes.size()) == steps, "batch_sizes has ",
               batch_sizes.size(), " entries for ", steps, " steps");
-  std::int64_t previous = batch;
-  for (const std::int64_t n : batch_sizes) {
+  int64_t previous = batch;
+  for (const int64_t n : batch_sizes) {
     TORCH_CHECK(0 <= n && n <= previous, "batch_sizes must be non-increasing in [0, ", batch,
                 "], got ", batch_sizes);
     previous = n;
@@ -148,100 +323,239 @@ std::vector<std::int64_t> running(at::IntArrayRef batch_sizes, std::int64_t step
   return batch_sizes.vec();
 }
 
-void check_inputs(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
-                  const Tensor& w_hh, const std::optional<Tensor>& w_hr) {
-  TORCH_CHECK(x.device().is_cpu(), "lstmkit::lstm_* runs on the CPU, got ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "lstmkit::lstm_* takes float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 3 && h0.dim() == 2 && c0.dim() == 2 && w_ih.dim() == 2 && w_hh.dim() == 2,
-              "lstmkit::lstm_*: x (T, B, I), h0 (B, P), c0 (B, H), weights 2-d");
-  const std::int64_t hidden = w_hh.size(0) / 4, proj = w_hh.size(1);
-  TORCH_CHECK(w_hh.size(0) == 4 * hidden && w_ih.size(0) == 4 * hidden &&
-                  w_ih.size(1) == x.size(2) && h0.size(0) == x.size(1) && h0.size(1) == proj &&
-                  c0.size(0) == x.size(1) && c0.size(1) == hidden,
-              "lstmkit::lstm_*: inconsistent sizes");
-  TORCH_CHECK(!w_hr.has_value() || (w_hr->size(0) == proj && w_hr->size(1) == hidden),
-              "lstmkit::lstm_*: weight_hr must be (P, H)");
+// What both operators take besides the state: the weights, the cell's extra parameters and
+// the regularisers' masks, checked against the input half xp (T, B, GH) and c0 (B, H).
+struct Layer {
+  Kind kind;
+  int64_t steps, batch, hidden, proj, blocks;
+  Tensor w_hh, w_hr, peephole, ln_hh_weight, ln_hh_bias, ln_c_weight, ln_c_bias;
+  Tensor recurrent, zone_h, zone_c;
+  double zone_h_p, zone_c_p;
+};
+
+void check_shape(const Tensor& t, at::IntArrayRef shape, const char* name) {
+  TORCH_CHECK(t.sizes() == shape, "lstmkit::recurrence: ", name, " must be ", shape, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() != at::kBool, "lstmkit::recurrence: ", name, " must be ",
+              "floating point, got bool");
 }
 
-// Elements of the input-projection block that inference computes at once (16 MiB of float32).
-constexpr std::int64_t kInferenceBlock = std::int64_t{1} << 22;
+Tensor optional_param(const std::optional<Tensor>& t, bool wanted, at::IntArrayRef shape,
+                      const char* name, const std::string& kind) {
+  TORCH_CHECK(t.has_value() == wanted, "lstmkit::recurrence: kind ", kind,
+              wanted ? " needs " : " takes no ", name);
+  if (!wanted) return Tensor();
+  check_shape(*t, shape, name);
+  return t->contiguous();
+}
+
+Layer make_layer(const Tensor& xp, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+                 const std::optional<Tensor>& w_hr, const std::optional<Tensor>& peephole,
+                 const std::optional<Tensor>& ln_hh_weight, const std::optional<Tensor>& ln_hh_bias,
+                 const std::optional<Tensor>& ln_c_weight, const std::optional<Tensor>& ln_c_bias,
+                 std::string_view kind_name, const std::optional<Tensor>& recurrent,
+                 const std::optional<Tensor>& zone_h, const std::optional<Tensor>& zone_c,
+                 double zone_h_p, double zone_c_p) {
+  TORCH_CHECK(xp.device().is_cpu(), "lstmkit::recurrence runs on the CPU, got ", xp.device());
+  TORCH_CHECK(xp.scalar_type() == at::kFloat || xp.scalar_type() == at::kDouble,
+              "lstmkit::recurrence takes float32 or float64, got ", xp.scalar_type());
+  TORCH_CHECK(xp.dim() == 3 && c0.dim() == 2 && w_hh.dim() == 2,
+              "lstmkit::recurrence: xp (T, B, GH), h0 (B, P), c0 (B, H), weight_hh (GH, P)");
+  Layer l;
+  l.kind = parse_kind(kind_name);
+  l.steps = xp.size(0);
+  l.batch = xp.size(1);
+  l.hidden = c0.size(1);
+  l.proj = w_hh.size(1);
+  l.blocks = l.kind == Kind::kCifg ? 3 : 4;
+  const int64_t rows = l.blocks * l.hidden;
+  check_shape(xp, {l.steps, l.batch, rows}, "xp");
+  check_shape(h0, {l.batch, l.proj}, "h0");
+  check_shape(c0, {l.batch, l.hidden}, "c0");
+  check_shape(w_hh, {rows, l.proj}, "weight_hh");
+  for (const Tensor* t : {&h0, &c0, &w_hh}) {
+    TORCH_CHECK(t->scalar_type() == xp.scalar_type(), "lstmkit::recurrence: every tensor must be ",
+                xp.scalar_type(), ", got ", t->scalar_type());
+  }
+  l.w_hh = w_hh.contiguous();
+  TORCH_CHECK(w_hr.has_value() || l.proj == l.hidden,
+              "lstmkit::recurrence: without weight_hr, h0 must be (B, H)");
+  if (w_hr.has_value()) {
+    check_shape(*w_hr, {l.proj, l.hidden}, "weight_hr");
+    l.w_hr = w_hr->contiguous();
+  }
+  const std::string kind(kind_name);
+  l.peephole = optional_param(peephole, l.kind == Kind::kPeephole, {3 * l.hidden}, "weight_ch",
+                              kind);
+  const bool ln = l.kind == Kind::kLayerNorm;
+  l.ln_hh_weight = optional_param(ln_hh_weight, ln, {rows}, "ln_hh_weight", kind);
+  l.ln_hh_bias = optional_param(ln_hh_bias, ln, {rows}, "ln_hh_bias", kind);
+  l.ln_c_weight = optional_param(ln_c_weight, ln, {l.hidden}, "ln_c_weight", kind);
+  l.ln_c_bias = optional_param(ln_c_bias, ln, {l.hidden}, "ln_c_bias", kind);
+  if (recurrent.has_value()) {
+    check_shape(*recurrent, {l.batch, l.proj}, "recurrent");
+    l.recurrent = recurrent->contiguous();
+  }
+  if (zone_h.has_value()) {
+    check_shape(*zone_h, {l.steps, l.batch, l.proj}, "zone_h");
+    l.zone_h = zone_h->contiguous();
+  }
+  if (zone_c.has_value()) {
+    check_shape(*zone_c, {l.steps, l.batch, l.hidden}, "zone_c");
+    l.zone_c = zone_c->contiguous();
+  }
+  TORCH_CHECK(0 <= zone_h_p && zone_h_p < 1 && 0 <= zone_c_p && zone_c_p < 1,
+              "lstmkit::recurrence: zoneout probabilities must be in [0, 1), got ", zone_h_p,
+              " and ", zone_c_p);
+  l.zone_h_p = zone_h.has_value() ? 0.0 : zone_h_p;
+  l.zone_c_p = zone_c.has_value() ? 0.0 : zone_c_p;
+  return l;
+}
+
+template <typename T>
+const T* pointer(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+Cell<T> cell_of(const Layer& l) {
+  return {l.kind,
+          l.hidden,
+          l.blocks,
+          pointer<T>(l.peephole),
+          pointer<T>(l.ln_hh_weight),
+          pointer<T>(l.ln_hh_bias),
+          pointer<T>(l.ln_c_weight),
+          pointer<T>(l.ln_c_bias)};
+}
+
+template <typename T>
+Zone<T> zone_of(const Tensor& mask, double p, int64_t width) {
+  return {pointer<T>(mask), static_cast<T>(p), width};
+}
 
 // A (rows, cols) row-major view of memory inside one of this file's buffers, made without the
 // dispatcher: select/narrow cost 1-2 us each, as much as a whole step's gate pass at B=1.
 template <typename T>
-Tensor rows_of(const T* data, std::int64_t rows, std::int64_t cols,
-               const at::TensorOptions& options) {
+Tensor rows_of(const T* data, int64_t rows, int64_t cols, const at::TensorOptions& options) {
   return at::from_blob(const_cast<T*>(data), {rows, cols}, options);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
-    const Tensor& x_in, const Tensor& h0_in, const Tensor& c0_in, const Tensor& w_ih,
-    const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
-    const std::optional<Tensor>& w_hr, at::IntArrayRef batch_sizes, bool training) {
-  check_inputs(x_in, h0_in, c0_in, w_ih, w_hh, w_hr);
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "lstmkit::lstm_forward: both biases or none");
-  const Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
-  const std::int64_t steps = x.size(0), batch = x.size(1), inp = x.size(2);
-  const std::int64_t hidden = w_hh.size(0) / 4, proj = w_hh.size(1);
-  const std::vector<std::int64_t> sizes = running(batch_sizes, steps, batch);
+// A buffer whose rows of finished sequences must read as zero: zeroed only where some
+// sequence ends early.
+Tensor buffer(at::IntArrayRef shape, bool ragged, const at::TensorOptions& options) {
+  return ragged ? at::zeros(shape, options) : at::empty(shape, options);
+}
+
+using Forward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+Forward recurrence(const Tensor& xp_in, const Tensor& h0_in, const Tensor& c0_in,
+                   const Tensor& w_hh, const std::optional<Tensor>& w_hr,
+                   const std::optional<Tensor>& peephole, const std::optional<Tensor>& ln_hh_weight,
+                   const std::optional<Tensor>& ln_hh_bias,
+                   const std::optional<Tensor>& ln_c_weight, const std::optional<Tensor>& ln_c_bias,
+                   c10::string_view kind, const std::optional<Tensor>& recurrent,
+                   const std::optional<Tensor>& zone_h, const std::optional<Tensor>& zone_c,
+                   double zone_h_p, double zone_c_p, at::IntArrayRef batch_sizes, bool training) {
+  const Layer l = make_layer(xp_in, h0_in, c0_in, w_hh, w_hr, peephole, ln_hh_weight, ln_hh_bias,
+                             ln_c_weight, ln_c_bias, std::string_view(kind.data(), kind.size()),
+                             recurrent, zone_h, zone_c, zone_h_p, zone_c_p);
+  const Tensor xp = xp_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
+  const int64_t steps = l.steps, batch = l.batch, hidden = l.hidden, proj = l.proj;
+  const int64_t rows = l.blocks * hidden;
+  const bool layernorm = l.kind == Kind::kLayerNorm, projected = l.w_hr.defined();
+  const std::vector<int64_t> sizes = running(batch_sizes, steps, batch);
   const bool ragged = !batch_sizes.empty();
-  const auto options = x.options();
+  const auto options = xp.options();
+  const bool zoned_c = l.zone_c.defined() || l.zone_c_p != 0.0;
 
-  // The input half of the gates of `chunk` steps at a time, then each step's gates in place:
-  // training keeps all of them (T, B, 4H), one product; inference a block of steps of about
-  // kInferenceBlock elements, so that a long sequence does not hold 4x its output.
-  const std::int64_t step_elems = std::max<std::int64_t>(1, batch * 4 * hidden);
-  const std::int64_t chunk =
-      training ? steps : std::max<std::int64_t>(1, std::min(steps, kInferenceBlock / step_elems));
-  Tensor gates = at::empty({chunk, batch, 4 * hidden}, options);
-  const Tensor bias = b_ih.has_value() ? *b_ih + *b_hh : Tensor();
-  const auto project = [&](std::int64_t t0) {
-    const std::int64_t len = std::min(chunk, steps - t0);
-    Tensor out = gates.narrow(0, 0, len).view({len * batch, 4 * hidden});
-    const Tensor xs = x.narrow(0, t0, len).view({len * batch, inp});
-    if (bias.defined()) {
-      at::addmm_out(out, bias, xs, w_ih.t());
-    } else {
-      at::mm_out(out, xs, w_ih.t());
-    }
-  };
-  // Finished rows must read as zero: zeros only where some sequence ends early.
-  Tensor output =
-      ragged ? at::zeros({steps, batch, proj}, options) : at::empty({steps, batch, proj}, options);
-  // Training keeps every c_t (zero past a sequence's end, like the output); inference two
-  // slots, c_t in slot t % 2 (a row of a finished sequence is never written again, so its
-  // last slot still holds its final state).
-  Tensor cells = training && ragged ? at::zeros({steps, batch, hidden}, options)
-                                    : at::empty({training ? steps : 2, batch, hidden}, options);
-  const auto slot = [training](std::int64_t t) { return training ? t : t % 2; };
-  Tensor m = w_hr.has_value() ? at::empty({batch, hidden}, options) : Tensor();
-  const Tensor w_hh_t = w_hh.t();
-  const Tensor w_hr_t = w_hr.has_value() ? w_hr->t() : Tensor();
+  // Training keeps every step's values (T of each), inference one slot of each; the cell
+  // state alternates two slots in inference (a finished sequence's row is never written
+  // again, so its last slot still holds its final state).
+  const int64_t kept = training ? steps : 1;
+  Tensor gates = buffer({kept, batch, rows}, ragged && training, options);
+  Tensor output = buffer({steps, batch, proj}, ragged, options);
+  Tensor cells = buffer({training ? steps : 2, batch, hidden}, ragged && training, options);
+  const auto slot = [training](int64_t t) { return training ? t : t % 2; };
+  // c' before zoneout: its own buffer under zoneout of c, else the state itself
+  Tensor cells_new = zoned_c ? buffer({kept, batch, hidden}, ragged && training, options)
+                             : at::empty({0}, options);
+  Tensor hhat = layernorm ? buffer({kept, batch, rows}, ragged && training, options)
+                          : at::empty({0}, options);
+  Tensor chat = layernorm ? buffer({kept, batch, hidden}, ragged && training, options)
+                          : at::empty({0}, options);
+  Tensor rstd = layernorm ? buffer({kept, batch, 2}, ragged && training, options)
+                          : at::empty({0}, options);
+  Tensor m = at::empty({batch, hidden}, options);  // o tanh(y), before the projection
+  Tensor a = l.recurrent.defined() ? at::empty({batch, proj}, options) : Tensor();
+  Tensor rec = layernorm ? at::empty({batch, rows}, options) : Tensor();
+  const Tensor w_hh_t = l.w_hh.t();
+  const Tensor w_hr_t = projected ? l.w_hr.t() : Tensor();
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstmkit::lstm_forward", [&] {
-    scalar_t* const gates_p = gates.data_ptr<scalar_t>();
-    scalar_t* const output_p = output.data_ptr<scalar_t>();
-    scalar_t* const cells_p = cells.data_ptr<scalar_t>();
-    const scalar_t* const h0_p = h0.const_data_ptr<scalar_t>();
-    const scalar_t* const c0_p = c0.const_data_ptr<scalar_t>();
-    for (std::int64_t t = 0; t < steps; ++t) {
-      const std::int64_t n = sizes[t];
+  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "lstmkit::recurrence", [&] {
+    using T = scalar_t;
+    const Cell<T> cell = cell_of<T>(l);
+    const Zone<T> zh = zone_of<T>(l.zone_h, l.zone_h_p, proj);
+    const Zone<T> zc = zone_of<T>(l.zone_c, l.zone_c_p, hidden);
+    T* const gates_p = gates.data_ptr<T>();
+    T* const output_p = output.data_ptr<T>();
+    T* const cells_p = cells.data_ptr<T>();
+    T* const m_p = m.data_ptr<T>();
+    const T* const xp_p = xp.const_data_ptr<T>();
+    const T* const h0_p = h0.const_data_ptr<T>();
+    const T* const c0_p = c0.const_data_ptr<T>();
+    const T* const r_p = pointer<T>(l.recurrent);
+    for (int64_t t = 0; t < steps; ++t) {
+      const int64_t n = sizes[t];
       if (n == 0) break;
-      if (t % chunk == 0) project(t);
-      scalar_t* g = gates_p + (t % chunk) * batch * 4 * hidden;
-      const scalar_t* h_prev = t == 0 ? h0_p : output_p + (t - 1) * batch * proj;
-      rows_of(g, n, 4 * hidden, options).addmm_(rows_of(h_prev, n, proj, options), w_hh_t);
-      const scalar_t* c_prev = t == 0 ? c0_p : cells_p + slot(t - 1) * batch * hidden;
-      scalar_t* c = cells_p + slot(t) * batch * hidden;
-      scalar_t* h_t = output_p + t * batch * proj;
-      if (w_hr.has_value()) {
-        scalar_t* m_p = m.data_ptr<scalar_t>();
-        gates_forward(g, c_prev, c, m_p, n, hidden, hidden);
+      const int64_t k = training ? t : 0;  // the slot of step t's kept values
+      T* g = gates_p + k * batch * rows;
+      const T* h_prev = t == 0 ? h0_p : output_p + (t - 1) * batch * proj;
+      const T* source = h_prev;  // a = h_{t-1} r
+      if (r_p != nullptr) {
+        T* a_p = a.data_ptr<T>();
+        for (int64_t e = 0; e < n * proj; ++e) a_p[e] = h_prev[e] * r_p[e];
+        source = a_p;
+      }
+      Tensor g_rows = rows_of(g, n, rows, options);
+      const Tensor xp_rows = rows_of(xp_p + t * batch * rows, n, rows, options);
+      if (layernorm) {
+        Tensor rec_rows = rows_of(rec.data_ptr<T>(), n, rows, options);
+        at::mm_out(rec_rows, rows_of(source, n, proj, options), w_hh_t);
+        T* hh = hhat.data_ptr<T>() + k * batch * rows;
+        T* sd = rstd.data_ptr<T>() + k * batch * 2;
+        const T* rec_p = rec.const_data_ptr<T>();
+        for (int64_t b = 0; b < n; ++b) {
+          T* hb = hh + b * rows;
+          sd[2 * b] = normalise(rec_p + b * rows, hb, rows);
+          const T* xb = xp_p + (t * batch + b) * rows;
+          T* gb = g + b * rows;
+          for (int64_t j = 0; j < rows; ++j) {
+            gb[j] = xb[j] + cell.ln_hh_weight[j] * hb[j] + cell.ln_hh_bias[j];
+          }
+        }
+      } else {
+        at::addmm_out(g_rows, xp_rows, rows_of(source, n, proj, options), w_hh_t);
+      }
+      const T* c_prev = t == 0 ? c0_p : cells_p + slot(t - 1) * batch * hidden;
+      T* c_state = cells_p + slot(t) * batch * hidden;
+      T* c_new = zoned_c ? cells_new.data_ptr<T>() + k * batch * hidden : c_state;
+      T* h_t = output_p + t * batch * proj;
+      T* m_rows = projected ? m_p : h_t;  // without a projection m is h' itself (P = H)
+      for (int64_t b = 0; b < n; ++b) {
+        T* ch = layernorm ? chat.data_ptr<T>() + (k * batch + b) * hidden : nullptr;
+        const T sd = gates_forward_row(cell, g + b * rows, c_prev + b * hidden,
+                                       c_new + b * hidden, m_rows + b * hidden, ch);
+        if (layernorm) rstd.data_ptr<T>()[(k * batch + b) * 2 + 1] = sd;
+      }
+      if (projected) {
         Tensor h_rows = rows_of(h_t, n, proj, options);
         at::mm_out(h_rows, rows_of(m_p, n, hidden, options), w_hr_t);  // (n, P)
-      } else {
-        gates_forward(g, c_prev, c, h_t, n, hidden, proj);
+      }
+      if (zh.on()) zh.apply(h_t, h_prev, t, batch, n);
+      if (zoned_c) {
+        std::memcpy(c_state, c_new, n * hidden * sizeof(T));
+        zc.apply(c_state, c_prev, t, batch, n);
       }
     }
   });
@@ -249,14 +563,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   // Each sequence's state after its last step (its initial state if it has none).
   Tensor h_n = at::empty({batch, proj}, options);
   Tensor c_n = at::empty({batch, hidden}, options);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstmkit::lstm_forward", [&] {
-    const auto copy_row = [b_size = batch](Tensor& to, std::int64_t b, const Tensor& from,
-                                           std::int64_t t, std::int64_t width) {
+  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "lstmkit::recurrence", [&] {
+    const auto copy_row = [b_size = batch](Tensor& to, int64_t b, const Tensor& from, int64_t t,
+                                           int64_t width) {
       std::memcpy(to.data_ptr<scalar_t>() + b * width,
                   from.const_data_ptr<scalar_t>() + (t * b_size + b) * width,
                   width * sizeof(scalar_t));
     };
-    for (std::int64_t b = 0, last = steps; b < batch; ++b) {
+    for (int64_t b = 0, last = steps; b < batch; ++b) {
       while (last > 0 && sizes[last - 1] <= b) --last;  // sequence b runs steps [0, last)
       if (last == 0) {
         copy_row(h_n, b, h0, 0, proj);
@@ -267,32 +581,51 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
       }
     }
   });
-  if (!training) {
-    gates = at::empty({0}, options);
-    cells = at::empty({0}, options);
+  if (!training) {  // an operator's outputs never alias each other: one empty tensor each
+    const auto none = [&options] { return at::empty({0}, options); };
+    return {output, h_n, c_n, none(), none(), none(), none(), none(), none()};
   }
-  return {output, h_n, c_n, gates, cells};
+  return {output, h_n, c_n, gates, cells, cells_new, hhat, chat, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
+using Backward =
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+Backward recurrence_backward(
     const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_h_n,
-    const std::optional<Tensor>& grad_c_n, const Tensor& x_in, const Tensor& h0_in,
-    const Tensor& c0_in, const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& w_hr,
-    const Tensor& output, const Tensor& gates, const Tensor& cells, at::IntArrayRef batch_sizes,
-    bool has_bias, bool input_grad) {
-  check_inputs(x_in, h0_in, c0_in, w_ih, w_hh, w_hr);
-  const Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
-  const std::int64_t steps = x.size(0), batch = x.size(1), inp = x.size(2);
-  const std::int64_t hidden = w_hh.size(0) / 4, proj = w_hh.size(1);
-  TORCH_CHECK(gates.sizes() == at::IntArrayRef({steps, batch, 4 * hidden}) &&
-                  cells.sizes() == at::IntArrayRef({steps, batch, hidden}) &&
-                  output.sizes() == at::IntArrayRef({steps, batch, proj}),
-              "lstmkit::lstm_backward needs the saved gates, cells and output of a training "
-              "forward");
-  const std::vector<std::int64_t> sizes = running(batch_sizes, steps, batch);
+    const std::optional<Tensor>& grad_c_n, const Tensor& h0_in, const Tensor& c0_in,
+    const Tensor& w_hh, const std::optional<Tensor>& w_hr, const std::optional<Tensor>& peephole,
+    const std::optional<Tensor>& ln_hh_weight, const std::optional<Tensor>& ln_hh_bias,
+    const std::optional<Tensor>& ln_c_weight, const std::optional<Tensor>& ln_c_bias,
+    c10::string_view kind, const std::optional<Tensor>& recurrent,
+    const std::optional<Tensor>& zone_h, const std::optional<Tensor>& zone_c, double zone_h_p,
+    double zone_c_p, const Tensor& output, const Tensor& gates_in, const Tensor& cells_in,
+    const Tensor& cells_new_in, const Tensor& hhat_in, const Tensor& chat_in,
+    const Tensor& rstd_in, at::IntArrayRef batch_sizes) {
+  const Layer l = make_layer(gates_in, h0_in, c0_in, w_hh, w_hr, peephole, ln_hh_weight,
+                             ln_hh_bias, ln_c_weight, ln_c_bias,
+                             std::string_view(kind.data(), kind.size()), recurrent, zone_h, zone_c,
+                             zone_h_p, zone_c_p);
+  const Tensor h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
+  const int64_t steps = l.steps, batch = l.batch, hidden = l.hidden, proj = l.proj;
+  const int64_t rows = l.blocks * hidden;
+  const bool layernorm = l.kind == Kind::kLayerNorm, projected = l.w_hr.defined();
+  const bool zoned_c = l.zone_c.defined() || l.zone_c_p != 0.0;
+  TORCH_CHECK(cells_in.sizes() == at::IntArrayRef({steps, batch, hidden}) &&
+                  output.sizes() == at::IntArrayRef({steps, batch, proj}) &&
+                  (!zoned_c || cells_new_in.sizes() == cells_in.sizes()) &&
+                  (!layernorm || (hhat_in.sizes() == gates_in.sizes() &&
+                                  chat_in.sizes() == cells_in.sizes() &&
+                                  rstd_in.sizes() == at::IntArrayRef({steps, batch, 2}))),
+              "lstmkit::recurrence_backward needs the saved values of a training forward");
+  const std::vector<int64_t> sizes = running(batch_sizes, steps, batch);
   const bool ragged = !batch_sizes.empty();
-  const auto options = x.options();
-  const Tensor saved_gates = gates.contiguous(), saved_cells = cells.contiguous();
+  const auto options = gates_in.options();
+  const Tensor gates = gates_in.contiguous(), cells = cells_in.contiguous();
+  const Tensor cells_new = zoned_c ? cells_new_in.contiguous() : cells;
+  const Tensor hhat = layernorm ? hhat_in.contiguous() : Tensor();
+  const Tensor chat = layernorm ? chat_in.contiguous() : Tensor();
+  const Tensor rstd = layernorm ? rstd_in.contiguous() : Tensor();
 
   // The state gradients flowing back in time start as those of (h_n, c_n): a finished
   // sequence's rows wait untouched until the step where it ended.
@@ -301,88 +634,153 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   Tensor dc =
       grad_c_n.has_value() ? grad_c_n->contiguous().clone() : at::zeros({batch, hidden}, options);
   const Tensor dout = grad_output.has_value() ? grad_output->contiguous() : Tensor();
-  // Rows of finished sequences are never written: zeros only where there are any.
-  Tensor dgates = ragged ? at::zeros({steps, batch, 4 * hidden}, options)
-                         : at::empty({steps, batch, 4 * hidden}, options);
-  const bool projected = w_hr.has_value();
-  // With a projection: every step's dL/dh_t and o tanh(c_t), for dW_hr after the loop.
-  Tensor dh_seq = projected ? (ragged ? at::zeros({steps, batch, proj}, options)
-                                      : at::empty({steps, batch, proj}, options))
-                            : Tensor();
-  Tensor m_seq = projected ? (ragged ? at::zeros({steps, batch, hidden}, options)
-                                     : at::empty({steps, batch, hidden}, options))
-                           : Tensor();
+  Tensor dz = buffer({steps, batch, rows}, ragged, options);  // dL/dxp
+  // layernorm: the gradient of a W_hh^T, LN_hh's backward of dz
+  Tensor drec = layernorm ? buffer({steps, batch, rows}, ragged, options) : dz;
+  // With a projection: every step's dL/dh' and m, for dW_hr after the loop.
+  Tensor dh_seq = projected ? buffer({steps, batch, proj}, ragged, options) : Tensor();
+  Tensor m_seq = projected ? buffer({steps, batch, hidden}, ragged, options) : Tensor();
   Tensor dm = at::empty({batch, hidden}, options);
+  Tensor keep_h = at::empty({batch, proj}, options);
+  Tensor keep_c = at::empty({batch, hidden}, options);
+  Tensor work = at::empty({hidden}, options);
+  Tensor dgain_c = layernorm ? at::zeros({hidden}, options) : at::empty({0}, options);
+  Tensor dshift_c = layernorm ? at::zeros({hidden}, options) : at::empty({0}, options);
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstmkit::lstm_backward", [&] {
-    scalar_t* const dh_p = dh.data_ptr<scalar_t>();
-    scalar_t* const dc_p = dc.data_ptr<scalar_t>();
-    scalar_t* const dm_p = dm.data_ptr<scalar_t>();
-    scalar_t* const dgates_p = dgates.data_ptr<scalar_t>();
-    const scalar_t* const dout_p = dout.defined() ? dout.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* const gates_p = saved_gates.const_data_ptr<scalar_t>();
-    const scalar_t* const cells_p = saved_cells.const_data_ptr<scalar_t>();
-    const scalar_t* const c0_p = c0.const_data_ptr<scalar_t>();
-    for (std::int64_t t = steps - 1; t >= 0; --t) {
-      const std::int64_t n = sizes[t];
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstmkit::recurrence_backward", [&] {
+    using T = scalar_t;
+    const Cell<T> cell = cell_of<T>(l);
+    const Zone<T> zh = zone_of<T>(l.zone_h, l.zone_h_p, proj);
+    const Zone<T> zc = zone_of<T>(l.zone_c, l.zone_c_p, hidden);
+    T* const dh_p = dh.data_ptr<T>();
+    T* const dc_p = dc.data_ptr<T>();
+    T* const dm_p = dm.data_ptr<T>();
+    T* const dz_p = dz.data_ptr<T>();
+    T* const drec_p = drec.data_ptr<T>();
+    T* const keep_h_p = keep_h.data_ptr<T>();
+    T* const keep_c_p = keep_c.data_ptr<T>();
+    const T* const dout_p = pointer<T>(dout);
+    const T* const gates_p = gates.const_data_ptr<T>();
+    const T* const cells_p = cells.const_data_ptr<T>();
+    const T* const new_p = cells_new.const_data_ptr<T>();
+    const T* const c0_p = c0.const_data_ptr<T>();
+    const T* const r_p = pointer<T>(l.recurrent);
+    for (int64_t t = steps - 1; t >= 0; --t) {
+      const int64_t n = sizes[t];
       if (n == 0) continue;
       if (dout_p != nullptr) {  // dh: everything that reaches h_t, (n, P)
-        const scalar_t* d = dout_p + t * batch * proj;
-        for (std::int64_t k = 0; k < n * proj; ++k) dh_p[k] += d[k];
+        const T* d = dout_p + t * batch * proj;
+        for (int64_t e = 0; e < n * proj; ++e) dh_p[e] += d[e];
       }
+      if (zh.on()) zh.split(dh_p, keep_h_p, t, batch, n);  // dh becomes dL/dh'
+      if (zc.on()) zc.split(dc_p, keep_c_p, t, batch, n);  // dc becomes dL/dc' (so far)
       Tensor dh_rows = rows_of(dh_p, n, proj, options);
-      const scalar_t* dm_t = dh_p;
-      scalar_t* m_t = nullptr;
+      const T* dm_t = dh_p;
+      T* m_t = nullptr;
       if (projected) {
-        std::memcpy(dh_seq.data_ptr<scalar_t>() + t * batch * proj, dh_p,
-                    n * proj * sizeof(scalar_t));
+        std::memcpy(dh_seq.data_ptr<T>() + t * batch * proj, dh_p, n * proj * sizeof(T));
         Tensor dm_rows = rows_of(dm_p, n, hidden, options);
-        at::mm_out(dm_rows, dh_rows, *w_hr);  // (n, H)
+        at::mm_out(dm_rows, dh_rows, l.w_hr);  // (n, H)
         dm_t = dm_p;
-        m_t = m_seq.data_ptr<scalar_t>() + t * batch * hidden;
+        m_t = m_seq.data_ptr<T>() + t * batch * hidden;
       }
-      const scalar_t* c_prev = t == 0 ? c0_p : cells_p + (t - 1) * batch * hidden;
-      scalar_t* dg = dgates_p + t * batch * 4 * hidden;
-      gates_backward(gates_p + t * batch * 4 * hidden, c_prev, cells_p + t * batch * hidden, dm_t,
-                     dc_p, dg, m_t, n, hidden);
-      at::mm_out(dh_rows, rows_of(dg, n, 4 * hidden, options), w_hh);  // dL/dh_{t-1}, (n, P)
+      const T* c_prev = t == 0 ? c0_p : cells_p + (t - 1) * batch * hidden;
+      for (int64_t b = 0; b < n; ++b) {
+        const int64_t row = (t * batch + b) * hidden;
+        gates_backward_row(cell, gates_p + (t * batch + b) * rows, c_prev + b * hidden,
+                           new_p + row, layernorm ? chat.const_data_ptr<T>() + row : nullptr,
+                           layernorm ? rstd.const_data_ptr<T>()[(t * batch + b) * 2 + 1] : T(1),
+                           dm_t + b * hidden, dc_p + b * hidden, dz_p + (t * batch + b) * rows,
+                           m_t == nullptr ? nullptr : m_t + b * hidden,
+                           layernorm ? dgain_c.data_ptr<T>() : nullptr,
+                           layernorm ? dshift_c.data_ptr<T>() : nullptr, work.data_ptr<T>());
+      }
+      if (zc.on()) {
+        for (int64_t e = 0; e < n * hidden; ++e) dc_p[e] += keep_c_p[e];
+      }
+      T* dr = drec_p + t * batch * rows;
+      if (layernorm) {  // drec = LN_hh's backward of dz (gain g_hh)
+        const T* dzt = dz_p + t * batch * rows;
+        const T* hh = hhat.const_data_ptr<T>() + t * batch * rows;
+        const T* sd = rstd.const_data_ptr<T>() + t * batch * 2;
+        for (int64_t b = 0; b < n; ++b) {
+          for (int64_t j = 0; j < rows; ++j) {
+            dr[b * rows + j] = dzt[b * rows + j] * cell.ln_hh_weight[j];
+          }
+          normalise_backward(dr + b * rows, hh + b * rows, sd[2 * b], rows);
+        }
+      }
+      at::mm_out(dh_rows, rows_of(dr, n, rows, options), l.w_hh);  // dL/da, (n, P)
+      if (r_p != nullptr) {
+        for (int64_t e = 0; e < n * proj; ++e) dh_p[e] *= r_p[e];
+      }
+      if (zh.on()) {
+        for (int64_t e = 0; e < n * proj; ++e) dh_p[e] += keep_h_p[e];
+      }
     }
   });
 
-  const Tensor flat = dgates.view({steps * batch, 4 * hidden});
-  Tensor dw_ih = at::mm(flat.t(), x.view({steps * batch, inp}));  // (4H, I)
-  // h_{t-1} of step t is h0 at t = 0 and output[t - 1] after: two products, no copy.
-  Tensor dw_hh = at::mm(dgates[0].t(), h0);  // (4H, P)
-  if (steps > 1) {
-    dw_hh.addmm_(flat.narrow(0, batch, (steps - 1) * batch).t(),
-                 output.narrow(0, 0, steps - 1).reshape({(steps - 1) * batch, proj}));
+  // a_{t-1} = h_{t-1} r of step t is (h0 at t = 0, output[t - 1] after) times r.
+  const Tensor flat = drec.view({steps * batch, rows});
+  const Tensor previous = steps > 1 ? output.narrow(0, 0, steps - 1) : Tensor();
+  Tensor dw_hh;
+  if (l.recurrent.defined()) {
+    dw_hh = at::mm(drec[0].t(), h0 * l.recurrent);  // (GH, P)
+    if (steps > 1) {
+      dw_hh.addmm_(flat.narrow(0, batch, (steps - 1) * batch).t(),
+                   (previous * l.recurrent).view({(steps - 1) * batch, proj}));
+    }
+  } else {
+    dw_hh = at::mm(drec[0].t(), h0);
+    if (steps > 1) {
+      dw_hh.addmm_(flat.narrow(0, batch, (steps - 1) * batch).t(),
+                   previous.reshape({(steps - 1) * batch, proj}));
+    }
   }
-  Tensor dx = input_grad ? at::mm(flat, w_ih).view({steps, batch, inp}) : at::empty({0}, options);
-  Tensor db = has_bias ? flat.sum(0) : at::empty({0}, options);
+  const auto none = [&options] { return at::empty({0}, options); };
   Tensor dw_hr = projected ? at::mm(dh_seq.view({steps * batch, proj}).t(),
                                     m_seq.view({steps * batch, hidden}))
-                           : at::empty({0}, options);
-  return {dx, dh, dc, dw_ih, dw_hh, db, dw_hr};
+                           : none();
+  Tensor dpeephole = none();
+  if (l.kind == Kind::kPeephole) {  // p_i, p_f see c_{t-1}; p_o sees c'
+    const Tensor c_before = steps > 1 ? at::cat({c0.unsqueeze(0), cells.narrow(0, 0, steps - 1)})
+                                      : c0.unsqueeze(0);
+    const auto block = [&](int64_t k) { return dz.narrow(2, k * hidden, hidden); };
+    dpeephole = at::cat({(block(0) * c_before).sum({0, 1}), (block(1) * c_before).sum({0, 1}),
+                         (block(3) * cells_new).sum({0, 1})});
+  }
+  Tensor dln_hh_weight = none(), dln_hh_bias = none();
+  if (layernorm) {
+    dln_hh_weight = (dz * hhat).sum({0, 1});
+    dln_hh_bias = dz.sum({0, 1});
+  }
+  return {dz, dh, dc, dw_hh, dw_hr, dpeephole, dln_hh_weight, dln_hh_bias, dgain_c, dshift_c};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(lstmkit, m) {
   m.def(
-      "lstm_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
-      "Tensor? b_hh, Tensor? w_hr, int[] batch_sizes, bool training) -> (Tensor output, "
-      "Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+      "recurrence(Tensor xp, Tensor h0, Tensor c0, Tensor weight_hh, Tensor? weight_hr, "
+      "Tensor? weight_ch, Tensor? ln_hh_weight, Tensor? ln_hh_bias, Tensor? ln_c_weight, "
+      "Tensor? ln_c_bias, str kind, Tensor? recurrent, Tensor? zone_h, Tensor? zone_c, "
+      "float zone_h_p, float zone_c_p, int[] batch_sizes, bool training) -> (Tensor output, "
+      "Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor cells_new, Tensor hhat, "
+      "Tensor chat, Tensor rstd)");
   m.def(
-      "lstm_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, "
-      "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor output, "
-      "Tensor gates, Tensor cells, int[] batch_sizes, bool has_bias, bool input_grad) -> "
-      "(Tensor dx, Tensor dh0, Tensor dc0, Tensor dw_ih, Tensor dw_hh, Tensor db, "
-      "Tensor dw_hr)");
+      "recurrence_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor h0, "
+      "Tensor c0, Tensor weight_hh, Tensor? weight_hr, Tensor? weight_ch, Tensor? ln_hh_weight, "
+      "Tensor? ln_hh_bias, Tensor? ln_c_weight, Tensor? ln_c_bias, str kind, Tensor? recurrent, "
+      "Tensor? zone_h, Tensor? zone_c, float zone_h_p, float zone_c_p, Tensor output, "
+      "Tensor gates, Tensor cells, Tensor cells_new, Tensor hhat, Tensor chat, Tensor rstd, "
+      "int[] batch_sizes) -> (Tensor dxp, Tensor dh0, Tensor dc0, Tensor dweight_hh, "
+      "Tensor dweight_hr, Tensor dweight_ch, Tensor dln_hh_weight, Tensor dln_hh_bias, "
+      "Tensor dln_c_weight, Tensor dln_c_bias)");
 }
 
 TORCH_LIBRARY_IMPL(lstmkit, CPU, m) {
-  m.impl("lstm_forward", &lstm_forward);
-  m.impl("lstm_backward", &lstm_backward);
+  m.impl("recurrence", &recurrence);
+  m.impl("recurrence_backward", &recurrence_backward);
 }
 
 }  // namespace lstmkit
