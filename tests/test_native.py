@@ -26,7 +26,7 @@ from test_parity import IN, make_hx
 
 import lstmkit
 from lstmkit import runner
-from lstmkit.backends import native, reference
+from lstmkit.backends import matmul, native, reference
 from lstmkit.cells import CELLS, NN_PARAMETERS
 from lstmkit.runner import NO_MASKS, Masks
 
@@ -158,6 +158,45 @@ def test_every_cell_at_vector_widths(cell):
             hidden_size=67,
             proj_size=19,
         )
+
+
+@needs_native
+@pytest.mark.parametrize("route", ["aten", "onednn"])
+@pytest.mark.parametrize("cell", [*CELL_NAMES, "cifg"])
+def test_each_product_route_equals_reference(monkeypatch, route, cell):
+    """The per-step products forced through ATen or through oneDNN's packed linear (float32;
+    float64 always takes ATen), forward and backward, with every regulariser."""
+    monkeypatch.setenv("LSTMKIT_NATIVE_PRODUCT", route)
+    if route == "onednn" and not matmul.ONEDNN:
+        pytest.skip("oneDNN's linear ops are not usable in this torch build")
+    assert torch.ops.lstmkit.product_route(5, 24, 4 * 96, 7) == route
+    compare_backends(
+        torch.float32,
+        cell,
+        REGULARIZERS["all"],
+        True,
+        LAYERNORM_FLOAT32_TOLERANCE if cell == "layernorm" else 1e-5,
+        backend="native",
+        input_size=40,
+        hidden_size=96,
+        bidirectional=True,
+        proj_size=24,
+    )
+
+
+@needs_native
+def test_measuring_the_products_leaves_the_random_stream_alone(monkeypatch):
+    """The first layer of a new shape times its product routes on scratch data drawn from a
+    generator of its own: seeded code gets the same random numbers with or without it."""
+    monkeypatch.delenv("LSTMKIT_NATIVE_PRODUCT", raising=False)
+    model = lstmkit.LSTM(5, 37, backend="native")  # a shape no other test uses
+    x = torch.randn(3, 2, 5)
+    torch.manual_seed(1)
+    want = torch.rand(4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model(x)
+    torch.testing.assert_close(torch.rand(4), want, atol=0, rtol=0)
 
 
 @needs_native
