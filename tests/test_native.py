@@ -161,21 +161,27 @@ def test_every_cell_at_vector_widths(cell):
 
 
 @needs_native
-@pytest.mark.parametrize("route", ["aten", "onednn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("route", ["aten", "onednn", "rows"])
 @pytest.mark.parametrize("cell", [*CELL_NAMES, "cifg"])
-def test_each_product_route_equals_reference(monkeypatch, route, cell):
-    """The per-step products forced through ATen or through oneDNN's packed linear (float32;
-    float64 always takes ATen), forward and backward, with every regulariser."""
+def test_each_product_route_equals_reference(monkeypatch, route, cell, dtype):
+    """The per-step products forced through ATen, oneDNN's packed linear (float32 only) or the
+    loop for few rows, forward and backward, with every regulariser."""
     monkeypatch.setenv("LSTMKIT_NATIVE_PRODUCT", route)
     if route == "onednn" and not matmul.ONEDNN:
         pytest.skip("oneDNN's linear ops are not usable in this torch build")
-    assert torch.ops.lstmkit.product_route(5, 24, 4 * 96, 7) == route
+    if route == "onednn" and dtype == torch.float64:
+        route = "aten"  # oneDNN's linear is float32 only
+    assert torch.ops.lstmkit.product_route(dtype, 5, 24, 4 * 96, True, 7) == route
+    tolerance = TOLERANCES[dtype]
+    if cell == "layernorm" and dtype == torch.float32:
+        tolerance = LAYERNORM_FLOAT32_TOLERANCE
     compare_backends(
-        torch.float32,
+        dtype,
         cell,
         REGULARIZERS["all"],
         True,
-        LAYERNORM_FLOAT32_TOLERANCE if cell == "layernorm" else 1e-5,
+        tolerance,
         backend="native",
         input_size=40,
         hidden_size=96,

@@ -142,68 +142,178 @@ struct Cell {
   const T* ln_c_bias;      // (H)
 };
 
+// The passes over one row's gates. Every block is its own __restrict__ parameter: pointers
+// into one buffer that the compiler cannot tell apart would stop it from vectorising the loops
+// (or make it check for overlaps at run time).
+
+// lstm and peephole (kPeephole), forward: the pre-activations z_i, z_f, z_g, z_o are replaced
+// by their activations, c receives c' = f c_prev + i g and m (where kOutput) o tanh(c').
+template <typename T, bool kPeephole, bool kOutput>
+void ifgo_forward(T* __restrict__ gi, T* __restrict__ gf, T* __restrict__ gg, T* __restrict__ go,
+                  const T* __restrict__ c_prev, T* __restrict__ c, T* __restrict__ m,
+                  const T* __restrict__ p_i, const T* __restrict__ p_f, const T* __restrict__ p_o,
+                  int64_t hidden) {
+  for (int64_t j = 0; j < hidden; ++j) {
+    const T cp = c_prev[j];
+    T zi = gi[j], zf = gf[j], zo = go[j];
+    if constexpr (kPeephole) {
+      zi += p_i[j] * cp;
+      zf += p_f[j] * cp;
+    }
+    const T i = sigmoid(zi), f = sigmoid(zf), cand = tanh_(gg[j]);
+    const T next = f * cp + i * cand;
+    if constexpr (kPeephole) zo += p_o[j] * next;
+    const T o = sigmoid(zo);
+    gi[j] = i;
+    gf[j] = f;
+    gg[j] = cand;
+    go[j] = o;
+    c[j] = next;
+    if constexpr (kOutput) m[j] = o * tanh_(next);
+  }
+}
+
+// cifg, forward: blocks (f, g, o), c' = f c_prev + (1 - f) g.
+template <typename T>
+void fgo_forward(T* __restrict__ gf, T* __restrict__ gg, T* __restrict__ go,
+                 const T* __restrict__ c_prev, T* __restrict__ c, T* __restrict__ m,
+                 int64_t hidden) {
+  for (int64_t j = 0; j < hidden; ++j) {
+    const T f = sigmoid(gf[j]), cand = tanh_(gg[j]), o = sigmoid(go[j]);
+    const T next = f * c_prev[j] + (T(1) - f) * cand;
+    gf[j] = f;
+    gg[j] = cand;
+    go[j] = o;
+    c[j] = next;
+    m[j] = o * tanh_(next);
+  }
+}
+
+// m = o tanh(y), y = gain chat + shift (the layernorm cell's output, and m again in backward).
+template <typename T>
+void layernorm_output(const T* __restrict__ go, const T* __restrict__ chat,
+                      const T* __restrict__ gain, const T* __restrict__ shift, T* __restrict__ m,
+                      int64_t hidden) {
+  for (int64_t j = 0; j < hidden; ++j) m[j] = go[j] * tanh_(gain[j] * chat[j] + shift[j]);
+}
+
+// m = o tanh(c) (m again in backward, for dW_hr).
+template <typename T>
+void plain_output(const T* __restrict__ go, const T* __restrict__ c, T* __restrict__ m,
+                  int64_t hidden) {
+  for (int64_t j = 0; j < hidden; ++j) m[j] = go[j] * tanh_(c[j]);
+}
+
 // Step t's pass over the gates of one row. In: z (G H pre-activations, replaced by their
 // activations), c_prev. Out: c (c'), m = o tanh(y); layernorm also keeps chat = LN(c') before
-// its gain and returns 1 / std of c' (1 for the other cells). No two pointers overlap, which
-// lets the compiler vectorise without run-time checks.
+// its gain and returns 1 / std of c' (1 for the other cells).
 template <typename T>
-T gates_forward_row(const Cell<T>& cell, T* __restrict__ z, const T* __restrict__ c_prev,
-                    T* __restrict__ c, T* __restrict__ m, T* __restrict__ chat) {
-  const int64_t hidden = cell.hidden;
-  if (cell.kind == Kind::kCifg) {
-    T* __restrict__ zf = z;
-    T* __restrict__ zg = z + hidden;
-    T* __restrict__ zo = z + 2 * hidden;
-    for (int64_t j = 0; j < hidden; ++j) {
-      const T f = sigmoid(zf[j]), cand = tanh_(zg[j]), o = sigmoid(zo[j]);
-      const T next = f * c_prev[j] + (T(1) - f) * cand;
-      zf[j] = f;
-      zg[j] = cand;
-      zo[j] = o;
-      c[j] = next;
-      m[j] = o * tanh_(next);
-    }
-    return T(1);
+T gates_forward_row(const Cell<T>& cell, T* z, const T* c_prev, T* c, T* m, T* chat) {
+  const int64_t h = cell.hidden;
+  const T* p = cell.peephole;
+  switch (cell.kind) {
+    case Kind::kCifg:
+      fgo_forward(z, z + h, z + 2 * h, c_prev, c, m, h);
+      return T(1);
+    case Kind::kPeephole:
+      ifgo_forward<T, true, true>(z, z + h, z + 2 * h, z + 3 * h, c_prev, c, m, p, p + h, p + 2 * h,
+                                  h);
+      return T(1);
+    case Kind::kLstm:
+      ifgo_forward<T, false, true>(z, z + h, z + 2 * h, z + 3 * h, c_prev, c, m, nullptr, nullptr,
+                                   nullptr, h);
+      return T(1);
+    case Kind::kLayerNorm:
+      break;
   }
-  T* __restrict__ zi = z;
-  T* __restrict__ zf = z + hidden;
-  T* __restrict__ zg = z + 2 * hidden;
-  T* __restrict__ zo = z + 3 * hidden;
-  if (cell.kind == Kind::kPeephole) {
-    const T* __restrict__ p_i = cell.peephole;
-    const T* __restrict__ p_f = cell.peephole + hidden;
-    const T* __restrict__ p_o = cell.peephole + 2 * hidden;
-    for (int64_t j = 0; j < hidden; ++j) {
-      const T cp = c_prev[j];
-      const T i = sigmoid(zi[j] + p_i[j] * cp), f = sigmoid(zf[j] + p_f[j] * cp);
-      const T cand = tanh_(zg[j]);
-      const T next = f * cp + i * cand;
-      const T o = sigmoid(zo[j] + p_o[j] * next);
-      zi[j] = i;
-      zf[j] = f;
-      zg[j] = cand;
-      zo[j] = o;
-      c[j] = next;
-      m[j] = o * tanh_(next);
-    }
-    return T(1);
-  }
-  for (int64_t j = 0; j < hidden; ++j) {
-    const T i = sigmoid(zi[j]), f = sigmoid(zf[j]), cand = tanh_(zg[j]), o = sigmoid(zo[j]);
-    const T next = f * c_prev[j] + i * cand;
-    zi[j] = i;
-    zf[j] = f;
-    zg[j] = cand;
-    zo[j] = o;
-    c[j] = next;
-    if (cell.kind == Kind::kLstm) m[j] = o * tanh_(next);
-  }
-  if (cell.kind == Kind::kLstm) return T(1);
-  const T rstd = normalise(c, chat, hidden);
-  const T* __restrict__ gain = cell.ln_c_weight;
-  const T* __restrict__ shift = cell.ln_c_bias;
-  for (int64_t j = 0; j < hidden; ++j) m[j] = zo[j] * tanh_(gain[j] * chat[j] + shift[j]);
+  ifgo_forward<T, false, false>(z, z + h, z + 2 * h, z + 3 * h, c_prev, c, nullptr, nullptr,
+                                nullptr, nullptr, h);
+  const T rstd = normalise(c, chat, h);
+  layernorm_output(z + 3 * h, chat, cell.ln_c_weight, cell.ln_c_bias, m, h);
   return rstd;
+}
+
+// lstm and peephole, backward of one row. In: the activated gates, c_prev, c (c'), dm =
+// dL/dm, dc = dL/dc' from later steps and zoneout. Out: the pre-activation gradients, and dc
+// becomes c_{t-1}'s share of them.
+template <typename T, bool kPeephole>
+void ifgo_backward(const T* __restrict__ gi, const T* __restrict__ gf, const T* __restrict__ gg,
+                   const T* __restrict__ go, const T* __restrict__ c_prev, const T* __restrict__ c,
+                   const T* __restrict__ dm, T* __restrict__ dc, T* __restrict__ di,
+                   T* __restrict__ df, T* __restrict__ dcand, T* __restrict__ dout,
+                   const T* __restrict__ p_i, const T* __restrict__ p_f, const T* __restrict__ p_o,
+                   int64_t hidden) {
+  for (int64_t j = 0; j < hidden; ++j) {
+    const T i = gi[j], f = gf[j], cand = gg[j], o = go[j];
+    const T tc = tanh_(c[j]);
+    const T d_o = dm[j] * tc * o * (T(1) - o);
+    T dcell = dc[j] + dm[j] * o * (T(1) - tc * tc);
+    if constexpr (kPeephole) dcell += p_o[j] * d_o;
+    const T d_i = dcell * cand * i * (T(1) - i);
+    const T d_f = dcell * c_prev[j] * f * (T(1) - f);
+    di[j] = d_i;
+    df[j] = d_f;
+    dcand[j] = dcell * i * (T(1) - cand * cand);
+    dout[j] = d_o;
+    if constexpr (kPeephole) {
+      dc[j] = dcell * f + p_i[j] * d_i + p_f[j] * d_f;
+    } else {
+      dc[j] = dcell * f;
+    }
+  }
+}
+
+// cifg, backward of one row (blocks f, g, o); as ifgo_backward.
+template <typename T>
+void fgo_backward(const T* __restrict__ gf, const T* __restrict__ gg, const T* __restrict__ go,
+                  const T* __restrict__ c_prev, const T* __restrict__ c, const T* __restrict__ dm,
+                  T* __restrict__ dc, T* __restrict__ df, T* __restrict__ dcand,
+                  T* __restrict__ dout, int64_t hidden) {
+  for (int64_t j = 0; j < hidden; ++j) {
+    const T f = gf[j], cand = gg[j], o = go[j];
+    const T tc = tanh_(c[j]);
+    const T dcell = dc[j] + dm[j] * o * (T(1) - tc * tc);
+    df[j] = dcell * (c_prev[j] - cand) * f * (T(1) - f);
+    dcand[j] = dcell * (T(1) - f) * (T(1) - cand * cand);
+    dout[j] = dm[j] * tc * o * (T(1) - o);
+    dc[j] = dcell * f;
+  }
+}
+
+// layernorm, backward of one row through m = o tanh(y), y = gain chat + shift: dout, the
+// gradient of y times the gain (into dchat, for LN_c's backward), and the gain's and shift's
+// gradients (added to).
+template <typename T>
+void layernorm_output_backward(const T* __restrict__ go, const T* __restrict__ chat,
+                               const T* __restrict__ gain, const T* __restrict__ shift,
+                               const T* __restrict__ dm, T* __restrict__ dout,
+                               T* __restrict__ dchat, T* __restrict__ dgain, T* __restrict__ dshift,
+                               int64_t hidden) {
+  for (int64_t j = 0; j < hidden; ++j) {
+    const T o = go[j];
+    const T ty = tanh_(gain[j] * chat[j] + shift[j]);
+    const T dy = dm[j] * o * (T(1) - ty * ty);
+    dout[j] = dm[j] * ty * o * (T(1) - o);
+    dgain[j] += dy * chat[j];
+    dshift[j] += dy;
+    dchat[j] = dy * gain[j];
+  }
+}
+
+// layernorm, the gates i, f, g backward given dL/dc' = dc + dcell (dcell from LN_c's
+// backward); dc becomes c_{t-1}'s share.
+template <typename T>
+void ifg_backward(const T* __restrict__ gi, const T* __restrict__ gf, const T* __restrict__ gg,
+                  const T* __restrict__ c_prev, const T* __restrict__ dcell_ln, T* __restrict__ dc,
+                  T* __restrict__ di, T* __restrict__ df, T* __restrict__ dcand, int64_t hidden) {
+  for (int64_t j = 0; j < hidden; ++j) {
+    const T i = gi[j], f = gf[j], cand = gg[j];
+    const T dcell = dc[j] + dcell_ln[j];
+    di[j] = dcell * cand * i * (T(1) - i);
+    df[j] = dcell * c_prev[j] * f * (T(1) - f);
+    dcand[j] = dcell * i * (T(1) - cand * cand);
+    dc[j] = dcell * f;
+  }
 }
 
 // Step t's pass over the gates of one row, backward. In: the activated gates g, c_prev, c
@@ -212,74 +322,34 @@ T gates_forward_row(const Cell<T>& cell, T* __restrict__ z, const T* __restrict_
 // receives m again (for dW_hr), and layernorm adds to dgain_c and dshift_c; `work` holds H
 // values of scratch.
 template <typename T>
-void gates_backward_row(const Cell<T>& cell, const T* __restrict__ g, const T* __restrict__ c_prev,
-                        const T* __restrict__ c, const T* __restrict__ chat, T rstd,
-                        const T* __restrict__ dm, T* __restrict__ dc, T* __restrict__ dz,
-                        T* __restrict__ m, T* __restrict__ dgain_c, T* __restrict__ dshift_c,
-                        T* __restrict__ work) {
-  const int64_t hidden = cell.hidden;
-  if (cell.kind == Kind::kCifg) {
-    const T *gf = g, *gg = g + hidden, *go = g + 2 * hidden;
-    for (int64_t j = 0; j < hidden; ++j) {
-      const T f = gf[j], cand = gg[j], o = go[j];
-      const T tc = tanh_(c[j]);
-      const T dcell = dc[j] + dm[j] * o * (T(1) - tc * tc);
-      dz[j] = dcell * (c_prev[j] - cand) * f * (T(1) - f);
-      dz[hidden + j] = dcell * (T(1) - f) * (T(1) - cand * cand);
-      dz[2 * hidden + j] = dm[j] * tc * o * (T(1) - o);
-      dc[j] = dcell * f;
-    }
-    if (m != nullptr) {
-      for (int64_t j = 0; j < hidden; ++j) m[j] = go[j] * tanh_(c[j]);
-    }
-    return;
+void gates_backward_row(const Cell<T>& cell, const T* g, const T* c_prev, const T* c, const T* chat,
+                        T rstd, const T* dm, T* dc, T* dz, T* m, T* dgain_c, T* dshift_c, T* work) {
+  const int64_t h = cell.hidden;
+  const T* p = cell.peephole;
+  switch (cell.kind) {
+    case Kind::kCifg:
+      fgo_backward(g, g + h, g + 2 * h, c_prev, c, dm, dc, dz, dz + h, dz + 2 * h, h);
+      if (m != nullptr) plain_output(g + 2 * h, c, m, h);
+      return;
+    case Kind::kPeephole:
+      ifgo_backward<T, true>(g, g + h, g + 2 * h, g + 3 * h, c_prev, c, dm, dc, dz, dz + h,
+                             dz + 2 * h, dz + 3 * h, p, p + h, p + 2 * h, h);
+      if (m != nullptr) plain_output(g + 3 * h, c, m, h);
+      return;
+    case Kind::kLstm:
+      ifgo_backward<T, false>(g, g + h, g + 2 * h, g + 3 * h, c_prev, c, dm, dc, dz, dz + h,
+                              dz + 2 * h, dz + 3 * h, nullptr, nullptr, nullptr, h);
+      if (m != nullptr) plain_output(g + 3 * h, c, m, h);
+      return;
+    case Kind::kLayerNorm:
+      break;
   }
-  const T *gi = g, *gf = g + hidden, *gg = g + 2 * hidden, *go = g + 3 * hidden;
-  T *di = dz, *df = dz + hidden, *dcand = dz + 2 * hidden, *dout = dz + 3 * hidden;
-  if (cell.kind == Kind::kLayerNorm) {
-    // y = gain chat + shift; dL/dc' through m = o tanh(y) is LN_c's backward of dL/dy
-    const T* __restrict__ gain = cell.ln_c_weight;
-    const T* __restrict__ shift = cell.ln_c_bias;
-    for (int64_t j = 0; j < hidden; ++j) {
-      const T o = go[j];
-      const T ty = tanh_(gain[j] * chat[j] + shift[j]);
-      const T dy = dm[j] * o * (T(1) - ty * ty);
-      dout[j] = dm[j] * ty * o * (T(1) - o);
-      dgain_c[j] += dy * chat[j];
-      dshift_c[j] += dy;
-      work[j] = dy * gain[j];
-      if (m != nullptr) m[j] = o * ty;
-    }
-    normalise_backward(work, chat, rstd, hidden);
-    for (int64_t j = 0; j < hidden; ++j) {
-      const T i = gi[j], f = gf[j], cand = gg[j];
-      const T dcell = dc[j] + work[j];
-      di[j] = dcell * cand * i * (T(1) - i);
-      df[j] = dcell * c_prev[j] * f * (T(1) - f);
-      dcand[j] = dcell * i * (T(1) - cand * cand);
-      dc[j] = dcell * f;
-    }
-    return;
-  }
-  const bool peephole = cell.kind == Kind::kPeephole;
-  for (int64_t j = 0; j < hidden; ++j) {
-    const T i = gi[j], f = gf[j], cand = gg[j], o = go[j];
-    const T tc = tanh_(c[j]);
-    const T d_o = dm[j] * tc * o * (T(1) - o);
-    T dcell = dc[j] + dm[j] * o * (T(1) - tc * tc);
-    if (peephole) dcell += cell.peephole[2 * hidden + j] * d_o;
-    const T d_i = dcell * cand * i * (T(1) - i);
-    const T d_f = dcell * c_prev[j] * f * (T(1) - f);
-    di[j] = d_i;
-    df[j] = d_f;
-    dcand[j] = dcell * i * (T(1) - cand * cand);
-    dout[j] = d_o;
-    dc[j] =
-        peephole ? dcell * f + cell.peephole[j] * d_i + cell.peephole[hidden + j] * d_f : dcell * f;
-  }
-  if (m != nullptr) {
-    for (int64_t j = 0; j < hidden; ++j) m[j] = go[j] * tanh_(c[j]);
-  }
+  const T *gain = cell.ln_c_weight, *shift = cell.ln_c_bias;
+  layernorm_output_backward(g + 3 * h, chat, gain, shift, dm, dz + 3 * h, work, dgain_c, dshift_c,
+                            h);
+  if (m != nullptr) layernorm_output(g + 3 * h, chat, gain, shift, m, h);
+  normalise_backward(work, chat, rstd, h);
+  ifg_backward(g, g + h, g + 2 * h, c_prev, work, dc, dz, dz + h, dz + 2 * h, h);
 }
 
 // The zoneout weight of the previous state: the mask's element, or the probability.
@@ -317,17 +387,21 @@ struct Zone {
 };
 
 // ---- The per-step products ----------------------------------------------------------------
-// A step's products (a W_hh^T, m W_hr^T; backward dz W_hh, dh' W_hr) run either through ATen
-// (addmm: MKL here) or through oneDNN's linear with the weight reordered into its blocked
-// layout (torch's own mkldnn::_linear_pointwise, float32 only). Which is faster depends on the
-// CPU and the sizes: oneDNN won by 1.3-2x at 64 x 512 x 2048 on AVX-512 EPYCs, ATen at B = 1.
-// The first layer of a given shape in a process times both routes, and the packing, on
-// scratch data, and keeps those timings (never anything computed from a parameter); every
-// call then takes oneDNN where packing its weights pays over its T steps. The weights are
-// packed afresh by every call (nothing derived from a parameter outlives the call).
-// LSTMKIT_NATIVE_PRODUCT=aten or =onednn in the environment forces a route (for tests).
+// A step's products (a W_hh^T, m W_hr^T; backward dz W_hh, dh' W_hr) take one of three routes:
+// ATen (addmm: MKL here); oneDNN's linear with the weight reordered into its blocked layout
+// (torch's own mkldnn::_linear_pointwise, float32 only); or, for a few rows, the loop below
+// over a row-major copy of the weight. Which is fastest depends on the CPU and the sizes
+// (oneDNN won by 1.3-2x at 64 x 512 x 2048 on AVX-512 EPYCs; MKL's small-matrix path costs
+// 7-10 us at B = 1). The first layer of a given shape and dtype in a process times every
+// route, and the weight's preparation, on scratch data, and keeps those timings (never
+// anything computed from a parameter); each call then takes the route fastest over its T
+// steps, preparation included. The weights are prepared afresh by every call.
+// LSTMKIT_NATIVE_PRODUCT=aten, =onednn or =rows in the environment forces a route (tests).
 
-enum class Route { kAten, kOneDnn };
+enum class Route { kAten, kOneDnn, kRows };
+constexpr Route kRoutes[] = {Route::kAten, Route::kOneDnn, Route::kRows};
+constexpr const char* kRouteNames[] = {"aten", "onednn", "rows"};
+constexpr int64_t kMaxLoopRows = 8;  // the loop route's candidates: at most this many rows
 
 using LinearOp = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
                         c10::string_view, c10::List<std::optional<c10::Scalar>>,
@@ -363,34 +437,66 @@ const OneDnn& onednn() {
   return ops;
 }
 
+// y = base + a w for n rows (base null: 0), w (in, out) row-major: per row, one pass over y
+// per input value, which the compiler vectorises along `out`.
+template <typename T>
+void rows_product(T* __restrict__ y, const T* __restrict__ base, const T* __restrict__ a,
+                  const T* __restrict__ w, int64_t n, int64_t in, int64_t out) {
+  for (int64_t r = 0; r < n; ++r) {
+    T* __restrict__ yr = y + r * out;
+    if (base != nullptr) {
+      std::memcpy(yr, base + r * out, out * sizeof(T));
+    } else {
+      std::fill(yr, yr + out, T(0));
+    }
+    for (int64_t k = 0; k < in; ++k) {
+      const T ak = a[r * in + k];
+      const T* __restrict__ wk = w + k * out;
+      for (int64_t o = 0; o < out; ++o) yr[o] += ak * wk[o];
+    }
+  }
+}
+
 // out = a @ weight (+ base): weight (in, out), a view is fine; a, base, out (n, .) row-major.
 class Product {
  public:
   Product(const Tensor& weight, int64_t rows, Route route) : weight_(weight), route_(route) {
     if (route_ == Route::kOneDnn) {
-      packed_ = onednn().reorder->call(weight.t().contiguous(), rows);  // (out, in), blocked
+      prepared_ = onednn().reorder->call(weight.t().contiguous(), rows);  // (out, in), blocked
+    } else if (route_ == Route::kRows) {
+      prepared_ = weight.contiguous();  // (in, out), row-major
     }
   }
 
   void operator()(Tensor& out, const Tensor& a, const Tensor* base = nullptr) const {
-    if (route_ == Route::kAten) {
-      if (base != nullptr) {
-        at::addmm_out(out, *base, a, weight_);
-      } else {
-        at::mm_out(out, a, weight_);
-      }
-      return;
+    switch (route_) {
+      case Route::kAten:
+        if (base != nullptr) {
+          at::addmm_out(out, *base, a, weight_);
+        } else {
+          at::mm_out(out, a, weight_);
+        }
+        return;
+      case Route::kOneDnn:
+        out.copy_(base != nullptr
+                      ? onednn().linear_add->call(a, *base, prepared_, std::nullopt, "add")
+                      : onednn().linear->call(a, prepared_, std::nullopt, "none",
+                                              c10::List<std::optional<c10::Scalar>>(),
+                                              std::nullopt));
+        return;
+      case Route::kRows:
+        AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lstmkit::rows_product", [&] {
+          rows_product(out.data_ptr<scalar_t>(),
+                       base != nullptr ? base->const_data_ptr<scalar_t>() : nullptr,
+                       a.const_data_ptr<scalar_t>(), prepared_.const_data_ptr<scalar_t>(),
+                       a.size(0), a.size(1), out.size(1));
+        });
+        return;
     }
-    const Tensor y =
-        base != nullptr
-            ? onednn().linear_add->call(a, *base, packed_, std::nullopt, "add")
-            : onednn().linear->call(a, packed_, std::nullopt, "none",
-                                    c10::List<std::optional<c10::Scalar>>(), std::nullopt);
-    out.copy_(y);
   }
 
  private:
-  Tensor weight_, packed_;
+  Tensor weight_, prepared_;
   Route route_;
 };
 
@@ -408,85 +514,121 @@ double median_seconds(F f, int repeats) {
   return times[repeats / 2];
 }
 
+// Seconds per product and per preparation of the weight, for each route (infinite: not a
+// candidate here, or a result that disagrees with ATen's).
 struct Timings {
-  double aten, onednn, pack;  // seconds per product, and per packing of the weight
+  double product[3] = {0, INFINITY, INFINITY};
+  double prepare[3] = {0, 0, 0};
 };
 
-// Both routes timed on scratch data for a products of `rows` rows by an (in, out) weight;
-// oneDNN's result is checked against ATen's first (a mismatch rules it out).
-Timings measure(int64_t rows, int64_t in, int64_t out) {
-  const auto options = at::TensorOptions().dtype(at::kFloat);
+bool candidate(Route route, at::ScalarType dtype, int64_t rows) {
+  switch (route) {
+    case Route::kOneDnn:
+      return dtype == at::kFloat && onednn().linear.has_value();
+    case Route::kRows:
+      return rows <= kMaxLoopRows;
+    case Route::kAten:
+      break;
+  }
+  return true;
+}
+
+// Every candidate route timed on scratch data for products of `rows` rows by an (in, out)
+// weight, stored transposed (an (out, in) matrix's view) or not, as the layer's will be (ATen's
+// speed depends on it); each result checked against ATen's first.
+Timings measure(at::ScalarType dtype, int64_t rows, int64_t in, int64_t out, bool transposed) {
+  const auto options = at::TensorOptions().dtype(dtype);
   // its own generator: the user's random stream (dropout masks) must not depend on this
   const at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(0);
   const auto draw = [&](int64_t r, int64_t c) { return at::randn({r, c}, generator, options); };
-  const Tensor weight = draw(in, out) / std::sqrt(static_cast<double>(in));
+  const Tensor weight =
+      (transposed ? draw(out, in).t() : draw(in, out)) / std::sqrt(static_cast<double>(in));
   const Tensor a = draw(rows, in), base = draw(rows, out);
   Tensor y = at::empty({rows, out}, options), want = at::empty({rows, out}, options);
-  const Product aten(weight, rows, Route::kAten);
-  aten(want, a, &base);
-  const auto pack = [&] { return Product(weight, rows, Route::kOneDnn); };
-  const Product packed = pack();
-  packed(y, a, &base);
-  if (!at::allclose(y, want, 1e-4, 1e-4)) return {0.0, INFINITY, 0.0};
+  Product(weight, rows, Route::kAten)(want, a, &base);
   constexpr int kRepeats = 9;
   // enough calls per timing to be well above the clock's resolution
   const int calls = static_cast<int>(std::clamp<int64_t>(2000000 / (rows * in * out + 1), 1, 64));
-  Timings t{};
-  t.pack = median_seconds(pack, kRepeats);
-  double aten_s = 0, onednn_s = 0;
-  for (int round = 0; round < 2; ++round) {  // the second round, after both have warmed up
-    aten_s = median_seconds(
-        [&] {
-          for (int k = 0; k < calls; ++k) aten(y, a, &base);
-        },
-        kRepeats);
-    onednn_s = median_seconds(
-        [&] {
-          for (int k = 0; k < calls; ++k) packed(y, a, &base);
-        },
-        kRepeats);
+  Timings t;
+  for (const Route route : kRoutes) {
+    const auto r = static_cast<int>(route);
+    if (!candidate(route, dtype, rows)) continue;
+    const auto prepare = [&] { return Product(weight, rows, route); };
+    const Product product = prepare();
+    product(y, a, &base);
+    if (!at::allclose(y, want, 1e-4, 1e-4)) continue;
+    t.prepare[r] = route == Route::kAten ? 0.0 : median_seconds(prepare, kRepeats);
+    const auto run = [&] {
+      for (int k = 0; k < calls; ++k) product(y, a, &base);
+    };
+    median_seconds(run, 3);  // warm up
+    t.product[r] = median_seconds(run, kRepeats) / calls;
   }
-  t.aten = aten_s / calls;
-  t.onednn = onednn_s / calls;
   return t;
 }
 
-// The route for `uses` products of `rows` rows by an (in, out) weight in one call.
-Route route_for(at::ScalarType dtype, int64_t rows, int64_t in, int64_t out, int64_t uses) {
-  const char* forced = std::getenv("LSTMKIT_NATIVE_PRODUCT");
-  const bool usable = dtype == at::kFloat && onednn().linear.has_value();
-  if (forced != nullptr && std::string_view(forced) == "aten") return Route::kAten;
-  if (forced != nullptr && std::string_view(forced) == "onednn") {
-    return usable ? Route::kOneDnn : Route::kAten;
+// The route for `uses` products of `rows` rows by an (in, out) weight (stored transposed or
+// not) in one call.
+Route route_for(at::ScalarType dtype, int64_t rows, int64_t in, int64_t out, bool transposed,
+                int64_t uses) {
+  if (const char* forced = std::getenv("LSTMKIT_NATIVE_PRODUCT")) {
+    for (const Route route : kRoutes) {
+      if (kRouteNames[static_cast<int>(route)] == std::string_view(forced)) {
+        return candidate(route, dtype, rows) ? route : Route::kAten;
+      }
+    }
   }
-  if (!usable || rows == 0) return Route::kAten;
+  if (rows == 0) return Route::kAten;
   static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t, int>, Timings> measured;
-  const auto key = std::make_tuple(rows, in, out, at::get_num_threads());
+  static std::map<std::tuple<at::ScalarType, int64_t, int64_t, int64_t, bool, int>, Timings>
+      measured;
+  const auto key = std::make_tuple(dtype, rows, in, out, transposed, at::get_num_threads());
   Timings t;
   {
     const std::lock_guard<std::mutex> lock(mutex);
     auto found = measured.find(key);
     if (found == measured.end()) {
       const at::NoGradGuard no_grad;
-      found = measured.emplace(key, measure(rows, in, out)).first;
+      found = measured.emplace(key, measure(dtype, rows, in, out, transposed)).first;
     }
     t = found->second;
   }
-  const double uses_d = static_cast<double>(uses);
-  return t.pack + uses_d * t.onednn < uses_d * t.aten ? Route::kOneDnn : Route::kAten;
+  Route best = Route::kAten;
+  double best_cost = INFINITY;
+  for (const Route route : kRoutes) {
+    const auto r = static_cast<int>(route);
+    const double cost = t.prepare[r] + static_cast<double>(uses) * t.product[r];
+    if (cost < best_cost) {
+      best = route;
+      best_cost = cost;
+    }
+  }
+  return best;
 }
 
 // The product by `weight` (in, out) for a loop of `uses` products of at most `rows` rows.
 Product product(const Tensor& weight, int64_t rows, int64_t uses) {
   return Product(weight, rows,
-                 route_for(weight.scalar_type(), rows, weight.size(0), weight.size(1), uses));
+                 route_for(weight.scalar_type(), rows, weight.size(0), weight.size(1),
+                           !weight.is_contiguous(), uses));
 }
 
-// Which route float32 products of `rows` rows by an (in, out) weight take in a call of `uses`
-// steps: "aten" or "onednn" (for tests and benchmark reports).
-std::string product_route(int64_t rows, int64_t in, int64_t out, int64_t uses) {
-  return route_for(at::kFloat, rows, in, out, uses) == Route::kOneDnn ? "onednn" : "aten";
+// Which route products of `rows` rows by an (in, out) weight of `dtype` (stored transposed,
+// as the forward's W_hh^T, or not, as the backward's W_hh) take in a call of `uses` steps:
+// "aten", "onednn" or "rows" (for tests and benchmark reports).
+std::string product_route(at::ScalarType dtype, int64_t rows, int64_t in, int64_t out,
+                          bool transposed, int64_t uses) {
+  return kRouteNames[static_cast<int>(route_for(dtype, rows, in, out, transposed, uses))];
+}
+
+// The rows [0, n) of one step's pass over `width` values each, as f(begin, end), shared
+// between threads where each share holds at least kParallelValues values: a smaller pass does
+// not repay waking another thread. `serial` keeps it in one thread.
+constexpr int64_t kParallelValues = 16384;
+
+template <typename F>
+void over_rows(int64_t n, int64_t width, bool serial, const F& f) {
+  at::parallel_for(0, n, serial ? n : std::max<int64_t>(1, kParallelValues / width), f);
 }
 
 // Running rows at each step: batch_sizes, or `batch` at every step when it is empty.
@@ -723,12 +865,16 @@ Forward recurrence(const Tensor& xp_in, const Tensor& h0_in, const Tensor& c0_in
       T* c_new = zoned_c ? cells_new.data_ptr<T>() + k * batch * hidden : c_state;
       T* h_t = output_p + t * batch * proj;
       T* m_rows = projected ? m_p : h_t;  // without a projection m is h' itself (P = H)
-      for (int64_t b = 0; b < n; ++b) {
-        T* ch = layernorm ? chat.data_ptr<T>() + (k * batch + b) * hidden : nullptr;
-        const T sd = gates_forward_row(cell, g + b * rows, c_prev + b * hidden, c_new + b * hidden,
-                                       m_rows + b * hidden, ch);
-        if (layernorm) rstd.data_ptr<T>()[(k * batch + b) * 2 + 1] = sd;
-      }
+      T* const chat_p = layernorm ? chat.data_ptr<T>() + k * batch * hidden : nullptr;
+      T* const rstd_p = layernorm ? rstd.data_ptr<T>() + k * batch * 2 : nullptr;
+      over_rows(n, rows, false, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          T* ch = layernorm ? chat_p + b * hidden : nullptr;
+          const T sd = gates_forward_row(cell, g + b * rows, c_prev + b * hidden,
+                                         c_new + b * hidden, m_rows + b * hidden, ch);
+          if (layernorm) rstd_p[2 * b + 1] = sd;
+        }
+      });
       if (projected) {
         Tensor h_rows = rows_of(h_t, n, proj, options);
         (*projection)(h_rows, rows_of(m_p, n, hidden, options));  // (n, P)
@@ -868,16 +1014,22 @@ Backward recurrence_backward(
         m_t = m_seq.data_ptr<T>() + t * batch * hidden;
       }
       const T* c_prev = t == 0 ? c0_p : cells_p + (t - 1) * batch * hidden;
-      for (int64_t b = 0; b < n; ++b) {
-        const int64_t row = (t * batch + b) * hidden;
-        gates_backward_row(cell, gates_p + (t * batch + b) * rows, c_prev + b * hidden, new_p + row,
-                           layernorm ? chat.const_data_ptr<T>() + row : nullptr,
-                           layernorm ? rstd.const_data_ptr<T>()[(t * batch + b) * 2 + 1] : T(1),
-                           dm_t + b * hidden, dc_p + b * hidden, dz_p + (t * batch + b) * rows,
-                           m_t == nullptr ? nullptr : m_t + b * hidden,
-                           layernorm ? dgain_c.data_ptr<T>() : nullptr,
-                           layernorm ? dshift_c.data_ptr<T>() : nullptr, work.data_ptr<T>());
-      }
+      const T* const chat_p = layernorm ? chat.const_data_ptr<T>() : nullptr;
+      const T* const rstd_p = layernorm ? rstd.const_data_ptr<T>() : nullptr;
+      T* const dgain_p = layernorm ? dgain_c.data_ptr<T>() : nullptr;
+      T* const dshift_p = layernorm ? dshift_c.data_ptr<T>() : nullptr;
+      // layernorm's rows add to one gain and shift gradient, and share `work`: one thread
+      over_rows(n, rows, layernorm, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t row = (t * batch + b) * hidden;
+          gates_backward_row(cell, gates_p + (t * batch + b) * rows, c_prev + b * hidden,
+                             new_p + row, layernorm ? chat_p + row : nullptr,
+                             layernorm ? rstd_p[(t * batch + b) * 2 + 1] : T(1), dm_t + b * hidden,
+                             dc_p + b * hidden, dz_p + (t * batch + b) * rows,
+                             m_t == nullptr ? nullptr : m_t + b * hidden, dgain_p, dshift_p,
+                             work.data_ptr<T>());
+        }
+      });
       if (zc.on()) {
         for (int64_t e = 0; e < n * hidden; ++e) dc_p[e] += keep_c_p[e];
       }
@@ -959,7 +1111,10 @@ TORCH_LIBRARY(lstmkit, m) {
       "int[] batch_sizes) -> (Tensor dxp, Tensor dh0, Tensor dc0, Tensor dweight_hh, "
       "Tensor dweight_hr, Tensor dweight_ch, Tensor dln_hh_weight, Tensor dln_hh_bias, "
       "Tensor dln_c_weight, Tensor dln_c_bias)");
-  m.def("product_route(int rows, int in_features, int out_features, int uses) -> str");
+  m.def(
+      "product_route(ScalarType dtype, int rows, int in_features, int out_features, "
+      "bool transposed, int uses) "
+      "-> str");
 }
 
 TORCH_LIBRARY_IMPL(lstmkit, CPU, m) {
