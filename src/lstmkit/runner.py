@@ -16,9 +16,15 @@ from torch import Tensor
 from lstmkit import cells
 from lstmkit import validation as check
 from lstmkit.backends import fused, native, reference, triton
-from lstmkit.backends.masks import NO_MASKS, NO_REGULARIZERS, Masks, Regularizers
+from lstmkit.backends.contract import NO_MASKS, NO_REGULARIZERS, Backend, Masks, Regularizers
 
-BACKENDS = {"reference": reference, "fused": fused, "native": native, "triton": triton}
+# every one a module that keeps the contract of lstmkit.backends.contract.Backend
+BACKENDS: dict[str, Backend] = {
+    "reference": reference,
+    "fused": fused,
+    "native": native,
+    "triton": triton,
+}
 BACKEND_NAMES = ("auto", *BACKENDS)
 
 
@@ -60,11 +66,12 @@ def choose_backend(
 ) -> str:
     """The backend that runs a layer: ``name`` itself, or for ``"auto"`` the first that can
     run it of ``triton`` (CUDA tensors only), ``native`` (CPU tensors only), ``fused`` and
-    ``reference``. A backend can run a layer when it :func:`supports` the cell and
-    regularisers and, given the layer's input ``x`` (``(T, B, I)``) and ``params``, its
-    ``refusal`` gives no reason against them (device, dtype, sizes; and for the backends with
-    a hand-written backward, a ``torch.func`` transform, forward-mode AD or
-    ``torch.jit.trace`` around the call).
+    ``reference``. Every backend is asked the same questions
+    (:class:`lstmkit.backends.contract.Backend`): it can run a layer when it ``supports`` the
+    cell (by its ``kind``) and regularisers and, given the layer's input ``x`` (``(T, B, I)``)
+    and ``params``, its ``refusal`` gives no reason against them (device, dtype, sizes; and
+    for the backends with a hand-written backward, a ``torch.func`` transform, forward-mode
+    AD or ``torch.jit.trace`` around the call).
 
     While ``torch.compile`` or ``torch.export`` traces the model, ``"auto"`` is ``native``
     (a custom operator with a fake implementation and an autograd formula, which the compiler
@@ -111,10 +118,12 @@ def _refusal(name, cell: cells.Cell, masks: Masks, x: Tensor | None, params) -> 
     backend = BACKENDS[name]
     if not backend.supports(cell, masks):
         what = f"cell={cell.name!r}"
-        if backend.supports(cell, NO_MASKS):
+        if cell.kind is None:  # a custom cell, or a subclass that did not declare its kind
+            what += f" of class {type(cell).__qualname__}, which sets no kind"
+        elif backend.supports(cell, NO_MASKS):
             what += " with recurrent_dropout or zoneout"
         return f"{what} (backend='reference' runs every cell and regulariser)"
-    reason = None if x is None else backend.refusal(x, params)
+    reason = None if x is None else backend.refusal(cell, x, params)
     return None if reason is None else f"this layer: {reason}"
 
 

@@ -8,14 +8,16 @@ from torch import Tensor
 
 from lstmkit import cells
 from lstmkit import validation as check
+from lstmkit.backends.contract import Masks
 
 
-def supports(cell: cells.Cell, masks) -> bool:
+def supports(cell: cells.Cell, masks: Masks) -> bool:
+    """Every cell, whatever its kind, with every regulariser."""
     return True
 
 
-def refusal(x: Tensor, params: cells.Params) -> None:
-    """Nothing about a layer's input or sizes stops this backend (:func:`supports` decides)."""
+def refusal(cell: cells.Cell, x: Tensor, params: cells.Params) -> None:
+    """Nothing about a layer's input or sizes stops this backend."""
     return None
 
 
@@ -36,25 +38,11 @@ def run(
     c: Tensor,
     params: cells.Params,
     batch_sizes: list[int] | None,
-    masks,
+    masks: Masks,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Run one layer-direction forward over time.
-
-    Args:
-        cell: the step.
-        x: ``(T, B, I)`` time-major input.
-        h: ``(B, P)`` initial hidden state.
-        c: ``(B, H)`` initial cell state.
-        params: the layer-direction's parameters, by name.
-        batch_sizes: ``T`` non-increasing counts of the sequences still running at each step,
-            with the batch sorted by decreasing length (as in a ``PackedSequence``), or
-            ``None`` when every sequence is ``T`` long. A finished sequence keeps its state
-            and outputs zeros.
-        masks: the regularisers' masks (:class:`lstmkit.backends.masks.Masks`).
-
-    Returns:
-        ``(output, h_n, c_n)`` of shapes ``(T, B, P)``, ``(B, P)``, ``(B, H)``.
-    """
+    """:meth:`lstmkit.backends.contract.Backend.run`: ``cell.project_input`` for all steps,
+    then ``cell.step`` at each one on autograd, each step's result checked
+    (:func:`lstmkit.validation.check_step`: a custom cell's mistake is named at once)."""
     xp = cell.project_input(x, params)  # (T, B, GH)
     batch = x.size(1)
     outputs = []

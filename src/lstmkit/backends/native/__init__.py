@@ -28,9 +28,10 @@ from lstmkit.backends.common import (
     reference_backward,
     rerun_reference,
 )
-from lstmkit.backends.masks import NO_MASKS
+from lstmkit.backends.contract import NO_MASKS, Masks
 from lstmkit.backends.native import build
 
+KINDS = frozenset({"lstm"})  # of the cells this backend runs
 NAMES = cells.NN_PARAMETERS
 DTYPES = (torch.float32, torch.float64)
 
@@ -123,13 +124,13 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
     )
 
 
-def supports(cell: cells.Cell, masks) -> bool:
-    """The standard LSTM cell without recurrent dropout or zoneout (weight drop is applied to
-    the weights before the loop)."""
-    return type(cell) is cells.LSTM and not masks.active()
+def supports(cell: cells.Cell, masks: Masks) -> bool:
+    """A cell of a kind in :data:`KINDS` without recurrent dropout or zoneout (weight drop is
+    applied to the weights before the loop)."""
+    return cell.kind in KINDS and not masks.active()
 
 
-def refusal(x: Tensor, params: cells.Params) -> str | None:
+def refusal(cell: cells.Cell, x: Tensor, params: cells.Params) -> str | None:
     """Why this backend cannot run a layer on ``x`` with ``params`` now, or ``None``."""
     if x.device.type != "cpu":
         return f"it runs on the CPU, got a {x.device.type} input"
