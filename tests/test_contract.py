@@ -109,6 +109,8 @@ def test_fast_backends_refuse_a_subclass_without_a_kind(backend):
     )
     with pytest.raises(ValueError, match=re.escape(expected)):
         model(torch.randn(T, B, IN))
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        model.step(torch.randn(B, IN))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from lstmkit import cells
-from lstmkit import validation as check
 from lstmkit.backends import fused, native, reference, triton
 from lstmkit.backends.contract import NO_MASKS, NO_REGULARIZERS, Backend, Masks, Regularizers
 
@@ -207,39 +206,37 @@ def step_layer(
     params: cells.Params,
     *,
     cell: cells.Cell = cells.CELLS["lstm"],
+    backend: str = "auto",
     regularizers: Regularizers = NO_REGULARIZERS,
     training: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One time step of one layer in the forward direction, for streaming.
 
-    Equals one step of :func:`run_layer` (any backend), zoneout included as its expectation
-    in evaluation. In training the in-layer regularisers are not supported: their masks belong
-    to a whole sequence, which a single step does not know.
+    The step is a sequence of one step, run through the same contract as :func:`run_layer`:
+    :func:`choose_backend` picks the backend from ``backend`` and its ``run`` executes it,
+    so it equals one step of :func:`run_layer` on that backend, zoneout included as its
+    expectation in evaluation. In training the in-layer regularisers are not supported: their
+    masks belong to a whole sequence, which a single step does not know.
 
     Args:
         x: ``(B, I)`` input at this step.
         h, c: ``(B, P)`` and ``(B, H)`` state before it.
-        params, cell, regularizers, training: as for :func:`run_layer`.
+        params, cell, backend, regularizers, training: as for :func:`run_layer`.
 
     Returns:
         ``(h_t, c_t)``, ``(B, P)`` and ``(B, H)``.
 
     Raises:
-        ValueError: ``training`` with a regulariser switched on.
+        ValueError: ``training`` with a regulariser switched on, or a ``backend`` that cannot
+            run this layer.
     """
     if training and any(vars(regularizers).values()):
         raise ValueError(
             "step() supports recurrent_dropout, weight_drop and zoneout only in evaluation "
             f"mode (call .eval()), got {regularizers} in training mode"
         )
-    # Two products (x W_ih^T, then h W_hh^T), not one over [x, h]: stacking the weights
-    # would copy all of them at every step, since nothing may be kept between calls.
-    xp = cell.project_input(x.unsqueeze(0), params)[0]
-    h_t, c_t = check.check_step(cell, cell.step(xp, h, c, params), h, c)
-    if not (regularizers.zoneout_h or regularizers.zoneout_c):
-        return h_t, c_t
     masks = draw_masks(regularizers, False, 1, h, c)  # evaluation: zoneout's expectation
-    return (
-        reference._zoneout(h_t, h, masks.zoneout_h, 0),
-        reference._zoneout(c_t, c, masks.zoneout_c, 0),
-    )
+    x = x.unsqueeze(0)  # (1, B, I)
+    run = BACKENDS[choose_backend(backend, cell, masks, x, params)].run
+    _, h_t, c_t = run(cell, x, h, c, params, None, masks)
+    return h_t, c_t
