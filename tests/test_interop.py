@@ -60,7 +60,11 @@ def test_from_torch_takes_lstmkit_regularisers():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"cell": "peephole"}, r"only the standard cell; model has cell='peephole'"),
+        (
+            {"cell": "peephole"},
+            r"only the standard cell \(kind 'lstm'\); model has cell='peephole' \(Peephole\) "
+            "of kind 'peephole'",
+        ),
         ({"zoneout": 0.1}, r"no recurrent_dropout, weight_drop or zoneout; model has zoneout_h"),
         ({"weight_drop": 0.2}, r"model has weight_drop=0.2"),
     ],

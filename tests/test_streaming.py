@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lstmkit
-from lstmkit import LSTMState, cells, detach_state
+from lstmkit import LSTMState, cells, detach_state, runner
 from lstmkit.__main__ import main
 from lstmkit.bench import stream
 
@@ -92,6 +92,52 @@ def test_eval_zoneout_equals_forward(cell):
         assert (state.c - c_n).abs().max().item() <= EXACT
         # zoneout's expectation does change the result
         assert (outputs - stream_steps(plain, x)[0]).abs().max().item() > 1e-3
+
+
+NATIVE, WHY_NOT_NATIVE = lstmkit.native_available()
+BACKENDS = [
+    "reference",
+    "fused",
+    pytest.param("native", marks=pytest.mark.skipif(not NATIVE, reason=f"{WHY_NOT_NATIVE}")),
+]
+
+
+@pytest.mark.parametrize("zoneout", [0.0, 0.3], ids=["plain", "zoneout"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell", list(cells.CELLS))
+def test_step_runs_on_the_backend_forward_would(monkeypatch, cell, backend, zoneout):
+    """step() asks runner.choose_backend, as forward does, and runs that backend's run on a
+    one-step sequence; its steps equal forward on the same backend."""
+    torch.manual_seed(8)
+    model = lstmkit.LSTM(IN, H, 2, cell=cell, backend=backend, zoneout=zoneout, dtype=F64)
+    model.eval()
+    x = torch.randn(T, 3, IN, dtype=F64)
+    h = torch.zeros(3, H, dtype=F64)
+    masks = runner.draw_masks(model.regularizers, False, 1, h, h)
+    if backend != "reference" and not runner.BACKENDS[backend].supports(model.cell, masks):
+        with pytest.raises(ValueError, match=f"backend={backend!r} cannot run cell={cell!r}"):
+            model.step(x[0])
+        return
+    expected, (h_n, c_n) = model(x)
+    calls = []
+    run = runner.BACKENDS[backend].run
+
+    def counted(cell, x, *args):
+        calls.append(x.shape)
+        return run(cell, x, *args)
+
+    monkeypatch.setattr(runner.BACKENDS[backend], "run", counted)
+    outputs, state = stream_steps(model, x)
+    assert calls == [(1, 3, IN), (1, 3, H)] * T  # both layers, one step each, on this backend
+    assert (outputs - expected).abs().max().item() <= EXACT
+    assert (state.h - h_n).abs().max().item() <= EXACT
+    assert (state.c - c_n).abs().max().item() <= EXACT
+
+
+def test_step_on_a_backend_that_cannot_run_the_layer_raises():
+    model = lstmkit.LSTM(IN, H, backend="triton")
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run this layer: .*'cpu'"):
+        model.step(torch.randn(2, IN))
 
 
 @pytest.mark.parametrize(

@@ -105,13 +105,27 @@ class Cell:
     linear map). Everything else — stacking, bidirectional, lengths and PackedSequence,
     dropout between layers, the regularisers, the reference backend — comes from the LSTM
     module and the runner.
+
+    :attr:`kind` names the equations a cell computes for the backends with their own kernels
+    (:class:`lstmkit.backends.contract.Backend`): ``"lstm"``, ``"layernorm"``, ``"peephole"``
+    and ``"cifg"`` on the built-in cells, ``None`` (the reference backend only) otherwise. It
+    is NOT inherited: a subclass that does not set ``kind`` in its own class body has
+    ``kind = None``, so that a subclass of :class:`LSTM` that overrides :meth:`step` never
+    runs on kernels of the plain LSTM's equations. A subclass that keeps a built-in cell's
+    exact equations (its step, input half, gates and parameters) may opt in to its kernels by
+    setting that kind explicitly (``docs/custom_cells.md``).
     """
 
     name = "custom"
     gates = 4  # blocks of H rows in weight_ih / weight_hh / the biases
     forget_gate: int | None = 1  # block that forget_bias= adds to; None if there is none
     extra: ClassVar[Extra] = {}  # parameters beyond torch.nn.LSTM's
-    kind: ClassVar[str | None] = None  # the equations a fast backend runs for it, if any
+    kind: ClassVar[str | None] = None  # the fast-path kind; set per class, never inherited
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" not in vars(cls):  # a subclass's equations may differ from its parent's
+            cls.kind = None
 
     def project_input(self, x: Tensor, p: Params) -> Tensor:
         """``(T, B, I) -> (T, B, GH)``: the state-independent part of the gates, all steps."""

@@ -23,9 +23,9 @@ Graph outputs, as :meth:`lstmkit.LSTM.forward` returns them:
 
 The export has evaluation semantics: dropout between layers, ``recurrent_dropout`` and
 ``weight_drop`` act in training only and are left out. Not exportable (each raises
-``NotImplementedError`` naming the feature): ``proj_size > 0`` and any cell other than the
-standard ``"lstm"`` (both need a Scan/Loop graph, future work), and ``zoneout``, which changes
-the evaluation-mode equations. Only float32 models are exported.
+``NotImplementedError`` naming the feature): ``proj_size > 0`` and any cell whose ``kind``
+is not the standard ``"lstm"`` (both need a Scan/Loop graph, future work), and ``zoneout``,
+which changes the evaluation-mode equations. Only float32 models are exported.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import os
 
 import torch
 
-from lstmkit import cells
 from lstmkit import validation as check
 from lstmkit.modules import LSTM
 
@@ -66,11 +65,11 @@ def _check_exportable(model: object) -> None:
             f"cannot export an LSTM with projection (proj_size={model.proj_size}) to ONNX: "
             "the native ONNX LSTM operator has no projection; only proj_size=0 is exportable"
         )
-    if type(model.cell) is not cells.LSTM:
+    if model.cell.kind != "lstm":
         raise NotImplementedError(
-            f"cannot export cell={model.cell.name!r} ({type(model.cell).__qualname__}) to "
-            "ONNX: only the standard cell='lstm' (lstmkit.cells.LSTM itself) maps onto the "
-            "native ONNX LSTM operator"
+            f"cannot export cell={model.cell.name!r} ({type(model.cell).__qualname__}) of kind "
+            f"{model.cell.kind!r} to ONNX: only a cell of kind 'lstm' (lstmkit.cells.LSTM, or a "
+            "subclass that sets kind = 'lstm') maps onto the native ONNX LSTM operator"
         )
     zoneout = (model.regularizers.zoneout_h, model.regularizers.zoneout_c)
     if any(zoneout):
@@ -136,7 +135,8 @@ def to_onnx(
         full_check=True)``.
 
     Raises:
-        NotImplementedError: for ``proj_size > 0``, a cell other than ``"lstm"`` or
+        NotImplementedError: for ``proj_size > 0``, a cell of a kind other than ``"lstm"``
+            (:attr:`lstmkit.cells.Cell.kind`; a subclass has none unless it sets one) or
             ``zoneout > 0``, which the native operator cannot express (a Scan-based export is
             future work).
         TypeError: for a model that is not an :class:`lstmkit.LSTM` or not float32.

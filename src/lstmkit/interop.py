@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lstmkit import cells
 from lstmkit.modules import LSTM, SHARED_OPTIONS
 
 
@@ -22,14 +21,17 @@ def to_torch(model: LSTM) -> nn.LSTM:
 
     Raises:
         TypeError: ``model`` is not an :class:`lstmkit.LSTM`.
-        ValueError: ``model`` uses what ``torch.nn.LSTM`` does not have: a cell other than
-            ``"lstm"``, or ``recurrent_dropout``, ``weight_drop`` or ``zoneout``.
+        ValueError: ``model`` uses what ``torch.nn.LSTM`` does not have: a cell whose
+            :attr:`~lstmkit.cells.Cell.kind` is not ``"lstm"`` (a subclass has none unless it
+            sets one), or ``recurrent_dropout``, ``weight_drop`` or ``zoneout``.
     """
     if not isinstance(model, LSTM):
         raise TypeError(f"model must be an lstmkit.LSTM, got {type(model).__name__}")
-    if type(model.cell) is not cells.LSTM:
+    if model.cell.kind != "lstm":
         raise ValueError(
-            f"torch.nn.LSTM has only the standard cell; model has cell={model.cell.name!r}"
+            "torch.nn.LSTM has only the standard cell (kind 'lstm'); model has "
+            f"cell={model.cell.name!r} ({type(model.cell).__qualname__}) of kind "
+            f"{model.cell.kind!r}"
         )
     active = {name: p for name, p in vars(model.regularizers).items() if p}
     if active:

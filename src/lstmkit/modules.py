@@ -492,7 +492,8 @@ class LSTM(nn.Module):
 
         Calling ``step`` on ``x[0], x[1], ...`` in turn, feeding back the returned state, gives
         the outputs and final state of ``forward(x)`` (the same values up to rounding). The
-        per-layer step is :func:`lstmkit.runner.step_layer`; layers are stacked as in
+        per-layer step is :func:`lstmkit.runner.step_layer`, a one-step sequence on the
+        backend that :attr:`backend` chooses, as ``forward`` would; layers are stacked as in
         :meth:`forward`, with ``dropout`` between them in training mode (fresh masks per step,
         as ``forward`` draws one per element).
 
@@ -512,8 +513,9 @@ class LSTM(nn.Module):
             :meth:`detach_state` for truncated back-propagation through time.
 
         Raises:
-            ValueError: a bidirectional model, a wrong input size or state shape, or an active
-                regulariser in training mode. TypeError: a wrong type or dtype.
+            ValueError: a bidirectional model, a wrong input size or state shape, an active
+                regulariser in training mode, or a :attr:`backend` that cannot run a layer.
+                TypeError: a wrong type or dtype.
         """
         if self.bidirectional:
             raise ValueError(
@@ -536,6 +538,7 @@ class LSTM(nn.Module):
                 c0[layer],
                 self._layer_params(layer, 0),
                 cell=self.cell,
+                backend=self.backend,
                 regularizers=self.regularizers,
                 training=self.training,
             )

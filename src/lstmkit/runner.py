@@ -14,11 +14,16 @@ import torch
 from torch import Tensor
 
 from lstmkit import cells
-from lstmkit import validation as check
 from lstmkit.backends import fused, native, reference, triton
-from lstmkit.backends.masks import NO_MASKS, NO_REGULARIZERS, Masks, Regularizers
+from lstmkit.backends.contract import NO_MASKS, NO_REGULARIZERS, Backend, Masks, Regularizers
 
-BACKENDS = {"reference": reference, "fused": fused, "native": native, "triton": triton}
+# every one a module that keeps the contract of lstmkit.backends.contract.Backend
+BACKENDS: dict[str, Backend] = {
+    "reference": reference,
+    "fused": fused,
+    "native": native,
+    "triton": triton,
+}
 BACKEND_NAMES = ("auto", *BACKENDS)
 
 
@@ -60,11 +65,12 @@ def choose_backend(
 ) -> str:
     """The backend that runs a layer: ``name`` itself, or for ``"auto"`` the first that can
     run it of ``triton`` (CUDA tensors only), ``native`` (CPU tensors only), ``fused`` and
-    ``reference``. A backend can run a layer when it :func:`supports` the cell and
-    regularisers and, given the layer's input ``x`` (``(T, B, I)``) and ``params``, its
-    ``refusal`` gives no reason against them (device, dtype, sizes; and for the backends with
-    a hand-written backward, a ``torch.func`` transform, forward-mode AD or
-    ``torch.jit.trace`` around the call).
+    ``reference``. Every backend is asked the same questions
+    (:class:`lstmkit.backends.contract.Backend`): it can run a layer when it ``supports`` the
+    cell (by its ``kind``) and regularisers and, given the layer's input ``x`` (``(T, B, I)``)
+    and ``params``, its ``refusal`` gives no reason against them (device, dtype, sizes; and
+    for the backends with a hand-written backward, a ``torch.func`` transform, forward-mode
+    AD or ``torch.jit.trace`` around the call).
 
     While ``torch.compile`` or ``torch.export`` traces the model, ``"auto"`` is ``native``
     (a custom operator with a fake implementation and an autograd formula, which the compiler
@@ -111,10 +117,12 @@ def _refusal(name, cell: cells.Cell, masks: Masks, x: Tensor | None, params) -> 
     backend = BACKENDS[name]
     if not backend.supports(cell, masks):
         what = f"cell={cell.name!r}"
-        if backend.supports(cell, NO_MASKS):
+        if cell.kind is None:  # a custom cell, or a subclass that did not declare its kind
+            what += f" of class {type(cell).__qualname__}, which sets no kind"
+        elif backend.supports(cell, NO_MASKS):
             what += " with recurrent_dropout or zoneout"
         return f"{what} (backend='reference' runs every cell and regulariser)"
-    reason = None if x is None else backend.refusal(x, params)
+    reason = None if x is None else backend.refusal(cell, x, params)
     return None if reason is None else f"this layer: {reason}"
 
 
@@ -198,39 +206,37 @@ def step_layer(
     params: cells.Params,
     *,
     cell: cells.Cell = cells.CELLS["lstm"],
+    backend: str = "auto",
     regularizers: Regularizers = NO_REGULARIZERS,
     training: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One time step of one layer in the forward direction, for streaming.
 
-    Equals one step of :func:`run_layer` (any backend), zoneout included as its expectation
-    in evaluation. In training the in-layer regularisers are not supported: their masks belong
-    to a whole sequence, which a single step does not know.
+    The step is a sequence of one step, run through the same contract as :func:`run_layer`:
+    :func:`choose_backend` picks the backend from ``backend`` and its ``run`` executes it,
+    so it equals one step of :func:`run_layer` on that backend, zoneout included as its
+    expectation in evaluation. In training the in-layer regularisers are not supported: their
+    masks belong to a whole sequence, which a single step does not know.
 
     Args:
         x: ``(B, I)`` input at this step.
         h, c: ``(B, P)`` and ``(B, H)`` state before it.
-        params, cell, regularizers, training: as for :func:`run_layer`.
+        params, cell, backend, regularizers, training: as for :func:`run_layer`.
 
     Returns:
         ``(h_t, c_t)``, ``(B, P)`` and ``(B, H)``.
 
     Raises:
-        ValueError: ``training`` with a regulariser switched on.
+        ValueError: ``training`` with a regulariser switched on, or a ``backend`` that cannot
+            run this layer.
     """
     if training and any(vars(regularizers).values()):
         raise ValueError(
             "step() supports recurrent_dropout, weight_drop and zoneout only in evaluation "
             f"mode (call .eval()), got {regularizers} in training mode"
         )
-    # Two products (x W_ih^T, then h W_hh^T), not one over [x, h]: stacking the weights
-    # would copy all of them at every step, since nothing may be kept between calls.
-    xp = cell.project_input(x.unsqueeze(0), params)[0]
-    h_t, c_t = check.check_step(cell, cell.step(xp, h, c, params), h, c)
-    if not (regularizers.zoneout_h or regularizers.zoneout_c):
-        return h_t, c_t
     masks = draw_masks(regularizers, False, 1, h, c)  # evaluation: zoneout's expectation
-    return (
-        reference._zoneout(h_t, h, masks.zoneout_h, 0),
-        reference._zoneout(c_t, c, masks.zoneout_c, 0),
-    )
+    x = x.unsqueeze(0)  # (1, B, I)
+    run = BACKENDS[choose_backend(backend, cell, masks, x, params)].run
+    _, h_t, c_t = run(cell, x, h, c, params, None, masks)
+    return h_t, c_t

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lstmkit.cells import NN_PARAMETERS, Cell
+from lstmkit.cells import CELLS, NN_PARAMETERS, Cell
 
 
 class LSTMValueError(ValueError, RuntimeError):
@@ -180,6 +180,26 @@ def _check_cell_contract(cell: Cell) -> None:
                 f"out_size), init), got {_describe(entry)}"
             )
         check_choice(f"{label}: extra[{key!r}]'s init", entry[1], INIT_KINDS)
+    if cell.kind is not None:
+        _check_kind(label, cell)
+
+
+def _check_kind(label: str, cell: Cell) -> None:
+    """A cell that declares a built-in cell's kind has that cell's gate blocks and extra
+    parameters, in its order: the kernels of the kind read them."""
+    builtins = {builtin.kind: builtin for builtin in CELLS.values()}
+    if not isinstance(cell.kind, str) or cell.kind not in builtins:
+        raise ValueError(
+            f"{label}: kind must be None or one of {', '.join(map(repr, builtins))}, "
+            f"got {cell.kind!r}"
+        )
+    twin = builtins[cell.kind]
+    if cell.gates != twin.gates or tuple(cell.extra) != tuple(twin.extra):
+        raise ValueError(
+            f"{label}: kind={cell.kind!r} needs the gates and extra parameters of "
+            f"cell={twin.name!r}: gates={twin.gates}, extra={list(twin.extra)}; got "
+            f"gates={cell.gates}, extra={list(cell.extra)}"
+        )
 
 
 def check_cell(value: object, cells: Mapping[str, object]) -> object:

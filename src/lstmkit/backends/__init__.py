@@ -1,2 +1,3 @@
-"""How a recurrence is executed. Every backend exposes ``run`` with the same signature;
+"""How a recurrence is executed. Every backend keeps one contract
+(:class:`lstmkit.backends.contract.Backend`: ``supports``, ``refusal``, ``run``);
 :mod:`lstmkit.runner` is the only place that chooses one."""

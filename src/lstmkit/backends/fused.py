@@ -46,6 +46,7 @@ from lstmkit.backends.common import (
     running_rows,
     step_weight,
 )
+from lstmkit.backends.contract import Masks
 
 # d(activation) from its output; resolved overloads: torch.ops.aten.<op>(...) costs ~3 us more
 _sigmoid_backward = torch.ops.aten.sigmoid_backward.default
@@ -239,13 +240,13 @@ class FusedLSTM(torch.autograd.Function):
         )
 
 
-def supports(cell: cells.Cell, masks) -> bool:
-    """The lstm, layernorm and peephole cells with any regulariser (weight drop is applied to
-    the weights before the loop; the rest by :mod:`lstmkit.backends.fused_cells`)."""
+def supports(cell: cells.Cell, masks: Masks) -> bool:
+    """The cells of kind lstm, layernorm and peephole with any regulariser (weight drop is
+    applied to the weights before the loop; the rest by :mod:`lstmkit.backends.fused_cells`)."""
     return fused_cells.supports(cell, masks)
 
 
-def refusal(x: Tensor, params: cells.Params) -> str | None:
+def refusal(cell: cells.Cell, x: Tensor, params: cells.Params) -> str | None:
     """Why this backend cannot run a layer on ``x`` with ``params`` now (a ``torch.func``
     transform, forward-mode AD, ``torch.jit.trace``: :func:`common.opaque_refusal`), or
     ``None``; its sizes and dtypes never stop it."""
@@ -264,18 +265,18 @@ def run(
     c: Tensor,
     params: cells.Params,
     batch_sizes: list[int] | None,
-    masks,
+    masks: Masks,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Same contract as :func:`lstmkit.backends.reference.run`: :class:`FusedLSTM` for the
-    standard LSTM cell without in-loop regularisers, :mod:`lstmkit.backends.fused_cells` for
-    everything else.
+    """:meth:`lstmkit.backends.contract.Backend.run`: :class:`FusedLSTM` for a cell of kind
+    lstm without in-loop regularisers, :mod:`lstmkit.backends.fused_cells` for everything
+    else.
 
     Inside ``torch.autocast`` the forward's matrix products take operands in the autocast
     dtype, as the reference backend's do (:func:`lstmkit.cells.linear`); everything else,
     backward included, runs in float32, with autocast itself off."""
     dtype = cells.autocast_dtype(x)
     with autocast_off(x):
-        if type(cell) is not cells.LSTM or masks.active():
+        if cell.kind != "lstm" or masks.active():
             return fused_cells.run(cell, x, h, c, params, batch_sizes, masks, dtype)
         tensors = (x, h, c, *(params[name] for name in cells.NN_PARAMETERS))
         rerun = rerun_reference(cell, cells.NN_PARAMETERS, batch_sizes, masks)

@@ -68,10 +68,9 @@ from lstmkit.backends.common import (
     running_rows,
     step_weight,
 )
+from lstmkit.backends.contract import Masks
 
-_KINDS = {cells.LSTM: "lstm", cells.LayerNorm: "layernorm", cells.Peephole: "peephole"}
-_NAMES = cells.NN_PARAMETERS
-_EXTRA = {kind: tuple(cell.extra) for cell, kind in _KINDS.items()}  # their parameters' names
+KINDS = frozenset({"lstm", "layernorm", "peephole"})  # of the cells this module runs
 _EPS = cells.LAYER_NORM_EPS
 # Resolved overloads: torch.ops.aten.<op>(..., grad_input=...) costs ~3 us more per call.
 _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
@@ -81,7 +80,8 @@ _INPUT_GRAD = (True, False, False)  # output_mask of _layer_norm_backward: the i
 
 @dataclass(frozen=True)
 class _Config:
-    kind: str  # a value of _KINDS
+    kind: str  # the cell's, one of KINDS
+    names: tuple[str, ...]  # of the weights: torch.nn.LSTM's, then the cell's extra ones
     batch_sizes: list[int] | None  # as in reference.run
     training: bool  # backward will run: keep every step's values
     dtype: torch.dtype | None  # of the forward's products (autocast), as in fused.run
@@ -262,7 +262,7 @@ class FusedCell(torch.autograd.Function):
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
         config = ctx.config
         needs = ctx.needs_input_grad  # (config, x, h0, c0, three masks, *weights)
-        count = 3 + len(_NAMES) + len(_EXTRA[config.kind])  # x, h0, c0, weights
+        count = 3 + len(config.names)  # x, h0, c0, weights
         inputs, saved = ctx.saved_tensors[:count], ctx.saved_tensors[count:]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
             grads = (grad_output, grad_h_n, grad_c_n)
@@ -379,7 +379,7 @@ class FusedCell(torch.autograd.Function):
                 dh_t.add_(carried_h[t])
 
         # After the loop: every parameter's gradient as one product or reduction.
-        need = dict(zip((*_NAMES, *_EXTRA[config.kind]), needs[7:], strict=True))
+        need = dict(zip(config.names, needs[7:], strict=True))
         flat = dgates.view(steps * batch, 4 * hidden)
         db = flat.sum(0)  # the gradient of every bias added to the pre-activations
         dx = dw_ih = dw_hh = dw_hr = None
@@ -436,9 +436,9 @@ class FusedCell(torch.autograd.Function):
         )
 
 
-def supports(cell: cells.Cell, masks) -> bool:
-    """The lstm, layernorm and peephole cells, with any regulariser."""
-    return type(cell) in _KINDS
+def supports(cell: cells.Cell, masks: Masks) -> bool:
+    """A cell of a kind in :data:`KINDS` (``cell.kind``), with any regulariser."""
+    return cell.kind in KINDS
 
 
 def run(
@@ -448,16 +448,16 @@ def run(
     c: Tensor,
     params: cells.Params,
     batch_sizes: list[int] | None,
-    masks,
+    masks: Masks,
     dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Same contract as :func:`lstmkit.backends.reference.run`; ``dtype``: that of the
-    forward's matrix products (autocast, see :func:`lstmkit.backends.fused.run`)."""
-    names = (*_NAMES, *cell.extra)
+    """:meth:`lstmkit.backends.contract.Backend.run` for what :func:`supports`; ``dtype``:
+    that of the forward's matrix products (autocast, see :func:`lstmkit.backends.fused.run`)."""
+    names = (*cells.NN_PARAMETERS, *cell.extra)
     weights = tuple(params[name] for name in names)
     training = needs_backward((x, h, c, *weights))
     rerun = rerun_reference(cell, names, batch_sizes, masks)
-    config = _Config(_KINDS[type(cell)], batch_sizes, training, dtype, rerun)
+    config = _Config(cell.kind, names, batch_sizes, training, dtype, rerun)
     return FusedCell.apply(
         config, x, h, c, masks.recurrent, masks.zoneout_h, masks.zoneout_c, *weights
     )

@@ -8,14 +8,16 @@ from torch import Tensor
 
 from lstmkit import cells
 from lstmkit import validation as check
+from lstmkit.backends.contract import Masks
 
 
-def supports(cell: cells.Cell, masks) -> bool:
+def supports(cell: cells.Cell, masks: Masks) -> bool:
+    """Every cell, whatever its kind, with every regulariser."""
     return True
 
 
-def refusal(x: Tensor, params: cells.Params) -> None:
-    """Nothing about a layer's input or sizes stops this backend (:func:`supports` decides)."""
+def refusal(cell: cells.Cell, x: Tensor, params: cells.Params) -> None:
+    """Nothing about a layer's input or sizes stops this backend."""
     return None
 
 
@@ -36,25 +38,10 @@ def run(
     c: Tensor,
     params: cells.Params,
     batch_sizes: list[int] | None,
-    masks,
+    masks: Masks,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Run one layer-direction forward over time.
-
-    Args:
-        cell: the step.
-        x: ``(T, B, I)`` time-major input.
-        h: ``(B, P)`` initial hidden state.
-        c: ``(B, H)`` initial cell state.
-        params: the layer-direction's parameters, by name.
-        batch_sizes: ``T`` non-increasing counts of the sequences still running at each step,
-            with the batch sorted by decreasing length (as in a ``PackedSequence``), or
-            ``None`` when every sequence is ``T`` long. A finished sequence keeps its state
-            and outputs zeros.
-        masks: the regularisers' masks (:class:`lstmkit.backends.masks.Masks`).
-
-    Returns:
-        ``(output, h_n, c_n)`` of shapes ``(T, B, P)``, ``(B, P)``, ``(B, H)``.
-    """
+    """:meth:`lstmkit.backends.contract.Backend.run`: ``cell.project_input`` for all steps,
+    then :func:`recur`."""
     return recur(cell, cell.project_input(x, params), h, c, params, batch_sizes, masks)
 
 
@@ -68,7 +55,9 @@ def recur(
     masks,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`run` given the input half of the gates, ``xp`` ``(T, B, GH)``
-    (:meth:`lstmkit.cells.Cell.project_input`), instead of the input."""
+    (:meth:`lstmkit.cells.Cell.project_input`), instead of the input: ``cell.step`` at each
+    step on autograd, each step's result checked (:func:`lstmkit.validation.check_step`: a
+    custom cell's mistake is named at once)."""
     batch = xp.size(1)
     outputs = []
     # unbind, not xp[t]: indexing a tensor that requires grad makes backward O(T^2).

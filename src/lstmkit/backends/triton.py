@@ -53,6 +53,7 @@ from lstmkit.backends.common import (
     reference_backward,
     rerun_reference,
 )
+from lstmkit.backends.contract import Masks
 
 AVAILABLE = importlib.util.find_spec("triton") is not None
 # Bytes of weights one program keeps on chip (registers / shared memory) for a whole launch.
@@ -60,7 +61,7 @@ AVAILABLE = importlib.util.find_spec("triton") is not None
 ON_CHIP_BYTES = 96 * 1024
 _GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NAMES = (*cells.NN_PARAMETERS, "weight_ch")
-_KINDS = {cells.LSTM: "lstm", cells.Peephole: "peephole", cells.LayerNorm: "layernorm"}
+KINDS = frozenset({"lstm", "peephole", "layernorm"})  # of the cells this backend runs
 # The layernorm cell's parameters inside the kernels, in the order of their ``extra`` vector.
 _LAYERNORM = ("ln_hh_weight", "ln_hh_bias", "ln_c_weight", "ln_c_bias")
 
@@ -139,14 +140,14 @@ def _layer_plan(x: Tensor, params: cells.Params, dtype: torch.dtype | None) -> P
     return _plan(x.size(1), hidden, out_size, proj, itemsize, _programs(x.device))
 
 
-def supports(cell: cells.Cell, masks) -> bool:
-    """The standard LSTM, the peephole and the layernorm cells without in-loop regularisers
-    (weight drop is applied to the weights before the loop). What else a layer needs is
-    :func:`refusal`'s."""
-    return type(cell) in _KINDS and not masks.active()
+def supports(cell: cells.Cell, masks: Masks) -> bool:
+    """The cells of kind lstm, peephole and layernorm (:data:`KINDS`) without in-loop
+    regularisers (weight drop is applied to the weights before the loop). What else a layer
+    needs is :func:`refusal`'s."""
+    return cell.kind in KINDS and not masks.active()
 
 
-def refusal(x: Tensor, params: cells.Params) -> str | None:
+def refusal(cell: cells.Cell, x: Tensor, params: cells.Params) -> str | None:
     """Why this backend cannot run a layer on ``x`` (``(T, B, I)``) with ``params``, or
     ``None`` when it can."""
     if not AVAILABLE:
@@ -169,9 +170,9 @@ def refusal(x: Tensor, params: cells.Params) -> str | None:
             f"proj_size={out_size} with hidden_size={hidden}: a projection needs all of W_hh "
             f"and W_hr in one program, which holds at most {ON_CHIP_BYTES} bytes of weights"
         )
-    if params.get("ln_hh_weight") is not None and plan.mode != "registers":
+    if cell.kind == "layernorm" and plan.mode != "registers":
         return (
-            f"cell='layernorm' with hidden_size={params['weight_hh'].size(0) // 4}: its layer "
+            f"cell={cell.name!r} with hidden_size={params['weight_hh'].size(0) // 4}: its layer "
             "norms need all 4H recurrent pre-activations in one program, which holds at most "
             f"{ON_CHIP_BYTES} bytes of weights (this layer would need mode {plan.mode!r})"
         )
@@ -256,10 +257,11 @@ def _layer_norm_grad(dz: Tensor, norms: Tensor, dys: Tensor, c_hat: Tensor) -> T
 
 
 class TritonLSTM(torch.autograd.Function):
-    """One layer-direction over a whole sequence; see the module docstring. ``kind``: a value
-    of :data:`_KINDS`; ``extra``: the cell's own parameters (``weight_ch``, or the layernorm
-    cell's :data:`_LAYERNORM` concatenated). Without ``w_ih`` (the layernorm cell) ``x`` is
-    the input half of the pre-activations, ``(T, B, 4H)``, and its gradient is ``dz``."""
+    """One layer-direction over a whole sequence; see the module docstring. ``kind``: the
+    cell's, one of :data:`KINDS`; ``extra``: the cell's own parameters (``weight_ch``, or the
+    layernorm cell's :data:`_LAYERNORM` concatenated). Without ``w_ih`` (the layernorm cell)
+    ``x`` is the input half of the pre-activations, ``(T, B, 4H)``, and its gradient is
+    ``dz``."""
 
     @staticmethod
     def forward(
@@ -445,13 +447,13 @@ def run(
     c: Tensor,
     params: cells.Params,
     batch_sizes: list[int] | None,
-    masks,
+    masks: Masks,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Same contract as :func:`lstmkit.backends.reference.run`, for what :func:`supports` and
+    """:meth:`lstmkit.backends.contract.Backend.run`, for what :func:`supports` and
     :func:`refusal` accept. Inside ``torch.autocast`` the forward's products take operands in
     the autocast dtype; everything else runs in the input's dtype and float32."""
     dtype = cells.autocast_dtype(x)
-    kind = _KINDS[type(cell)]
+    kind = cell.kind
     weights = {name: params.get(name) for name in _NAMES}
     if kind == "layernorm":  # the input half for all steps, outside the kernels (autograd)
         x = cell.project_input(x, params)

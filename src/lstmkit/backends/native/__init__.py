@@ -28,7 +28,7 @@ from torch import Tensor
 from lstmkit import cells
 from lstmkit.backends import reference
 from lstmkit.backends.common import needs_backward, opaque_refusal, reference_backward
-from lstmkit.backends.masks import Masks
+from lstmkit.backends.contract import Masks
 from lstmkit.backends.native import build
 
 # the step's parameters, in the operators' order (None where a cell has none)
@@ -41,7 +41,7 @@ NAMES = (
     "ln_c_weight",
     "ln_c_bias",
 )
-KINDS = frozenset({"lstm", "peephole", "cifg", "layernorm"})
+KINDS = frozenset({"lstm", "peephole", "cifg", "layernorm"})  # of the cells it runs
 DTYPES = (torch.float32, torch.float64)
 
 _status: tuple[bool, str] | None = None  # (available, how it was loaded or why not)
@@ -147,12 +147,12 @@ def _rerun(kind: str, batch_sizes: list[int], recurrent, zones, zone_p):
     return rerun
 
 
-def supports(cell: cells.Cell, masks) -> bool:
-    """The cells of the kinds in :data:`KINDS`, with any regulariser."""
+def supports(cell: cells.Cell, masks: Masks) -> bool:
+    """A cell of a kind in :data:`KINDS`, with any regulariser."""
     return cell.kind in KINDS
 
 
-def refusal(x: Tensor, params: cells.Params) -> str | None:
+def refusal(cell: cells.Cell, x: Tensor, params: cells.Params) -> str | None:
     """Why this backend cannot run a layer on ``x`` with ``params`` now, or ``None``."""
     if x.device.type != "cpu":
         return f"it runs on the CPU, got a {x.device.type} input"
