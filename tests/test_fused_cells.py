@@ -10,7 +10,7 @@ import torch
 from conftest import TOLERANCES, assert_all_close, run_with_grads
 from test_fused import twin_backends
 
-from lstmkit.backends import fused, fused_cells, matmul, reference
+from lstmkit.backends import fused, matmul, reference
 from lstmkit.cells import CELLS
 from lstmkit.runner import Masks
 
@@ -140,7 +140,7 @@ def test_gradcheck(cell, training):
 
     def f(x, h0, c0, *weights):
         params = dict(zip(names, weights, strict=True))
-        return fused_cells.run(CELLS[cell], x, h0, c0, params, BATCH_SIZES, masks)
+        return fused.run(CELLS[cell], x, h0, c0, params, BATCH_SIZES, masks)
 
     inputs = [t.requires_grad_() for t in inputs]
     assert torch.autograd.gradcheck(f, inputs)
@@ -176,7 +176,7 @@ def test_layernorm_float32_accuracy(seed):
     """The fused layernorm cell in float32 is as close to the float64 result as the reference
     backend in float32 (both around 1e-6 relative, as a whole)."""
     exact = _outputs_and_grads(reference, "layernorm", torch.float64, seed)
-    for backend in (fused_cells, reference):
+    for backend in (fused, reference):
         error = _outputs_and_grads(backend, "layernorm", torch.float32, seed) - exact
         assert error.norm() <= 1e-5 * exact.norm()
 
