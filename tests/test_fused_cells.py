@@ -10,7 +10,7 @@ import torch
 from conftest import TOLERANCES, assert_all_close, run_with_grads
 from test_fused import twin_backends
 
-from lstmkit.backends import fused, fused_cells, matmul, reference
+from lstmkit.backends import fused, matmul, reference
 from lstmkit.cells import CELLS
 from lstmkit.runner import Masks
 
@@ -150,7 +150,7 @@ def layer_function(backend, cell: str, training: bool):
 @pytest.mark.parametrize("training", [True, False], ids=["train masks", "eval masks"])
 @pytest.mark.parametrize("cell", CELL_NAMES)
 def test_gradcheck(cell, training):
-    f, inputs = layer_function(fused_cells, cell, training)
+    f, inputs = layer_function(fused, cell, training)
     assert torch.autograd.gradcheck(f, inputs)
 
 
@@ -184,7 +184,7 @@ def test_layernorm_float32_accuracy(seed):
     """The fused layernorm cell in float32 is as close to the float64 result as the reference
     backend in float32 (both around 1e-6 relative, as a whole)."""
     exact = _outputs_and_grads(reference, "layernorm", torch.float64, seed)
-    for backend in (fused_cells, reference):
+    for backend in (fused, reference):
         error = _outputs_and_grads(backend, "layernorm", torch.float32, seed) - exact
         assert error.norm() <= 1e-5 * exact.norm()
 
