@@ -143,21 +143,24 @@ def test_to_torch_and_onnx_refuse_a_subclass_without_a_kind():
 
 
 KIND_ERRORS = {
-    "unknown": ({"kind": "gru"}, "kind must be None or one of 'lstm', 'layernorm', 'peephole', "
-                "'cifg', got 'gru'"),
-    "not a str": ({"kind": 4}, "kind must be None or one of 'lstm', 'layernorm', 'peephole', "
-                  "'cifg', got 4"),
-    "missing parameters": ({"kind": "layernorm"}, "kind='layernorm' needs the gates and extra "
+    "unknown": ({"kind": "gru"}, ValueError, "kind must be None or one of 'lstm', "
+                "'layernorm', 'peephole', 'cifg', got 'gru'"),
+    "not a str": ({"kind": 4}, TypeError, "kind must be None or one of 'lstm', 'layernorm', "
+                  "'peephole', 'cifg', got 4 (int)"),
+    "missing parameters": ({"kind": "layernorm"}, ValueError, "kind='layernorm' needs the "
+                           "gates and extra "
                            "parameters of cell='layernorm': gates=4, extra=['ln_ih_weight', "
                            "'ln_ih_bias', 'ln_hh_weight', 'ln_hh_bias', 'ln_c_weight', "
                            "'ln_c_bias']; got gates=4, extra=[]"),
-    "other gates": ({"kind": "cifg"}, "kind='cifg' needs the gates and extra parameters of "
-                    "cell='cifg': gates=3, extra=[]; got gates=4, extra=[]"),
+    "other gates": ({"kind": "cifg"}, ValueError, "kind='cifg' needs the gates and extra "
+                    "parameters of cell='cifg': gates=3, extra=[]; got gates=4, extra=[]"),
 }  # fmt: skip
 
 
-@pytest.mark.parametrize(("attributes", "message"), KIND_ERRORS.values(), ids=list(KIND_ERRORS))
-def test_a_declared_kind_must_be_a_builtin_one_with_its_parameters(attributes, message):
+@pytest.mark.parametrize(
+    ("attributes", "error", "message"), KIND_ERRORS.values(), ids=list(KIND_ERRORS)
+)
+def test_a_declared_kind_must_be_a_builtin_one_with_its_parameters(attributes, error, message):
     cell = type("Odd", (cells.LSTM,), {"name": "odd", **attributes})()
-    with pytest.raises(ValueError, match=re.escape(f"cell 'odd' (Odd): {message}")):
+    with pytest.raises(error, match=re.escape(f"cell 'odd' (Odd): {message}")):
         lstmkit.LSTM(IN, H, cell=cell)

@@ -188,11 +188,11 @@ def _check_kind(label: str, cell: Cell) -> None:
     """A cell that declares a built-in cell's kind has that cell's gate blocks and extra
     parameters, in its order: the kernels of the kind read them."""
     builtins = {builtin.kind: builtin for builtin in CELLS.values()}
-    if not isinstance(cell.kind, str) or cell.kind not in builtins:
-        raise ValueError(
-            f"{label}: kind must be None or one of {', '.join(map(repr, builtins))}, "
-            f"got {cell.kind!r}"
-        )
+    expected = f"None or one of {', '.join(map(repr, builtins))}"
+    if not isinstance(cell.kind, str):
+        raise TypeError(f"{label}: kind must be {expected}, got {_describe(cell.kind)}")
+    if cell.kind not in builtins:
+        raise ValueError(f"{label}: kind must be {expected}, got {cell.kind!r}")
     twin = builtins[cell.kind]
     if cell.gates != twin.gates or tuple(cell.extra) != tuple(twin.extra):
         raise ValueError(
