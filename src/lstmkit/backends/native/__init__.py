@@ -177,7 +177,7 @@ def run(
     batch_sizes: list[int] | None,
     masks,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Same contract as :func:`lstmkit.backends.reference.run`: the cell's input half, then one
+    """:meth:`lstmkit.backends.contract.Backend.run`: the cell's input half, then one
     operator call. The forward keeps what the backward needs only when autograd will
     differentiate it."""
     xp = cell.project_input(x, params)  # (T, B, GH)
