@@ -90,14 +90,20 @@ def opaque_refusal(tensors: Sequence[Tensor | None]) -> str | None:
 
 
 def rerun_reference(
-    cell: cells.Cell, names: Sequence[str], batch_sizes: list[int] | None, masks
+    cell: cells.Cell,
+    names: Sequence[str],
+    batch_sizes: list[int] | None,
+    masks,
+    run: Callable[..., tuple[Tensor, Tensor, Tensor]] = reference.run,
 ) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
     """``(x, h0, c0, *weights) -> (output, h_n, c_n)`` by the reference backend, the weights
-    named by ``names``, with the given ``batch_sizes`` and ``masks``."""
+    named by ``names``, with the given ``batch_sizes`` and ``masks``; ``run`` is
+    :func:`lstmkit.backends.reference.run`, or :func:`~lstmkit.backends.reference.recur` for
+    a function of the input half of the gates instead of the input."""
 
     def rerun(x: Tensor, h0: Tensor, c0: Tensor, *weights: Tensor | None):
         params = dict(zip(names, weights, strict=True))
-        return reference.run(cell, x, h0, c0, params, batch_sizes, masks)
+        return run(cell, x, h0, c0, params, batch_sizes, masks)
 
     return rerun
 

@@ -27,7 +27,12 @@ from torch import Tensor
 
 from lstmkit import cells
 from lstmkit.backends import reference
-from lstmkit.backends.common import needs_backward, opaque_refusal, reference_backward
+from lstmkit.backends.common import (
+    needs_backward,
+    opaque_refusal,
+    reference_backward,
+    rerun_reference,
+)
 from lstmkit.backends.contract import Masks
 from lstmkit.backends.native import build
 
@@ -139,12 +144,7 @@ def _rerun(kind: str, batch_sizes: list[int], recurrent, zones, zone_p):
         for zone, p in zip(zones, zone_p, strict=True)
     ]
     masks = Masks(recurrent, *zoneout)
-
-    def rerun(xp: Tensor, h0: Tensor, c0: Tensor, *weights: Tensor | None):
-        params = dict(zip(NAMES, weights, strict=True))
-        return reference.recur(cells.CELLS[kind], xp, h0, c0, params, batch_sizes or None, masks)
-
-    return rerun
+    return rerun_reference(cells.CELLS[kind], NAMES, batch_sizes or None, masks, reference.recur)
 
 
 def supports(cell: cells.Cell, masks: Masks) -> bool:

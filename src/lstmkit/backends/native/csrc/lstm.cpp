@@ -134,12 +134,12 @@ Kind parse_kind(std::string_view name) {
 template <typename T>
 struct Cell {
   Kind kind;
-  int64_t hidden, blocks;  // H, and the gate blocks G (3 for cifg, else 4)
-  const T* peephole;       // (3H): p_i, p_f, p_o
-  const T* ln_hh_weight;   // (4H)
-  const T* ln_hh_bias;     // (4H)
-  const T* ln_c_weight;    // (H)
-  const T* ln_c_bias;      // (H)
+  int64_t hidden;         // H
+  const T* peephole;      // (3H): p_i, p_f, p_o
+  const T* ln_hh_weight;  // (4H)
+  const T* ln_hh_bias;    // (4H)
+  const T* ln_c_weight;   // (H)
+  const T* ln_c_bias;     // (H)
 };
 
 // The passes over one row's gates. Every block is its own __restrict__ parameter: pointers
@@ -743,7 +743,6 @@ template <typename T>
 Cell<T> cell_of(const Layer& l) {
   return {l.kind,
           l.hidden,
-          l.blocks,
           pointer<T>(l.peephole),
           pointer<T>(l.ln_hh_weight),
           pointer<T>(l.ln_hh_bias),
