@@ -24,7 +24,7 @@ train: $(VENV)/.installed
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/clang-format --dry-run --Werror src/lstmkit/backends/native/csrc/*.cpp
+	$(VENV)/bin/clang-format --dry-run --Werror src/lstmkit/backends/native/csrc/*.cpp src/lstmkit/backends/native/csrc/*.h
 
 test: lint
 	$(PY) -m pytest -q

@@ -1,11 +1,15 @@
 """The native backend: a layer-direction's whole recurrence in C++, forward and hand-written
 backward, as the custom operators ``torch.ops.lstmkit.recurrence`` and
-``torch.ops.lstmkit.recurrence_backward`` (``csrc/lstm.cpp``), for the cells of the kinds
+``torch.ops.lstmkit.recurrence_backward`` (``csrc/recurrence.cpp``), for the cells of the kinds
 ``lstm``, ``peephole``, ``cifg`` and ``layernorm`` with recurrent dropout and zoneout.
 
-The input half of the gates is the cell's own :meth:`~lstmkit.cells.Cell.project_input`, one
-product over all steps (its autograd graph gives the input's and ``weight_ih``'s gradients); the
-operator runs the steps. Python adds what makes the operators behave like any PyTorch operator:
+Where nothing will be differentiated and the input is float32 (inference), one operator runs the
+whole layer instead, input products included: ``torch.ops.lstmkit.inference``
+(``csrc/inference.cpp``), with the threads sharing the batch's rows, or the hidden units when
+the batch is small, for the whole sequence. Otherwise the input half of the gates is the cell's
+own :meth:`~lstmkit.cells.Cell.project_input`, one product over all steps (its autograd graph
+gives the input's and ``weight_ih``'s gradients), and the recurrence operator runs the steps.
+Python adds what makes the operators behave like any PyTorch operator:
 a fake (shape-only) implementation of each, for ``torch.compile`` and ``torch.export``, and the
 forward's autograd formula, which calls the backward operator. When autograd asks for
 higher-order gradients (``create_graph=True``) the formula differentiates the reference
@@ -46,6 +50,21 @@ NAMES = (
     "ln_c_weight",
     "ln_c_bias",
 )
+# the parameters of lstmkit::inference, in its order
+INFERENCE_NAMES = (
+    "weight_ih",
+    "weight_hh",
+    "bias_ih",
+    "bias_hh",
+    "weight_hr",
+    "weight_ch",
+    "ln_ih_weight",
+    "ln_ih_bias",
+    "ln_hh_weight",
+    "ln_hh_bias",
+    "ln_c_weight",
+    "ln_c_bias",
+)
 KINDS = frozenset({"lstm", "peephole", "cifg", "layernorm"})  # of the cells it runs
 DTYPES = (torch.float32, torch.float64)
 
@@ -72,6 +91,7 @@ def _register() -> None:
     """The fake implementations and the autograd formula of the loaded operators."""
     torch.library.register_fake("lstmkit::recurrence", _forward_fake)
     torch.library.register_fake("lstmkit::recurrence_backward", _backward_fake)
+    torch.library.register_fake("lstmkit::inference", _inference_fake)
     torch.library.register_autograd("lstmkit::recurrence", _backward, setup_context=_setup_context)
 
 
@@ -95,6 +115,11 @@ def _forward_fake(
     kept = (shape if training else (0,) for shape in kept)
     out = xp.new_empty(steps, batch, proj)
     return out, torch.empty_like(h0), torch.empty_like(c0), *(xp.new_empty(s) for s in kept)
+
+
+def _inference_fake(x, h0, c0, w_ih, w_hh, *_rest):
+    steps, batch, _ = x.shape
+    return x.new_empty(steps, batch, w_hh.shape[1]), torch.empty_like(h0), torch.empty_like(c0)
 
 
 def _backward_fake(
@@ -177,15 +202,21 @@ def run(
     batch_sizes: list[int] | None,
     masks,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:meth:`lstmkit.backends.contract.Backend.run`: the cell's input half, then one
-    operator call. The forward keeps what the backward needs only when autograd will
-    differentiate it."""
-    xp = cell.project_input(x, params)  # (T, B, GH)
+    """:meth:`lstmkit.backends.contract.Backend.run`: float32 inference in one operator call;
+    else the cell's input half, then one recurrence call, which keeps what the backward needs
+    only when autograd will differentiate it."""
     weights = [params.get(name) for name in NAMES]
     (zone_h, zone_h_p), (zone_c, zone_c_p) = (
         _zone(z, x) for z in (masks.zoneout_h, masks.zoneout_c)
     )
-    training = needs_backward((xp, h, c, *weights))
+    training = needs_backward((x, h, c, *params.values()))
+    drawn = (masks.recurrent, zone_h, zone_c)  # training masks
+    if not training and x.dtype == torch.float32 and all(m is None for m in drawn):
+        return torch.ops.lstmkit.inference(
+            x, h, c, *(params.get(name) for name in INFERENCE_NAMES), cell.kind, zone_h_p,
+            zone_c_p, batch_sizes or [],
+        )  # fmt: skip
+    xp = cell.project_input(x, params)  # (T, B, GH)
     output, h_n, c_n, *_ = torch.ops.lstmkit.recurrence(
         xp, h, c, *weights, cell.kind, masks.recurrent, zone_h, zone_c, zone_h_p, zone_c_p,
         batch_sizes or [], training,

@@ -2,7 +2,7 @@
 
 The shared library is compiled by ``torch.utils.cpp_extension`` (ninja, the system's C++
 compiler, :data:`FLAGS`) into a cache directory keyed by everything the binary
-depends on: the C++ source, torch's version, Python's, and the CPU's model and instruction-set
+depends on: the C++ sources, torch's version, Python's, and the CPU's model and instruction-set
 flags (``-march=native`` code must never run on another CPU). The first process on a machine
 builds it (``python -m lstmkit.backends.native``, which ``make`` runs after installing); every
 later one only loads the ``.so``.
@@ -25,9 +25,12 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "lstm.cpp"
+CSRC = Path(__file__).parent / "csrc"  # the C++ sources (*.cpp) and their headers (*.h)
 NAME = "lstmkit_native"
-FLAGS = ("-O3", "-march=native", "-fno-trapping-math")  # the last lets GCC vectorise selects
+# -fno-trapping-math lets GCC vectorise selects; -fopenmp makes at::parallel_for (an inline
+# template compiled here) run on torch's OpenMP threads: without it the pragma is dropped and
+# every parallel_for runs on one thread
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp")
 
 
 def _cpu() -> str:
@@ -54,7 +57,9 @@ def cache_dir() -> Path:
 def library_path() -> Path:
     """The ``.so`` for this source, torch, Python and CPU."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__, sys.version, _cpu(), " ".join(FLAGS)):
+    files = sorted([*CSRC.glob("*.cpp"), *CSRC.glob("*.h")])
+    parts = [f.name.encode() + f.read_bytes() for f in files]
+    for part in (*parts, torch.__version__, sys.version, _cpu(), " ".join(FLAGS)):
         key.update(part if isinstance(part, bytes) else part.encode())
     return cache_dir() / f"native-{key.hexdigest()[:16]}" / f"{NAME}.so"
 
@@ -72,8 +77,9 @@ def _compile(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as build:
         cpp_extension.load(
             name=NAME,
-            sources=[str(SOURCE)],
+            sources=[str(f) for f in sorted(CSRC.glob("*.cpp"))],
             extra_cflags=list(FLAGS),
+            extra_ldflags=["-fopenmp"],  # the libgomp.so.1 that torch has already loaded
             build_directory=build,
             is_python_module=False,
             verbose=False,

@@ -1,0 +1,548 @@
+// Float32 inference of one layer-direction in one kernel, lstmkit::inference: the input
+// product, the recurrence and the gates of every step, for the lstm, peephole, cifg and
+// layernorm cells, with projection, lengths (batch_sizes), a given state and zoneout's
+// evaluation form. Nothing of size T x B x 4H is ever held: step t computes its own input half.
+//
+// Each worker thread owns rows of the batch (row w, w + W, w + 2W, ... of W workers) for the
+// whole sequence, so the threads never wait for each other: no fork, join or barrier per step
+// (ONNX Runtime shares its batch the same way). Per step and worker, on its n running rows:
+//
+//   z = b + x_t W_ih^T + h_{t-1} W_hh^T              one product, [x_t, h_{t-1}] by [W_ih; W_hh]
+//   z = LN(x_t W_ih^T) + b + LN(h_{t-1} W_hh^T)      layernorm (two products, each normalised)
+//   then the cell's pass over the gates (cell.h), the projection m W_hr^T where there is one,
+//   and zoneout's expectation h_t = p h_{t-1} + (1 - p) h', c_t likewise.
+//
+// The products run on a small register-blocked kernel: the weights are packed at every call
+// (never kept: a parameter may change between calls without any sign a cache could trust) into
+// panels of kPanel columns, K x kPanel floats each, and a tile of up to kMaxRows rows of one
+// panel (or, for one or two rows, of several panels) accumulates in vector registers over K.
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "cell.h"
+#include "ops.h"
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
+
+namespace lstmkit {
+namespace {
+
+// One SIMD vector of floats and the four operations the kernel needs.
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+using Vec = __m512;
+inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec broadcast(float x) { return _mm512_set1_ps(x); }
+inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+constexpr int kMaxRows = 12;  // 32 registers: 24 accumulators
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t kLanes = 8;
+using Vec = __m256;
+inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec broadcast(float x) { return _mm256_set1_ps(x); }
+inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+constexpr int kMaxRows = 6;  // 16 registers: 12 accumulators
+#else
+constexpr int64_t kLanes = 4;
+struct Vec {
+  float v[kLanes];
+};
+inline Vec load(const float* p) {
+  Vec r;
+  std::memcpy(r.v, p, sizeof r.v);
+  return r;
+}
+inline void store(float* p, Vec v) { std::memcpy(p, v.v, sizeof v.v); }
+inline Vec broadcast(float x) { return Vec{{x, x, x, x}}; }
+inline Vec fma(Vec a, Vec b, Vec c) {
+  for (int64_t j = 0; j < kLanes; ++j) c.v[j] += a.v[j] * b.v[j];
+  return c;
+}
+constexpr int kMaxRows = 6;
+#endif
+
+constexpr int64_t kPanel = 2 * kLanes;
+
+// A hint to the core that this thread is spinning.
+inline void pause() {
+#if defined(__x86_64__)
+  _mm_pause();
+#endif
+}  // columns per packed panel: two vectors
+
+int64_t panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
+
+#if defined(__AVX2__)
+// dst[i * ld] (8 floats) = column i of the 8 x 8 block whose rows are src[j * ld_src], j < 8.
+void transpose8(const float* src, int64_t ld_src, float* dst, int64_t ld) {
+  __m256 r[8], t[8];
+  for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(src + j * ld_src);
+  for (int j = 0; j < 8; j += 2) {
+    t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
+    t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
+  }
+  for (int j = 0; j < 8; j += 4) {
+    r[j] = _mm256_shuffle_ps(t[j], t[j + 2], 0x44);
+    r[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], 0xEE);
+    r[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0x44);
+    r[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(dst + j * ld, _mm256_permute2f128_ps(r[j], r[j + 4], 0x20));
+    _mm256_storeu_ps(dst + (j + 4) * ld, _mm256_permute2f128_ps(r[j], r[j + 4], 0x31));
+  }
+}
+#endif
+
+// A weight (n, k) row-major, packed: panel p holds columns [p kPanel, (p + 1) kPanel) of its
+// transpose as k rows of kPanel floats (zeros past n), so that a tile reads it in order.
+Tensor pack(const Tensor& weight) {
+  const Tensor w = weight.contiguous();
+  const int64_t n = w.size(0), k = w.size(1);
+  Tensor packed = at::empty({panels(n) * k * kPanel}, w.options());
+  const float* src = w.const_data_ptr<float>();
+  float* const out = packed.data_ptr<float>();
+  at::parallel_for(0, panels(n), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      float* dst = out + p * k * kPanel;
+      const float* rows = src + p * kPanel * k;
+      const int64_t width = std::min(kPanel, n - p * kPanel);
+      int64_t e = 0;
+#if defined(__AVX2__)
+      if (width == kPanel) {  // 8 x 8 blocks
+        for (; e + 8 <= k; e += 8) {
+          for (int64_t j = 0; j < kPanel; j += 8) {
+            transpose8(rows + j * k + e, k, dst + e * kPanel + j, kPanel);
+          }
+        }
+      }
+#endif
+      for (; e < k; ++e) {
+        for (int64_t j = 0; j < kPanel; ++j)
+          dst[e * kPanel + j] = j < width ? rows[j * k + e] : 0.0f;
+      }
+    }
+  });
+  return packed;
+}
+
+// One operand of a product: rows of A by row pointers (each k floats) and a packed weight.
+struct Operand {
+  const float* const* rows;
+  const float* packed;
+  int64_t k;
+};
+
+// The depth of one pass over a panel: its slice (kDepth x kPanel floats, 16 KB) stays in the
+// level-1 cache while every row tile reads it.
+constexpr int64_t kDepth = 4096 / kPanel;
+
+// out[r][columns of panels p .. p + kPanels) for kRows rows, r0 on: `init` (a bias padded to
+// whole panels, or null for zero; or, with `accumulate`, out itself) plus A[r][k0, k1) times
+// the weight's rows k0 .. k1. The weight's vectors are forced into registers (the empty asm):
+// GCC would otherwise fold each load into every row's multiply-add and run out of loads.
+template <int kRows, int kPanels>
+void tile(const Operand& op, int64_t k0, int64_t k1, int64_t p, int64_t r0, const float* init,
+          bool accumulate, float* const* out) {
+  constexpr int kVecs = 2 * kPanels;
+  Vec acc[kRows][kVecs];
+#pragma GCC unroll 12
+  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < kVecs; ++v) {
+      const int64_t column = p * kPanel + v * kLanes;
+      acc[r][v] = accumulate        ? load(out[r0 + r] + column)
+                  : init != nullptr ? load(init + column)
+                                    : broadcast(0.0f);
+    }
+  }
+  const float* a[kRows];
+#pragma GCC unroll 12
+  for (int r = 0; r < kRows; ++r) a[r] = op.rows[r0 + r];
+  const float* b = op.packed + (p * op.k + k0) * kPanel;
+  for (int64_t e = k0; e < k1; ++e, b += kPanel) {
+#pragma GCC unroll 4
+    for (int q = 0; q < kPanels; ++q) {
+      Vec w0 = load(b + q * op.k * kPanel), w1 = load(b + q * op.k * kPanel + kLanes);
+      asm("" : "+x"(w0), "+x"(w1));
+#pragma GCC unroll 12
+      for (int r = 0; r < kRows; ++r) {
+        const Vec x = broadcast(a[r][e]);
+        acc[r][2 * q] = fma(x, w0, acc[r][2 * q]);
+        acc[r][2 * q + 1] = fma(x, w1, acc[r][2 * q + 1]);
+      }
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < kVecs; ++v) store(out[r0 + r] + p * kPanel + v * kLanes, acc[r][v]);
+  }
+}
+
+// A tile of `rows` (at most kRows) rows of one panel.
+template <int kRows>
+void row_tile(int rows, const Operand& op, int64_t k0, int64_t k1, int64_t p, int64_t r0,
+              const float* init, bool accumulate, float* const* out) {
+  if constexpr (kRows > 1) {
+    if (rows < kRows) return row_tile<kRows - 1>(rows, op, k0, k1, p, r0, init, accumulate, out);
+  }
+  tile<kRows, 1>(op, k0, k1, p, r0, init, accumulate, out);
+}
+
+// out rows (n of them, each padded to whole panels, `count_panels` of them) = bias (or zero)
+// + the sum of the operands' products, kDepth of an operand's K at a time. One or two rows
+// take several panels per tile, so that enough independent sums are in flight; more rows take
+// one panel per tile, at most kMaxRows rows at a time.
+void product(const Operand* ops, int count, int64_t n, int64_t count_panels, const float* bias,
+             float* const* out) {
+  bool accumulate = false;
+  for (int o = 0; o < count; ++o) {
+    const Operand& op = ops[o];
+    for (int64_t k0 = 0; k0 < op.k; k0 += kDepth, accumulate = true) {
+      const int64_t k1 = std::min(op.k, k0 + kDepth);
+      int64_t p = 0;
+      if (n <= 2) {
+        for (; p + 4 / n <= count_panels; p += 4 / n) {
+          if (n == 1) {
+            tile<1, 4>(op, k0, k1, p, 0, bias, accumulate, out);
+          } else {
+            tile<2, 2>(op, k0, k1, p, 0, bias, accumulate, out);
+          }
+        }
+      }
+      const int64_t tiles = (n + kMaxRows - 1) / kMaxRows;  // of even heights: 8 = 4 + 4
+      for (; p < count_panels; ++p) {
+        for (int64_t t = 0, r = 0; t < tiles; ++t) {
+          const int rows = static_cast<int>((n - r) / (tiles - t));
+          row_tile<kMaxRows>(rows, op, k0, k1, p, r, bias, accumulate, out);
+          r += rows;
+        }
+      }
+    }
+  }
+}
+
+// z (n values) = gain LN(v) + shift (+ add where given), LN over n; `hat` is scratch.
+void layer_norm_into(float* z, const float* v, float* hat, const float* gain, const float* shift,
+                     const float* add, int64_t n) {
+  normalise(v, hat, n);
+  if (add != nullptr) {
+    for (int64_t j = 0; j < n; ++j) z[j] = gain[j] * hat[j] + shift[j] + add[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) z[j] += gain[j] * hat[j] + shift[j];
+  }
+}
+
+// new_ = p old + (1 - p) new_, n values: zoneout's expectation.
+void zone(float* new_, const float* old, float p, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) new_[j] = p * old[j] + (1.0f - p) * new_[j];
+}
+
+Tensor contiguous(const std::optional<Tensor>& t) {
+  return t.has_value() ? t->contiguous() : Tensor();
+}
+
+const float* pointer(const Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
+
+// How a layer's work is shared between threads (see the top of the file).
+enum class Split { kRows, kUnits };
+
+constexpr int64_t kMinUnits = 16;      // hidden units per worker, at least, when split by units
+constexpr int64_t kRowsPerThread = 4;  // rows per thread, at least, when split by rows
+
+// Rows where there are enough to give each thread several; else, for the cells whose gates of a
+// unit need nothing but that unit's values (no layer norm over the row, no projection of the
+// whole of it), units. LSTMKIT_NATIVE_SPLIT=rows or =units forces one where it can run (tests).
+Split choose_split(Kind kind, bool projected, int64_t batch, int64_t hidden, int64_t threads) {
+  const bool units_run =
+      kind != Kind::kLayerNorm && !projected && threads > 1 && hidden >= 2 * kMinUnits;
+  if (const char* forced = std::getenv("LSTMKIT_NATIVE_SPLIT")) {
+    if (std::string_view(forced) == "units" && units_run) return Split::kUnits;
+    if (std::string_view(forced) == "rows") return Split::kRows;
+  }
+  return units_run && batch < kRowsPerThread * threads ? Split::kUnits : Split::kRows;
+}
+
+// The steps one worker has finished, on a cache line of its own; the others wait for it.
+struct alignas(64) Progress {
+  std::atomic<int64_t> done{0};
+
+  void wait_for(int64_t steps) const {
+    for (int spins = 0; done.load(std::memory_order_acquire) < steps; ++spins) {
+      if (spins < 4096) {
+        pause();
+      } else {
+        std::this_thread::yield();  // a machine with more threads than cores
+      }
+    }
+  }
+};
+
+// One worker's share of a layer and its scratch: rows (increasing) and the hidden units
+// [j0, j0 + width) of each, with the weights' rows of those units packed.
+struct Worker {
+  std::vector<int64_t> rows;
+  int64_t j0 = 0, width = 0;
+  Tensor ih, hh, bias, peephole;  // packed W_ih, W_hh of its gate rows; their bias; p_i, p_f, p_o
+  std::vector<float> z, extra, hat, m, h_new;
+  std::vector<const float*> xr, hr, mr;
+  std::vector<float*> zr, er, mw, hw;  // mw: the same rows as mr, written
+};
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> inference(
+    const Tensor& x, const Tensor& h0_in, const Tensor& c0_in, const Tensor& w_ih,
+    const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& peephole,
+    const std::optional<Tensor>& ln_ih_weight, const std::optional<Tensor>& ln_ih_bias,
+    const std::optional<Tensor>& ln_hh_weight, const std::optional<Tensor>& ln_hh_bias,
+    const std::optional<Tensor>& ln_c_weight, const std::optional<Tensor>& ln_c_bias,
+    c10::string_view kind_name, double zone_h_p, double zone_c_p, at::IntArrayRef batch_sizes) {
+  const Kind kind = parse_kind(std::string_view(kind_name.data(), kind_name.size()));
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3,
+              "lstmkit::inference takes a float32 CPU input (T, B, I), got ", x.scalar_type(), " ",
+              x.sizes(), " on ", x.device());
+  const int64_t steps = x.size(0), batch = x.size(1), in = x.size(2);
+  const int64_t hidden = c0_in.size(-1), proj = w_hh.size(1);
+  const int64_t gates = (kind == Kind::kCifg ? 3 : 4) * hidden;
+  const bool layernorm = kind == Kind::kLayerNorm, projected = w_hr.has_value();
+  const auto check = [&](const std::optional<Tensor>& t, bool wanted, at::IntArrayRef shape,
+                         const char* name) {
+    TORCH_CHECK(t.has_value() == wanted, "lstmkit::inference: kind ", kind_name,
+                wanted ? " needs " : " takes no ", name);
+    if (wanted) {
+      TORCH_CHECK(t->sizes() == shape && t->scalar_type() == at::kFloat,
+                  "lstmkit::inference: ", name, " must be float32 ", shape, ", got ",
+                  t->scalar_type(), " ", t->sizes());
+    }
+  };
+  check(h0_in, true, {batch, proj}, "h0");
+  check(c0_in, true, {batch, hidden}, "c0");
+  check(w_ih, true, {gates, in}, "weight_ih");
+  check(w_hh, true, {gates, proj}, "weight_hh");
+  check(b_ih, b_ih.has_value(), {gates}, "bias_ih");
+  check(b_hh, b_ih.has_value(), {gates}, "bias_hh");
+  check(w_hr, projected, {proj, hidden}, "weight_hr");
+  TORCH_CHECK(projected || proj == hidden,
+              "lstmkit::inference: without weight_hr, h0 must be (B, H)");
+  check(peephole, kind == Kind::kPeephole, {3 * hidden}, "weight_ch");
+  check(ln_ih_weight, layernorm, {gates}, "ln_ih_weight");
+  check(ln_ih_bias, layernorm, {gates}, "ln_ih_bias");
+  check(ln_hh_weight, layernorm, {gates}, "ln_hh_weight");
+  check(ln_hh_bias, layernorm, {gates}, "ln_hh_bias");
+  check(ln_c_weight, layernorm, {hidden}, "ln_c_weight");
+  check(ln_c_bias, layernorm, {hidden}, "ln_c_bias");
+  TORCH_CHECK(0 <= zone_h_p && zone_h_p < 1 && 0 <= zone_c_p && zone_c_p < 1,
+              "lstmkit::inference: zoneout probabilities must be in [0, 1), got ", zone_h_p,
+              " and ", zone_c_p);
+  std::vector<int64_t> sizes(steps, batch);
+  if (!batch_sizes.empty()) {
+    TORCH_CHECK(static_cast<int64_t>(batch_sizes.size()) == steps, "batch_sizes has ",
+                batch_sizes.size(), " entries for ", steps, " steps");
+    for (int64_t t = 0; t < steps; ++t) {
+      TORCH_CHECK(0 <= batch_sizes[t] && batch_sizes[t] <= (t == 0 ? batch : sizes[t - 1]),
+                  "batch_sizes must be non-increasing in [0, ", batch, "], got ", batch_sizes);
+      sizes[t] = batch_sizes[t];
+    }
+  }
+  const Tensor xs = x.stride(2) == 1 ? x : x.contiguous();
+  const Tensor h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
+  const auto options = x.options();
+
+  // Parameters at this call: packed weights, the two biases as one, padded to whole panels.
+  Tensor bias = at::zeros({gates}, options);
+  if (b_ih.has_value()) bias = *b_ih + *b_hh;
+  const Tensor ch = contiguous(peephole), ln_ih_w = contiguous(ln_ih_weight);
+  const Tensor ln_ih_b = contiguous(ln_ih_bias), ln_hh_w = contiguous(ln_hh_weight);
+  const Tensor ln_hh_b = contiguous(ln_hh_bias), ln_c_w = contiguous(ln_c_weight);
+  const Tensor ln_c_b = contiguous(ln_c_bias);
+  const Tensor packed_hr = projected ? pack(*w_hr) : Tensor();
+
+  const bool ragged = !batch_sizes.empty();
+  Tensor output =
+      ragged ? at::zeros({steps, batch, proj}, options) : at::empty({steps, batch, proj}, options);
+  Tensor cells = at::empty({2, batch, hidden}, options);  // c_t in slot t % 2
+  float* const out_p = output.data_ptr<float>();
+  float* const cells_p = cells.data_ptr<float>();
+  const float* const x_p = xs.const_data_ptr<float>();
+  const float* const h0_p = h0.const_data_ptr<float>();
+  const float* const c0_p = c0.const_data_ptr<float>();
+  const float zh = static_cast<float>(zone_h_p), zc = static_cast<float>(zone_c_p);
+  const int64_t sx0 = xs.stride(0), sx1 = xs.stride(1);
+  const int64_t hr_panels = panels(proj);
+  const int64_t blocks = gates / hidden;
+
+  // Who computes what: every worker the rows of its share of the batch with all the weights,
+  // or (split by units) every row with its share of the hidden units and of the weights' rows.
+  const int64_t threads = at::get_num_threads();
+  const Split split = choose_split(kind, projected, batch, hidden, threads);
+  const int64_t workers =
+      split == Split::kUnits ? std::min(threads, hidden / kMinUnits) : std::min(threads, batch);
+  const int64_t share = (hidden + workers - 1) / workers;  // units per worker (split by units)
+  const int64_t unit_share = (share + kLanes - 1) / kLanes * kLanes;
+  // The packed weights, for one worker (split by units) or for all.
+  const auto packed = [&](int64_t j0, int64_t width) {
+    const auto rows_of_units = [&](const Tensor& t) {
+      if (width == hidden) return t;
+      std::vector<Tensor> parts;
+      for (int64_t g = 0; g < t.size(0) / hidden; ++g)
+        parts.push_back(t.narrow(0, g * hidden + j0, width));
+      return at::cat(parts);
+    };
+    const Tensor b = rows_of_units(bias);
+    Tensor padded = at::zeros({panels(b.size(0)) * kPanel}, options);
+    padded.narrow(0, 0, b.size(0)).copy_(b);
+    return std::make_tuple(pack(rows_of_units(w_ih)), pack(rows_of_units(w_hh)), padded,
+                           ch.defined() ? rows_of_units(ch).contiguous() : Tensor());
+  };
+  const auto shared =
+      split == Split::kRows ? packed(0, hidden) : std::tuple<Tensor, Tensor, Tensor, Tensor>();
+  std::vector<Progress> progress(workers);  // split by units: the steps each worker has done
+
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Worker> mine;
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t j0 = split == Split::kUnits ? std::min(hidden, w * unit_share) : 0;
+      const int64_t width = split == Split::kUnits ? std::min(unit_share, hidden - j0) : hidden;
+      const auto [ih, hh, b, peep] = split == Split::kUnits ? packed(j0, width) : shared;
+      Worker& worker = mine.emplace_back();
+      for (int64_t r = split == Split::kUnits ? 0 : w; r < batch;
+           r += split == Split::kUnits ? 1 : workers) {
+        worker.rows.push_back(r);
+      }
+      worker.j0 = j0;
+      worker.width = width;
+      worker.ih = ih;
+      worker.hh = hh;
+      worker.bias = b;
+      worker.peephole = peep;
+      const int64_t count = static_cast<int64_t>(worker.rows.size()), padded = b.size(0);
+      worker.z.resize(count * padded);
+      worker.extra.resize(layernorm ? count * padded : 0);
+      worker.hat.resize(std::max(padded, hidden));
+      worker.m.resize(projected ? count * hidden : 0);
+      worker.h_new.resize(projected ? count * hr_panels * kPanel : 0);
+      worker.xr.resize(count);
+      worker.hr.resize(count);
+      worker.zr.resize(count);
+      worker.er.resize(count);
+      worker.mr.resize(count);
+      worker.mw.resize(count);
+      worker.hw.resize(count);
+      for (int64_t r = 0; r < count; ++r) {
+        worker.zr[r] = worker.z.data() + r * padded;
+        if (layernorm) worker.er[r] = worker.extra.data() + r * padded;
+        if (projected) {
+          worker.mw[r] = worker.m.data() + r * hidden;
+          worker.mr[r] = worker.mw[r];
+          worker.hw[r] = worker.h_new.data() + r * hr_panels * kPanel;
+        }
+      }
+    }
+    for (int64_t t = 0; t < steps; ++t) {
+      if (sizes[t] == 0) break;
+      for (int64_t k = 0; k < static_cast<int64_t>(mine.size()); ++k) {
+        Worker& worker = mine[k];
+        const int64_t count = static_cast<int64_t>(worker.rows.size());
+        int64_t n = 0;  // this worker's running rows: a prefix of its rows
+        while (n < count && worker.rows[n] < sizes[t]) ++n;
+        if (n == 0) continue;
+        const int64_t j0 = worker.j0, width = worker.width;
+        const int64_t columns = panels(blocks * width);
+        const float* const bias_p = worker.bias.const_data_ptr<float>();
+        for (int64_t r = 0; r < n; ++r) {
+          const int64_t b = worker.rows[r];
+          worker.xr[r] = x_p + t * sx0 + b * sx1;
+          worker.hr[r] = t == 0 ? h0_p + b * proj : out_p + ((t - 1) * batch + b) * proj;
+        }
+        const Operand input{worker.xr.data(), worker.ih.const_data_ptr<float>(), in};
+        const Operand recurrent{worker.hr.data(), worker.hh.const_data_ptr<float>(), proj};
+        float* const hat = worker.hat.data();
+        if (layernorm) {
+          product(&input, 1, n, columns, nullptr, worker.er.data());
+          for (int64_t r = 0; r < n; ++r) {
+            layer_norm_into(worker.zr[r], worker.er[r], hat, pointer(ln_ih_w), pointer(ln_ih_b),
+                            bias_p, gates);
+          }
+          product(&recurrent, 1, n, columns, nullptr, worker.er.data());
+          for (int64_t r = 0; r < n; ++r) {
+            layer_norm_into(worker.zr[r], worker.er[r], hat, pointer(ln_hh_w), pointer(ln_hh_b),
+                            nullptr, gates);
+          }
+        } else {
+          const Operand both[2] = {input, recurrent};
+          product(both, 2, n, columns, bias_p, worker.zr.data());
+        }
+        const Cell<float> cell{kind,
+                               width,
+                               pointer(worker.peephole),
+                               pointer(ln_hh_w),
+                               pointer(ln_hh_b),
+                               pointer(ln_c_w),
+                               pointer(ln_c_b)};
+        for (int64_t r = 0; r < n; ++r) {
+          const int64_t b = worker.rows[r];
+          const float* c_prev =
+              (t == 0 ? c0_p + b * hidden : cells_p + ((t - 1) % 2 * batch + b) * hidden) + j0;
+          float* c_new = cells_p + (t % 2 * batch + b) * hidden + j0;
+          float* h_out = out_p + (t * batch + b) * proj + j0;
+          gates_forward_row(cell, worker.zr[r], c_prev, c_new, projected ? worker.mw[r] : h_out,
+                            hat);
+          if (zc != 0.0f) zone(c_new, c_prev, zc, width);
+        }
+        if (projected) {
+          const Operand projection{worker.mr.data(), packed_hr.const_data_ptr<float>(), hidden};
+          product(&projection, 1, n, hr_panels, nullptr, worker.hw.data());
+          for (int64_t r = 0; r < n; ++r) {
+            std::memcpy(out_p + (t * batch + worker.rows[r]) * proj, worker.hw[r],
+                        proj * sizeof(float));
+          }
+        }
+        if (zh != 0.0f) {
+          const int64_t zoned = projected ? proj : width;
+          for (int64_t r = 0; r < n; ++r) {
+            zone(out_p + (t * batch + worker.rows[r]) * proj + j0, worker.hr[r] + j0, zh, zoned);
+          }
+        }
+        if (split == Split::kUnits)
+          progress[begin + k].done.store(t + 1, std::memory_order_release);
+      }
+      if (split == Split::kUnits) {
+        for (const Progress& other : progress) other.wait_for(t + 1);
+      }
+    }
+  });
+
+  // Each sequence's state after its last step (its initial state if it has none).
+  Tensor h_n = at::empty({batch, proj}, options);
+  Tensor c_n = at::empty({batch, hidden}, options);
+  for (int64_t b = 0, last = steps; b < batch; ++b) {
+    while (last > 0 && sizes[last - 1] <= b) --last;  // sequence b runs steps [0, last)
+    const float* h = last == 0 ? h0_p + b * proj : out_p + ((last - 1) * batch + b) * proj;
+    const float* c =
+        last == 0 ? c0_p + b * hidden : cells_p + ((last - 1) % 2 * batch + b) * hidden;
+    std::memcpy(h_n.data_ptr<float>() + b * proj, h, proj * sizeof(float));
+    std::memcpy(c_n.data_ptr<float>() + b * hidden, c, hidden * sizeof(float));
+  }
+  return {output, h_n, c_n};
+}
+
+}  // namespace lstmkit

@@ -1,0 +1,49 @@
+// The operators of the native backend, as C++ functions: registered in ops.cpp, defined in
+// recurrence.cpp (the recurrence forward and backward, every dtype, training and inference),
+// inference.cpp (float32 inference, the whole layer in one kernel) and products.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace lstmkit {
+
+using at::Tensor;
+
+using Forward = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Backward =
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+Forward recurrence(const Tensor& xp_in, const Tensor& h0_in, const Tensor& c0_in,
+                   const Tensor& w_hh, const std::optional<Tensor>& w_hr,
+                   const std::optional<Tensor>& peephole, const std::optional<Tensor>& ln_hh_weight,
+                   const std::optional<Tensor>& ln_hh_bias,
+                   const std::optional<Tensor>& ln_c_weight, const std::optional<Tensor>& ln_c_bias,
+                   c10::string_view kind, const std::optional<Tensor>& recurrent,
+                   const std::optional<Tensor>& zone_h, const std::optional<Tensor>& zone_c,
+                   double zone_h_p, double zone_c_p, at::IntArrayRef batch_sizes, bool training);
+
+Backward recurrence_backward(
+    const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_h_n,
+    const std::optional<Tensor>& grad_c_n, const Tensor& h0_in, const Tensor& c0_in,
+    const Tensor& w_hh, const std::optional<Tensor>& w_hr, const std::optional<Tensor>& peephole,
+    const std::optional<Tensor>& ln_hh_weight, const std::optional<Tensor>& ln_hh_bias,
+    const std::optional<Tensor>& ln_c_weight, const std::optional<Tensor>& ln_c_bias,
+    c10::string_view kind, const std::optional<Tensor>& recurrent,
+    const std::optional<Tensor>& zone_h, const std::optional<Tensor>& zone_c, double zone_h_p,
+    double zone_c_p, const Tensor& output, const Tensor& gates_in, const Tensor& cells_in,
+    const Tensor& cells_new_in, const Tensor& hhat_in, const Tensor& chat_in, const Tensor& rstd_in,
+    at::IntArrayRef batch_sizes);
+
+std::tuple<Tensor, Tensor, Tensor> inference(
+    const Tensor& x, const Tensor& h0_in, const Tensor& c0_in, const Tensor& w_ih,
+    const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& peephole,
+    const std::optional<Tensor>& ln_ih_weight, const std::optional<Tensor>& ln_ih_bias,
+    const std::optional<Tensor>& ln_hh_weight, const std::optional<Tensor>& ln_hh_bias,
+    const std::optional<Tensor>& ln_c_weight, const std::optional<Tensor>& ln_c_bias,
+    c10::string_view kind_name, double zone_h_p, double zone_c_p, at::IntArrayRef batch_sizes);
+
+}  // namespace lstmkit

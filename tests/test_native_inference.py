@@ -1,0 +1,169 @@
+"""The native backend's float32 inference operator (lstmkit::inference) against the reference
+backend in float64 and torch.nn.LSTM: every cell, projection, lengths, given state, zoneout's
+evaluation form, both ways of sharing the work between threads (forced in turn), 1 and 2
+threads, batches smaller and larger than the thread count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_fused_cells import LAYERNORM_FLOAT32_TOLERANCE
+from test_native import needs_native
+
+import lstmkit
+
+FLOAT32_TOLERANCE = 1e-5
+CELLS = ("lstm", "peephole", "cifg", "layernorm")
+
+
+def twins(cell: str, **options) -> tuple[lstmkit.LSTM, lstmkit.LSTM]:
+    """A float32 native model in evaluation mode and its float64 reference twin."""
+    ours = lstmkit.LSTM(5, options.pop("hidden", 40), cell=cell, backend="native", **options)
+    reference = lstmkit.LSTM(
+        5, ours.hidden_size, cell=cell, backend="reference", dtype=torch.float64, **options
+    )
+    reference.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    return ours.eval(), reference.eval()
+
+
+def assert_close_to_reference(ours, reference, x, hx=None, lengths=None, tolerance=None):
+    with torch.no_grad():
+        got = ours(x, hx, lengths=lengths)
+        want = reference(x.double(), None if hx is None else tuple(s.double() for s in hx),
+                         lengths=lengths)  # fmt: skip
+    tolerance = tolerance or (
+        LAYERNORM_FLOAT32_TOLERANCE if ours.cell.kind == "layernorm" else FLOAT32_TOLERANCE
+    )
+    for a, b in zip((got[0], *got[1]), (want[0], *want[1]), strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, atol=tolerance, rtol=0)
+
+
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+@needs_native
+@pytest.mark.parametrize("split", ["rows", "units"])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("cell", CELLS)
+def test_every_cell_equals_reference(monkeypatch, threads, cell, batch, split):
+    """Two stacked bidirectional layers, lengths, a given state and zoneout; H = 40 has a
+    partial panel and, split by units, a partial vector."""
+    monkeypatch.setenv("LSTMKIT_NATIVE_SPLIT", split)
+    torch.manual_seed(batch)
+    ours, reference = twins(cell, num_layers=2, bidirectional=True, zoneout=(0.2, 0.1))
+    x = torch.randn(9, batch, 5)
+    lengths = torch.randint(1, 10, (batch,))
+    hx = (torch.randn(4, batch, 40), torch.randn(4, batch, 40))
+    assert_close_to_reference(ours, reference, x, hx, lengths)
+    assert_close_to_reference(ours, reference, x)
+
+
+@needs_native
+@pytest.mark.parametrize("split", ["rows", "units"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_projection_and_no_bias(monkeypatch, threads, cell, split):
+    """A projection runs split by rows whatever is forced: each row's projection needs all of
+    its hidden units."""
+    monkeypatch.setenv("LSTMKIT_NATIVE_SPLIT", split)
+    torch.manual_seed(1)
+    ours, reference = twins(cell, hidden=33, num_layers=2, proj_size=7, bias=False)
+    assert_close_to_reference(ours, reference, torch.randn(6, 5, 5))
+    assert_close_to_reference(ours, reference, torch.randn(6, 5, 5), lengths=[6, 1, 3, 6, 2])
+
+
+@needs_native
+@pytest.mark.parametrize("hidden", [8, 16, 31, 64, 100])
+@pytest.mark.parametrize("batch", [1, 2, 7, 13])
+def test_sizes_around_the_tiles_equal_nn_lstm(threads, batch, hidden):
+    """Batch sizes that fill one, two and several row tiles, hidden sizes below, at and past a
+    vector and a panel, against torch.nn.LSTM (batch-first, so the input is strided)."""
+    torch.manual_seed(hidden)
+    oracle = torch.nn.LSTM(hidden + 3, hidden, num_layers=2, batch_first=True)
+    ours = lstmkit.LSTM.from_torch(oracle).eval()
+    x = torch.randn(batch, 11, hidden + 3)
+    with torch.no_grad():
+        got, (h, c) = ours(x)
+        want, (h_want, c_want) = oracle(x)
+    for a, b in ((got, want), (h, h_want), (c, c_want)):
+        torch.testing.assert_close(a, b, atol=FLOAT32_TOLERANCE, rtol=0)
+
+
+@needs_native
+def test_a_thread_count_change_between_calls():
+    torch.manual_seed(0)
+    ours, reference = twins("lstm", num_layers=2)
+    x = torch.randn(7, 6, 5)
+    previous = torch.get_num_threads()
+    try:
+        for count in (2, 1, 2):
+            torch.set_num_threads(count)
+            assert_close_to_reference(ours, reference, x)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_native
+def test_weights_changed_between_calls_take_effect():
+    """Packed at every call: a write through .data after a first call is seen by the next."""
+    torch.manual_seed(0)
+    ours, reference = twins("peephole")
+    x = torch.randn(4, 3, 5)
+    assert_close_to_reference(ours, reference, x)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.data.mul_(-1.5)
+        for p in reference.parameters():
+            p.data.mul_(-1.5)
+    assert_close_to_reference(ours, reference, x)
+
+
+@needs_native
+def test_inference_runs_the_inference_operator_and_training_does_not():
+    ours, _ = twins("lstm")
+    x = torch.randn(4, 3, 5)
+
+    def operators(run) -> set[str]:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run()
+        return {e.name for e in prof.events() if e.name.startswith("lstmkit::")}
+
+    with torch.no_grad():
+        assert operators(lambda: ours(x)) == {"lstmkit::inference"}
+    assert "lstmkit::inference" not in operators(lambda: ours(x)[0].sum().backward())
+    with torch.no_grad():
+        assert "lstmkit::inference" not in operators(lambda: ours.double()(x.double()))
+
+
+@needs_native
+@pytest.mark.parametrize("cell", CELLS)
+def test_opcheck(cell):
+    ours, _ = twins(cell, hidden=6, proj_size=4 if cell == "lstm" else 0)
+    params = ours._layer_params(0, 0)
+    names = lstmkit.backends.native.INFERENCE_NAMES
+    out = ours.proj_size or 6
+    args = (
+        torch.randn(5, 3, 5), torch.randn(3, out), torch.randn(3, 6),
+        *(None if params.get(n) is None else params[n].detach() for n in names),
+        cell, 0.1, 0.2, [3, 3, 2, 1, 1],
+    )  # fmt: skip
+    torch.library.opcheck(torch.ops.lstmkit.inference.default, args)
+
+
+@needs_native
+def test_compile_keeps_the_inference_operator():
+    torch._dynamo.reset()
+    model = lstmkit.LSTM(3, 4, num_layers=2, bidirectional=True).eval()
+    x = torch.randn(4, 2, 3)
+    with torch.no_grad():
+        want = model(x)
+        program = torch.export.export(model, (x,))
+        got = torch.compile(model, fullgraph=True)(x)
+    ops = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.lstmkit.inference.default) == 4
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=0)
