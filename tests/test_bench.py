@@ -15,7 +15,7 @@ from torch import nn
 
 import lstmkit
 from lstmkit.__main__ import main
-from lstmkit.bench import report, suite
+from lstmkit.bench import ort, report, suite
 from lstmkit.bench.measure import saved_bytes, time_interleaved
 from lstmkit.bench.naive import NaiveLSTM
 from lstmkit.bench.suite import (
@@ -119,6 +119,38 @@ def test_bench_cli_writes_reports(tmp_path, capsys):
         saved = config["saved_bytes"][name]
         assert 0 < saved["excluding_parameters"] < saved["total"]
     assert "lstmkit[auto] ÷ nn.LSTM" in capsys.readouterr().out
+
+
+def test_bench_times_onnxruntime_as_a_peer_for_inference(tmp_path, capsys):
+    """``--peers ort``: ONNX Runtime is timed for inference after nn.LSTM, checked against
+    float64 like the others, and every lstmkit implementation gets a ratio to the faster peer."""
+    pytest.importorskip("onnxruntime")
+    args = ["bench", "--configs", "S", "--quick", "--peers", "ort", "--out", str(tmp_path)]
+    assert main(args) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["settings"]["peers"] == ["ort"]
+    (config,) = data["configs"]
+    assert list(config["timings_ms"]["inference"]) == [
+        implementation_name("auto"), BASELINE, ort.NAME, NAIVE,
+    ]  # fmt: skip
+    assert ort.NAME not in config["timings_ms"]["training"]
+    assert config["float32_error_vs_float64"][ort.NAME] < 1e-5
+    timings = config["timings_ms"]["inference"]
+    fastest = min(timings[BASELINE]["median"], timings[ort.NAME]["median"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if "| S | inference" in line)
+    ratio = timings[implementation_name("auto")]["median"] / fastest
+    assert row.split("|")[-2].strip() == f"{ratio:.2f}"
+    assert "÷ fastest peer" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_without_onnxruntime_says_so_and_runs_the_rest(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ort, "missing", lambda: f"onnxruntime is not installed ({ort.INSTALL})")
+    args = ["bench", "--configs", "S", "--quick", "--peers", "ort", "--out", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "ONNX Runtime peer skipped: onnxruntime is not installed (pip install" in out
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert ort.NAME not in data["configs"][0]["timings_ms"]["inference"]
 
 
 @pytest.mark.parametrize("cell", ["layernorm", "peephole", "cifg"])

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from lstmkit.bench import stream
+from lstmkit.bench import ort, stream
 from lstmkit.bench.report import machine_info, write_reports
 from lstmkit.bench.stream import run_stream, write_stream_reports
 from lstmkit.bench.suite import GRID, Config, run_suite
@@ -52,6 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         choices=BACKEND_NAMES,
         help="an lstmkit backend to time; repeat for several (default: auto)",
+    )
+    parser.add_argument(
+        "--peers",
+        nargs="+",
+        choices=["ort"],
+        default=[],
+        help="peers timed for inference besides nn.LSTM: ort = ONNX Runtime's LSTM operator on "
+        "the model lstmkit.export.to_onnx writes (needs the bench extra: "
+        f"{ort.INSTALL})",
     )
     parser.add_argument(
         "--cell",
@@ -111,14 +120,16 @@ def main(args: argparse.Namespace) -> int:
     if args.stream:
         return stream_main(args, repeats, warmup)
     backends = list(dict.fromkeys(args.backend or ["auto"]))
+    peers = _peers(args.peers, args.cell)
     for threads, out in _runs(args, Path("benchmarks/cpu")):
         machine = machine_info(threads)
-        results = run_suite(args.configs, backends, repeats, warmup, threads, args.cell)
+        results = run_suite(args.configs, backends, repeats, warmup, threads, args.cell, peers)
         settings = {
             "repeats": repeats,
             "warmup": warmup,
             "backends": backends,
             "cell": args.cell,
+            "peers": peers,
             "implementations": list(results[0].saved),
             "dtype": "float32",
             "batch_first": True,
@@ -127,6 +138,19 @@ def main(args: argparse.Namespace) -> int:
         print(f"\n{threads} thread(s):\n{tables}")
         print(f"wrote {out / 'bench.json'}, bench.md, bench.png")
     return 0
+
+
+def _peers(names: list[str], cell: str) -> list[str]:
+    """The requested peers that can run here; one line for each that cannot."""
+    peers = list(dict.fromkeys(names))
+    if "ort" in peers:
+        why = ort.missing() or (
+            None if cell == "lstm" else f"it runs the plain cell only, got --cell {cell}"
+        )
+        if why is not None:
+            print(f"ONNX Runtime peer skipped: {why}")
+            peers.remove("ort")
+    return peers
 
 
 def _runs(args: argparse.Namespace, default_out: Path) -> list[tuple[int, Path]]:

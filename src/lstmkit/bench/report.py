@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lstmkit.bench.ort import NAME as ORT
 from lstmkit.bench.suite import AGREEMENT_TOLERANCE, BASELINE, ConfigResult
 
 MIB = 2**20
@@ -132,23 +133,47 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join(lines)
 
 
+def peer_ratios(result: ConfigResult, mode: str) -> dict[str, float]:
+    """Median time of every lstmkit implementation divided by the faster peer's (nn.LSTM or,
+    where it was timed, ONNX Runtime); empty where nn.LSTM is the only peer."""
+    timings = result.timings[mode]
+    peers = [name for name in (BASELINE, ORT) if name in timings]
+    if len(peers) < 2:
+        return {}
+    fastest = min(timings[name].median_s for name in peers)
+    return {name: t.median_s / fastest for name, t in timings.items() if name.startswith("lstmkit")}
+
+
 def markdown_tables(results: Sequence[ConfigResult]) -> str:
-    """The time table (median ms and ratios per configuration and mode), the saved-bytes
+    """The time table (median ms and ratios per configuration and mode; where ONNX Runtime
+    was timed, also each lstmkit implementation's ratio to the faster peer), the saved-bytes
     table (MiB excluding parameters, total in parentheses, and ratios) and the accuracy table
     (each float32 output's largest error against float64, marked where above its bound), in
     Markdown."""
-    names = list(results[0].saved)
+    names = list(dict.fromkeys(n for r in results for t in r.timings.values() for n in t))
     others = [name for name in names if name != BASELINE]
+    ours = [name for name in names if name.startswith("lstmkit")]
+    with_peer = any(peer_ratios(result, "inference") for result in results)
     ratio_header = [f"{name} ÷ {BASELINE}" for name in others]
+    peer_header = [f"{name} ÷ fastest peer" for name in ours] if with_peer else []
     time_rows = []
     for result in results:
         for mode, timings in result.timings.items():
-            ratios = time_ratios(result, mode)
+            ratios, best = time_ratios(result, mode), peer_ratios(result, mode)
             time_rows.append(
                 [result.config.name, mode]
-                + [f"{timings[name].median_s * 1e3:.2f}" for name in names]
-                + [f"{ratios[name]:.2f}" for name in others]
+                + [
+                    f"{timings[name].median_s * 1e3:.2f}" if name in timings else "—"
+                    for name in names
+                ]
+                + [f"{ratios[name]:.2f}" if name in ratios else "—" for name in others]
+                + (
+                    [f"{best[name]:.2f}" if name in best else "—" for name in ours]
+                    if with_peer
+                    else []
+                )
             )
+    modules = list(results[0].saved)  # what has a training run and saves for backward
     saved_rows = []
     for result in results:
         ratios = saved_ratios(result)
@@ -156,23 +181,28 @@ def markdown_tables(results: Sequence[ConfigResult]) -> str:
             [result.config.name, result.config.describe()]
             + [
                 f"{s.excluding_parameters / MIB:.2f} ({s.total / MIB:.2f})"
-                for s in (result.saved[name] for name in names)
+                for s in (result.saved[name] for name in modules)
             ]
-            + [f"{ratios[name]:.2f}" for name in others]
+            + [f"{ratios[name]:.2f}" for name in modules if name != BASELINE]
         )
     error_rows = [
         [result.config.name, result.config.describe()]
         + [
             f"{result.errors[name]:.1e}" + (" ✗" if name in result.suspect() else "")
+            if name in result.errors
+            else "—"
             for name in names
         ]
         for result in results
     ]
     times = _markdown_table(
-        ["config", "mode", *(f"{name} ms" for name in names), *ratio_header], time_rows
+        ["config", "mode", *(f"{name} ms" for name in names), *ratio_header, *peer_header],
+        time_rows,
     )
     saved = _markdown_table(
-        ["config", "shape", *(f"{name} MiB" for name in names), *ratio_header], saved_rows
+        ["config", "shape", *(f"{name} MiB" for name in modules)]
+        + [f"{name} ÷ {BASELINE}" for name in modules if name != BASELINE],
+        saved_rows,
     )
     errors = _markdown_table(["config", "shape", *names], error_rows)
     return (
@@ -206,7 +236,8 @@ def plot_ratios(results: Sequence[ConfigResult], path: Path) -> None:
         width = 0.8 / len(names)
         for k, name in enumerate(names):
             offsets = [i + (k - (len(names) - 1) / 2) * width for i in range(len(labels))]
-            bars = axis.bar(offsets, [r[name] for r in ratios], width, label=name)
+            heights = [r.get(name, float("nan")) for r in ratios]
+            bars = axis.bar(offsets, heights, width, label=name)
             axis.bar_label(bars, fmt="%.2f", fontsize=8)
         axis.axhline(1.0, color="black", linestyle="--", linewidth=1, label=BASELINE)
         axis.set_xticks(range(len(labels)), labels)

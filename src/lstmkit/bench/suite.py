@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lstmkit.bench import ort
 from lstmkit.bench.measure import (
     SavedBytes,
     Timing,
@@ -60,6 +61,7 @@ GRID = {
             num_layers=2,
             bidirectional=True,
         ),
+        Config("D2", batch=32, seq_len=100, input_size=256, hidden_size=256, num_layers=2),
         Config("T1", batch=1, seq_len=200, input_size=128, hidden_size=128),
     )
 }
@@ -69,7 +71,8 @@ GRID = {
 class ConfigResult:
     """Everything measured for one configuration.
 
-    ``timings[mode][implementation]``, ``saved[implementation]`` (one training forward),
+    ``timings[mode][implementation]`` (a peer for inference only, such as ONNX Runtime, has no
+    training timing), ``saved[implementation]`` (one training forward, the nn.Modules),
     ``errors[implementation]``: the largest difference of its float32 inference output from
     the same model run in float64 (``nn.LSTM`` in float64 for the baselines, lstmkit's
     reference backend in float64 for the rest), measured before any timing, and
@@ -155,10 +158,17 @@ def training_run(model: nn.Module, x: Tensor) -> Callable[[], None]:
 
 
 def run_config(
-    config: Config, backends: Sequence[str], repeats: int, warmup: int, cell: str = "lstm"
+    config: Config,
+    backends: Sequence[str],
+    repeats: int,
+    warmup: int,
+    cell: str = "lstm",
+    peers: Sequence[str] = (),
 ) -> ConfigResult:
     """Measure every implementation's float32 error against float64, count what each saves
-    for backward, then time each mode with all implementations interleaved.
+    for backward, then time each mode with all implementations interleaved. ``peers`` may name
+    ``"ort"``: ONNX Runtime (:mod:`lstmkit.bench.ort`) timed for inference after nn.LSTM, on the
+    plain cell's export.
 
     An implementation is marked (:meth:`ConfigResult.suspect`, and a printed line) but still
     timed when its error exceeds :data:`AGREEMENT_TOLERANCE` and, for a variant cell's
@@ -192,6 +202,11 @@ def run_config(
         name: variant_bound if cell != "lstm" and _twin(name) == "cell" else AGREEMENT_TOLERANCE
         for name in models
     }
+    peer = None
+    if "ort" in peers and cell == "lstm":
+        peer = ort.forward(first, x, torch.get_num_threads())
+        errors[ort.NAME] = (peer().double() - want["plain"]).abs().max().item()
+        bounds[ort.NAME] = AGREEMENT_TOLERANCE
     for name, error in errors.items():
         if error > bounds[name]:
             print(
@@ -204,12 +219,15 @@ def run_config(
         name: saved_bytes(lambda model=model: model(x_grad), model.parameters())
         for name, model in models.items()
     }
-    runs = {"inference": (inference_run, x), "training": (training_run, x_grad)}
+    inference = {}
+    for name, model in models.items():
+        inference[name] = inference_run(model, x)
+        if name == BASELINE and peer is not None:  # after nn.LSTM, before the naive loop
+            inference[ort.NAME] = peer
+    training = {name: training_run(model, x_grad) for name, model in models.items()}
     timings = {
-        mode: time_interleaved(
-            {name: make(model, data) for name, model in models.items()}, repeats, warmup
-        )
-        for mode, (make, data) in runs.items()
+        mode: time_interleaved(runs, repeats, warmup)
+        for mode, runs in (("inference", inference), ("training", training))
     }
     return ConfigResult(config, timings, saved, errors, bounds)
 
@@ -227,6 +245,7 @@ def run_suite(
     warmup: int,
     threads: int,
     cell: str = "lstm",
+    peers: Sequence[str] = (),
 ) -> list[ConfigResult]:
     """:func:`run_config` for each configuration with ``threads`` intra-op threads; the
     previous thread count is restored afterwards."""
@@ -234,5 +253,5 @@ def run_suite(
         results = []
         for config in configs:
             print(f"running {config.name}: {config.describe()}", flush=True)
-            results.append(run_config(config, backends, repeats, warmup, cell))
+            results.append(run_config(config, backends, repeats, warmup, cell, peers))
         return results

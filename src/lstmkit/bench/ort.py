@@ -1,0 +1,50 @@
+"""ONNX Runtime as a peer for inference: the model that :func:`lstmkit.export.to_onnx` writes
+(ONNX's own LSTM operator), run by an ``InferenceSession`` on the CPU.
+
+Its intra-op pool gets torch's thread count, and its idle threads do not spin: by default they
+spin after each run and take the cores from whatever runs next (every torch timing after it
+doubled on this project's 2-core machines)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lstmkit.modules import LSTM
+
+NAME = "onnxruntime"
+INSTALL = "pip install 'lstmkit[bench]'"
+
+
+def missing() -> str | None:
+    """Why the peer cannot run here (one line), or ``None``."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as error:
+        return f"{error.name} is not installed ({INSTALL})"
+    return None
+
+
+def forward(model: LSTM, x: torch.Tensor, threads: int) -> Callable[[], torch.Tensor]:
+    """A function that runs ``model``'s ONNX export on ``x`` (float32, in ``model``'s
+    ``batch_first`` layout) in one ONNX Runtime session with ``threads`` intra-op threads and
+    returns its output."""
+    import onnxruntime
+
+    from lstmkit.export import to_onnx
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(
+        to_onnx(model, None).SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    feed = {session.get_inputs()[0].name: x.detach().numpy()}
+
+    def run() -> torch.Tensor:
+        return torch.from_numpy(session.run(None, feed)[0])
+
+    return run
