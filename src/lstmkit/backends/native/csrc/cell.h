@@ -13,6 +13,10 @@
 #include <string_view>
 
 namespace lstmkit {
+// Internal linkage, as if written in each file that includes it: GCC then inlines these small
+// functions into the loops that call them and vectorises the loops (as extern inline functions
+// they stayed calls, and the gate passes ran scalar).
+namespace {
 
 using std::int64_t;
 
@@ -84,7 +88,7 @@ void normalise_backward(T* __restrict__ d, const T* __restrict__ xhat, T rstd, i
 
 enum class Kind { kLstm, kPeephole, kCifg, kLayerNorm };
 
-inline Kind parse_kind(std::string_view name) {
+Kind parse_kind(std::string_view name) {
   if (name == "lstm") return Kind::kLstm;
   if (name == "peephole") return Kind::kPeephole;
   if (name == "cifg") return Kind::kCifg;
@@ -316,4 +320,5 @@ void gates_backward_row(const Cell<T>& cell, const T* g, const T* c_prev, const 
   ifg_backward(g, g + h, g + 2 * h, c_prev, work, dc, dz, dz + h, dz + 2 * h, h);
 }
 
+}  // namespace
 }  // namespace lstmkit
