@@ -206,13 +206,13 @@ void row_tile(int rows, const Operand& op, int64_t k0, int64_t k1, int64_t p, in
   tile<kRows, 1>(op, k0, k1, p, r0, init, accumulate, out);
 }
 
-// out rows (n of them, each padded to whole panels, `count_panels` of them) = bias (or zero)
-// + the sum of the operands' products, kDepth of an operand's K at a time. One or two rows
-// take several panels per tile, so that enough independent sums are in flight; more rows take
-// one panel per tile, at most kMaxRows rows at a time.
+// out rows (n of them, each padded to whole panels, `count_panels` of them) = bias (or zero;
+// or, `onto_out`, out itself) + the sum of the operands' products, kDepth of an operand's K at a
+// time. One or two rows take several panels per tile, so that enough independent sums are in
+// flight; more rows take one panel per tile, at most kMaxRows rows at a time.
 void product(const Operand* ops, int count, int64_t n, int64_t count_panels, const float* bias,
-             float* const* out) {
-  bool accumulate = false;
+             float* const* out, bool onto_out = false) {
+  bool accumulate = onto_out;
   for (int o = 0; o < count; ++o) {
     const Operand& op = ops[o];
     for (int64_t k0 = 0; k0 < op.k; k0 += kDepth, accumulate = true) {
@@ -308,51 +308,24 @@ struct Worker {
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor> inference(
-    const Tensor& x, const Tensor& h0_in, const Tensor& c0_in, const Tensor& w_ih,
-    const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
-    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& peephole,
-    const std::optional<Tensor>& ln_ih_weight, const std::optional<Tensor>& ln_ih_bias,
-    const std::optional<Tensor>& ln_hh_weight, const std::optional<Tensor>& ln_hh_bias,
-    const std::optional<Tensor>& ln_c_weight, const std::optional<Tensor>& ln_c_bias,
-    c10::string_view kind_name, double zone_h_p, double zone_c_p, at::IntArrayRef batch_sizes) {
-  const Kind kind = parse_kind(std::string_view(kind_name.data(), kind_name.size()));
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3,
-              "lstmkit::inference takes a float32 CPU input (T, B, I), got ", x.scalar_type(), " ",
-              x.sizes(), " on ", x.device());
-  const int64_t steps = x.size(0), batch = x.size(1), in = x.size(2);
+namespace {
+
+// The layer forward of both operators: on x (T, B, I) with the input product, or (given_xp) on
+// the input half xp (T, B, GH) that the caller computed; `keep` (training) also returns every
+// step's activated gates and c_t for the backward, split by rows.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
+    const Tensor& x, bool given_xp, const Tensor& h0_in, const Tensor& c0_in,
+    const std::optional<Tensor>& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+    const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
+    const std::optional<Tensor>& peephole, const std::optional<Tensor>& ln_ih_weight,
+    const std::optional<Tensor>& ln_ih_bias, const std::optional<Tensor>& ln_hh_weight,
+    const std::optional<Tensor>& ln_hh_bias, const std::optional<Tensor>& ln_c_weight,
+    const std::optional<Tensor>& ln_c_bias, Kind kind, double zone_h_p, double zone_c_p,
+    at::IntArrayRef batch_sizes, bool keep) {
+  const int64_t steps = x.size(0), batch = x.size(1), in = given_xp ? 0 : x.size(2);
   const int64_t hidden = c0_in.size(-1), proj = w_hh.size(1);
   const int64_t gates = (kind == Kind::kCifg ? 3 : 4) * hidden;
   const bool layernorm = kind == Kind::kLayerNorm, projected = w_hr.has_value();
-  const auto check = [&](const std::optional<Tensor>& t, bool wanted, at::IntArrayRef shape,
-                         const char* name) {
-    TORCH_CHECK(t.has_value() == wanted, "lstmkit::inference: kind ", kind_name,
-                wanted ? " needs " : " takes no ", name);
-    if (wanted) {
-      TORCH_CHECK(t->sizes() == shape && t->scalar_type() == at::kFloat,
-                  "lstmkit::inference: ", name, " must be float32 ", shape, ", got ",
-                  t->scalar_type(), " ", t->sizes());
-    }
-  };
-  check(h0_in, true, {batch, proj}, "h0");
-  check(c0_in, true, {batch, hidden}, "c0");
-  check(w_ih, true, {gates, in}, "weight_ih");
-  check(w_hh, true, {gates, proj}, "weight_hh");
-  check(b_ih, b_ih.has_value(), {gates}, "bias_ih");
-  check(b_hh, b_ih.has_value(), {gates}, "bias_hh");
-  check(w_hr, projected, {proj, hidden}, "weight_hr");
-  TORCH_CHECK(projected || proj == hidden,
-              "lstmkit::inference: without weight_hr, h0 must be (B, H)");
-  check(peephole, kind == Kind::kPeephole, {3 * hidden}, "weight_ch");
-  check(ln_ih_weight, layernorm, {gates}, "ln_ih_weight");
-  check(ln_ih_bias, layernorm, {gates}, "ln_ih_bias");
-  check(ln_hh_weight, layernorm, {gates}, "ln_hh_weight");
-  check(ln_hh_bias, layernorm, {gates}, "ln_hh_bias");
-  check(ln_c_weight, layernorm, {hidden}, "ln_c_weight");
-  check(ln_c_bias, layernorm, {hidden}, "ln_c_bias");
-  TORCH_CHECK(0 <= zone_h_p && zone_h_p < 1 && 0 <= zone_c_p && zone_c_p < 1,
-              "lstmkit::inference: zoneout probabilities must be in [0, 1), got ", zone_h_p,
-              " and ", zone_c_p);
   std::vector<int64_t> sizes(steps, batch);
   if (!batch_sizes.empty()) {
     TORCH_CHECK(static_cast<int64_t>(batch_sizes.size()) == steps, "batch_sizes has ",
@@ -379,7 +352,14 @@ std::tuple<Tensor, Tensor, Tensor> inference(
   const bool ragged = !batch_sizes.empty();
   Tensor output =
       ragged ? at::zeros({steps, batch, proj}, options) : at::empty({steps, batch, proj}, options);
-  Tensor cells = at::empty({2, batch, hidden}, options);  // c_t in slot t % 2
+  // c_t in slot t % 2; or, kept for the backward, every c_t and every step's activated gates
+  const auto buffer = [&](at::IntArrayRef shape) {
+    return ragged ? at::zeros(shape, options) : at::empty(shape, options);
+  };
+  Tensor cells = keep ? buffer({steps, batch, hidden}) : at::empty({2, batch, hidden}, options);
+  Tensor kept_gates = keep ? buffer({steps, batch, gates}) : at::empty({0}, options);
+  const auto slot = [keep](int64_t t) { return keep ? t : t % 2; };
+  float* const gates_p = kept_gates.data_ptr<float>();
   float* const out_p = output.data_ptr<float>();
   float* const cells_p = cells.data_ptr<float>();
   const float* const x_p = xs.const_data_ptr<float>();
@@ -393,7 +373,7 @@ std::tuple<Tensor, Tensor, Tensor> inference(
   // Who computes what: every worker the rows of its share of the batch with all the weights,
   // or (split by units) every row with its share of the hidden units and of the weights' rows.
   const int64_t threads = at::get_num_threads();
-  const Split split = choose_split(kind, projected, batch, hidden, threads);
+  const Split split = keep ? Split::kRows : choose_split(kind, projected, batch, hidden, threads);
   const int64_t workers =
       split == Split::kUnits ? std::min(threads, hidden / kMinUnits) : std::min(threads, batch);
   const int64_t share = (hidden + workers - 1) / workers;  // units per worker (split by units)
@@ -410,7 +390,8 @@ std::tuple<Tensor, Tensor, Tensor> inference(
     const Tensor b = rows_of_units(bias);
     Tensor padded = at::zeros({panels(b.size(0)) * kPanel}, options);
     padded.narrow(0, 0, b.size(0)).copy_(b);
-    return std::make_tuple(pack(rows_of_units(w_ih)), pack(rows_of_units(w_hh)), padded,
+    const Tensor ih = given_xp ? Tensor() : pack(rows_of_units(*w_ih));
+    return std::make_tuple(ih, pack(rows_of_units(w_hh)), padded,
                            ch.defined() ? rows_of_units(ch).contiguous() : Tensor());
   };
   const auto shared =
@@ -473,10 +454,15 @@ std::tuple<Tensor, Tensor, Tensor> inference(
           worker.xr[r] = x_p + t * sx0 + b * sx1;
           worker.hr[r] = t == 0 ? h0_p + b * proj : out_p + ((t - 1) * batch + b) * proj;
         }
-        const Operand input{worker.xr.data(), worker.ih.const_data_ptr<float>(), in};
+        const Operand input{worker.xr.data(), pointer(worker.ih), in};
         const Operand recurrent{worker.hr.data(), worker.hh.const_data_ptr<float>(), proj};
         float* const hat = worker.hat.data();
-        if (layernorm) {
+        if (given_xp) {  // z = xp_t + h_{t-1} W_hh^T
+          for (int64_t r = 0; r < n; ++r) {
+            std::memcpy(worker.zr[r], x_p + t * sx0 + worker.rows[r] * sx1, gates * sizeof(float));
+          }
+          product(&recurrent, 1, n, columns, nullptr, worker.zr.data(), true);
+        } else if (layernorm) {
           product(&input, 1, n, columns, nullptr, worker.er.data());
           for (int64_t r = 0; r < n; ++r) {
             layer_norm_into(worker.zr[r], worker.er[r], hat, pointer(ln_ih_w), pointer(ln_ih_b),
@@ -501,12 +487,14 @@ std::tuple<Tensor, Tensor, Tensor> inference(
         for (int64_t r = 0; r < n; ++r) {
           const int64_t b = worker.rows[r];
           const float* c_prev =
-              (t == 0 ? c0_p + b * hidden : cells_p + ((t - 1) % 2 * batch + b) * hidden) + j0;
-          float* c_new = cells_p + (t % 2 * batch + b) * hidden + j0;
+              (t == 0 ? c0_p + b * hidden : cells_p + (slot(t - 1) * batch + b) * hidden) + j0;
+          float* c_new = cells_p + (slot(t) * batch + b) * hidden + j0;
           float* h_out = out_p + (t * batch + b) * proj + j0;
           gates_forward_row(cell, worker.zr[r], c_prev, c_new, projected ? worker.mw[r] : h_out,
                             hat);
           if (zc != 0.0f) zone(c_new, c_prev, zc, width);
+          if (keep)
+            std::memcpy(gates_p + (t * batch + b) * gates, worker.zr[r], gates * sizeof(float));
         }
         if (projected) {
           const Operand projection{worker.mr.data(), packed_hr.const_data_ptr<float>(), hidden};
@@ -538,11 +526,74 @@ std::tuple<Tensor, Tensor, Tensor> inference(
     while (last > 0 && sizes[last - 1] <= b) --last;  // sequence b runs steps [0, last)
     const float* h = last == 0 ? h0_p + b * proj : out_p + ((last - 1) * batch + b) * proj;
     const float* c =
-        last == 0 ? c0_p + b * hidden : cells_p + ((last - 1) % 2 * batch + b) * hidden;
+        last == 0 ? c0_p + b * hidden : cells_p + (slot(last - 1) * batch + b) * hidden;
     std::memcpy(h_n.data_ptr<float>() + b * proj, h, proj * sizeof(float));
     std::memcpy(c_n.data_ptr<float>() + b * hidden, c, hidden * sizeof(float));
   }
+  return {output, h_n, c_n, kept_gates, cells};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> inference(
+    const Tensor& x, const Tensor& h0_in, const Tensor& c0_in, const Tensor& w_ih,
+    const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& peephole,
+    const std::optional<Tensor>& ln_ih_weight, const std::optional<Tensor>& ln_ih_bias,
+    const std::optional<Tensor>& ln_hh_weight, const std::optional<Tensor>& ln_hh_bias,
+    const std::optional<Tensor>& ln_c_weight, const std::optional<Tensor>& ln_c_bias,
+    c10::string_view kind_name, double zone_h_p, double zone_c_p, at::IntArrayRef batch_sizes) {
+  const Kind kind = parse_kind(std::string_view(kind_name.data(), kind_name.size()));
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3,
+              "lstmkit::inference takes a float32 CPU input (T, B, I), got ", x.scalar_type(), " ",
+              x.sizes(), " on ", x.device());
+  const int64_t steps = x.size(0), batch = x.size(1), in = x.size(2);
+  const int64_t hidden = c0_in.size(-1), proj = w_hh.size(1);
+  const int64_t gates = (kind == Kind::kCifg ? 3 : 4) * hidden;
+  const bool layernorm = kind == Kind::kLayerNorm, projected = w_hr.has_value();
+  const auto check = [&](const std::optional<Tensor>& t, bool wanted, at::IntArrayRef shape,
+                         const char* name) {
+    TORCH_CHECK(t.has_value() == wanted, "lstmkit::inference: kind ", kind_name,
+                wanted ? " needs " : " takes no ", name);
+    if (wanted) {
+      TORCH_CHECK(t->sizes() == shape && t->scalar_type() == at::kFloat,
+                  "lstmkit::inference: ", name, " must be float32 ", shape, ", got ",
+                  t->scalar_type(), " ", t->sizes());
+    }
+  };
+  check(h0_in, true, {batch, proj}, "h0");
+  check(c0_in, true, {batch, hidden}, "c0");
+  check(w_ih, true, {gates, in}, "weight_ih");
+  check(w_hh, true, {gates, proj}, "weight_hh");
+  check(b_ih, b_ih.has_value(), {gates}, "bias_ih");
+  check(b_hh, b_ih.has_value(), {gates}, "bias_hh");
+  check(w_hr, projected, {proj, hidden}, "weight_hr");
+  TORCH_CHECK(projected || proj == hidden,
+              "lstmkit::inference: without weight_hr, h0 must be (B, H)");
+  check(peephole, kind == Kind::kPeephole, {3 * hidden}, "weight_ch");
+  check(ln_ih_weight, layernorm, {gates}, "ln_ih_weight");
+  check(ln_ih_bias, layernorm, {gates}, "ln_ih_bias");
+  check(ln_hh_weight, layernorm, {gates}, "ln_hh_weight");
+  check(ln_hh_bias, layernorm, {gates}, "ln_hh_bias");
+  check(ln_c_weight, layernorm, {hidden}, "ln_c_weight");
+  check(ln_c_bias, layernorm, {hidden}, "ln_c_bias");
+  TORCH_CHECK(0 <= zone_h_p && zone_h_p < 1 && 0 <= zone_c_p && zone_c_p < 1,
+              "lstmkit::inference: zoneout probabilities must be in [0, 1), got ", zone_h_p,
+              " and ", zone_c_p);
+  const auto [output, h_n, c_n, unused_gates, unused_cells] =
+      run(x, false, h0_in, c0_in, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, ln_ih_weight, ln_ih_bias,
+          ln_hh_weight, ln_hh_bias, ln_c_weight, ln_c_bias, kind, zone_h_p, zone_c_p, batch_sizes,
+          false);
   return {output, h_n, c_n};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_kept(
+    const Tensor& xp, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& peephole, std::string_view kind,
+    at::IntArrayRef batch_sizes) {
+  const std::optional<Tensor> none;
+  return run(xp, true, h0, c0, none, w_hh, none, none, w_hr, peephole, none, none, none, none, none,
+             none, parse_kind(kind), 0.0, 0.0, batch_sizes, true);
 }
 
 }  // namespace lstmkit

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string_view>
 #include <tuple>
 
 namespace lstmkit {
@@ -45,5 +46,13 @@ std::tuple<Tensor, Tensor, Tensor> inference(
     const std::optional<Tensor>& ln_hh_weight, const std::optional<Tensor>& ln_hh_bias,
     const std::optional<Tensor>& ln_c_weight, const std::optional<Tensor>& ln_c_bias,
     c10::string_view kind_name, double zone_h_p, double zone_c_p, at::IntArrayRef batch_sizes);
+
+// The recurrence's forward in training for float32 and the kinds without layer norm, with no
+// mask: (output, h_n, c_n, activated gates, every c_t) by the inference kernel, from the input
+// half xp (T, B, GH).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_kept(
+    const Tensor& xp, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& peephole, std::string_view kind,
+    at::IntArrayRef batch_sizes);
 
 }  // namespace lstmkit

@@ -242,6 +242,14 @@ Forward recurrence(const Tensor& xp_in, const Tensor& h0_in, const Tensor& c0_in
   const int64_t steps = l.steps, batch = l.batch, hidden = l.hidden, proj = l.proj;
   const int64_t rows = l.blocks * hidden;
   const bool layernorm = l.kind == Kind::kLayerNorm, projected = l.w_hr.defined();
+  if (training && xp.scalar_type() == at::kFloat && !layernorm && !l.recurrent.defined() &&
+      !l.zone_h.defined() && !l.zone_c.defined() && l.zone_h_p == 0.0 && l.zone_c_p == 0.0) {
+    auto [output, h_n, c_n, gates, cells] =
+        forward_kept(xp, h0, c0, l.w_hh, w_hr, peephole, std::string_view(kind.data(), kind.size()),
+                     batch_sizes);
+    const auto none = [&xp] { return at::empty({0}, xp.options()); };
+    return {output, h_n, c_n, gates, cells, none(), none(), none(), none()};
+  }
   const std::vector<int64_t> sizes = running(batch_sizes, steps, batch);
   const bool ragged = !batch_sizes.empty();
   const auto options = xp.options();
