@@ -140,6 +140,9 @@ def _setup_context(ctx, inputs, output) -> None:
     kind, recurrent, zone_h, zone_c, zone_h_p, zone_c_p, batch_sizes, _ = inputs[10:]
     ctx.save_for_backward(xp, h0, c0, *weights, recurrent, zone_h, zone_c, *output[:1], *output[3:])
     ctx.kind, ctx.zone_p, ctx.batch_sizes = kind, (zone_h_p, zone_c_p), list(batch_sizes)
+    # the saved outputs have no gradient; unused outputs' gradients stay None (the backward
+    # operator takes them as optional) instead of zeros of (T, B, 4H) filled at every backward
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_saved):
