@@ -264,8 +264,10 @@ const float* pointer(const Tensor& t) { return t.defined() ? t.const_data_ptr<fl
 // How a layer's work is shared between threads (see the top of the file).
 enum class Split { kRows, kUnits };
 
-constexpr int64_t kMinUnits = 16;      // hidden units per worker, at least, when split by units
-constexpr int64_t kRowsPerThread = 4;  // rows per thread, at least, when split by rows
+constexpr int64_t kMinUnits = 16;  // hidden units per worker, at least, when split by units
+constexpr int64_t kRowsPerThread = 4;
+constexpr int64_t kAheadValues = 65536;  // of a worker's input half computed ahead (256 KB)  //
+                                         // rows per thread, at least, when split by rows
 
 // Rows where there are enough to give each thread several; else, for the cells whose gates of a
 // unit need nothing but that unit's values (no layer norm over the row, no projection of the
@@ -303,6 +305,12 @@ struct Worker {
   Tensor ih, hh, bias, peephole;  // packed W_ih, W_hh of its gate rows; their bias; p_i, p_f, p_o
   std::vector<float> z, extra, hat, m, h_new;
   std::vector<const float*> xr, hr, mr;
+  // Few rows (short tiles): the input half of `block` steps at once, into `ahead` (rows `ab`,
+  // from the inputs `xb`), each step's z then being its block row; 0: every step its own.
+  int64_t block = 0;
+  std::vector<float> ahead;
+  std::vector<const float*> xb;
+  std::vector<float*> ab;
   std::vector<float*> zr, er, mw, hw;  // mw: the same rows as mr, written
 };
 
@@ -428,6 +436,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
       worker.mr.resize(count);
       worker.mw.resize(count);
       worker.hw.resize(count);
+      if (!given_xp && !layernorm && count < kMaxRows) {
+        worker.block = std::clamp<int64_t>(kAheadValues / (count * padded), 1, 64);
+        worker.ahead.resize(worker.block * count * padded);
+        worker.xb.resize(worker.block * count);
+        worker.ab.resize(worker.block * count);
+        for (int64_t i = 0; i < worker.block * count; ++i) {
+          worker.ab[i] = worker.ahead.data() + i * padded;
+        }
+      }
       for (int64_t r = 0; r < count; ++r) {
         worker.zr[r] = worker.z.data() + r * padded;
         if (layernorm) worker.er[r] = worker.extra.data() + r * padded;
@@ -457,7 +474,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
         const Operand input{worker.xr.data(), pointer(worker.ih), in};
         const Operand recurrent{worker.hr.data(), worker.hh.const_data_ptr<float>(), proj};
         float* const hat = worker.hat.data();
-        if (given_xp) {  // z = xp_t + h_{t-1} W_hh^T
+        const int64_t ahead_at = worker.block > 0 ? t % worker.block : 0;
+        float* const* const z =
+            worker.block > 0 ? worker.ab.data() + ahead_at * count : worker.zr.data();
+        if (worker.block > 0) {  // z = (its block's input half) + h_{t-1} W_hh^T
+          if (ahead_at == 0) {
+            const int64_t span = std::min(worker.block, steps - t);
+            for (int64_t q = 0; q < span; ++q) {
+              for (int64_t r = 0; r < count; ++r) {
+                worker.xb[q * count + r] = x_p + (t + q) * sx0 + worker.rows[r] * sx1;
+              }
+            }
+            const Operand inputs{worker.xb.data(), pointer(worker.ih), in};
+            product(&inputs, 1, span * count, columns, bias_p, worker.ab.data());
+          }
+          product(&recurrent, 1, n, columns, nullptr, z, true);
+        } else if (given_xp) {  // z = xp_t + h_{t-1} W_hh^T
           for (int64_t r = 0; r < n; ++r) {
             std::memcpy(worker.zr[r], x_p + t * sx0 + worker.rows[r] * sx1, gates * sizeof(float));
           }
@@ -490,11 +522,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
               (t == 0 ? c0_p + b * hidden : cells_p + (slot(t - 1) * batch + b) * hidden) + j0;
           float* c_new = cells_p + (slot(t) * batch + b) * hidden + j0;
           float* h_out = out_p + (t * batch + b) * proj + j0;
-          gates_forward_row(cell, worker.zr[r], c_prev, c_new, projected ? worker.mw[r] : h_out,
-                            hat);
+          gates_forward_row(cell, z[r], c_prev, c_new, projected ? worker.mw[r] : h_out, hat);
           if (zc != 0.0f) zone(c_new, c_prev, zc, width);
-          if (keep)
-            std::memcpy(gates_p + (t * batch + b) * gates, worker.zr[r], gates * sizeof(float));
+          if (keep) std::memcpy(gates_p + (t * batch + b) * gates, z[r], gates * sizeof(float));
         }
         if (projected) {
           const Operand projection{worker.mr.data(), packed_hr.const_data_ptr<float>(), hidden};
