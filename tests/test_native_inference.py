@@ -26,14 +26,12 @@ def twins(cell: str, **options) -> tuple[lstmkit.LSTM, lstmkit.LSTM]:
     return ours.eval(), reference.eval()
 
 
-def assert_close_to_reference(ours, reference, x, hx=None, lengths=None, tolerance=None):
+def assert_close_to_reference(ours, reference, x, hx=None, lengths=None):
     with torch.no_grad():
         got = ours(x, hx, lengths=lengths)
         want = reference(x.double(), None if hx is None else tuple(s.double() for s in hx),
                          lengths=lengths)  # fmt: skip
-    tolerance = tolerance or (
-        LAYERNORM_FLOAT32_TOLERANCE if ours.cell.kind == "layernorm" else FLOAT32_TOLERANCE
-    )
+    tolerance = LAYERNORM_FLOAT32_TOLERANCE if ours.cell.kind == "layernorm" else FLOAT32_TOLERANCE
     for a, b in zip((got[0], *got[1]), (want[0], *want[1]), strict=True):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a.double(), b, atol=tolerance, rtol=0)

@@ -208,7 +208,6 @@ def run(
     """:meth:`lstmkit.backends.contract.Backend.run`: float32 inference in one operator call;
     else the cell's input half, then one recurrence call, which keeps what the backward needs
     only when autograd will differentiate it."""
-    weights = [params.get(name) for name in NAMES]
     (zone_h, zone_h_p), (zone_c, zone_c_p) = (
         _zone(z, x) for z in (masks.zoneout_h, masks.zoneout_c)
     )
@@ -221,6 +220,7 @@ def run(
             zone_c_p, batch_sizes or [],
         )  # fmt: skip
     xp = cell.project_input(x, params)  # (T, B, GH)
+    weights = [params.get(name) for name in NAMES]
     output, h_n, c_n, *_ = torch.ops.lstmkit.recurrence(
         xp, h, c, *weights, cell.kind, masks.recurrent, zone_h, zone_c, zone_h_p, zone_c_p,
         batch_sizes or [], training,

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "cell.h"
+#include "layer.h"
 #include "ops.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -77,14 +78,14 @@ inline Vec fma(Vec a, Vec b, Vec c) {
 constexpr int kMaxRows = 6;
 #endif
 
-constexpr int64_t kPanel = 2 * kLanes;
+constexpr int64_t kPanel = 2 * kLanes;  // columns per packed panel: two vectors
 
 // A hint to the core that this thread is spinning.
 inline void pause() {
 #if defined(__x86_64__)
   _mm_pause();
 #endif
-}  // columns per packed panel: two vectors
+}
 
 int64_t panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
 
@@ -259,15 +260,12 @@ Tensor contiguous(const std::optional<Tensor>& t) {
   return t.has_value() ? t->contiguous() : Tensor();
 }
 
-const float* pointer(const Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
-
 // How a layer's work is shared between threads (see the top of the file).
 enum class Split { kRows, kUnits };
 
-constexpr int64_t kMinUnits = 16;  // hidden units per worker, at least, when split by units
-constexpr int64_t kRowsPerThread = 4;
-constexpr int64_t kAheadValues = 65536;  // of a worker's input half computed ahead (256 KB)  //
-                                         // rows per thread, at least, when split by rows
+constexpr int64_t kMinUnits = 16;        // hidden units per worker, at least, when split by units
+constexpr int64_t kRowsPerThread = 4;    // rows per thread, at least, when split by rows
+constexpr int64_t kAheadValues = 65536;  // of a worker's input half computed ahead (256 KB)
 
 // Rows where there are enough to give each thread several; else, for the cells whose gates of a
 // unit need nothing but that unit's values (no layer norm over the row, no projection of the
@@ -303,6 +301,7 @@ struct Worker {
   std::vector<int64_t> rows;
   int64_t j0 = 0, width = 0;
   Tensor ih, hh, bias, peephole;  // packed W_ih, W_hh of its gate rows; their bias; p_i, p_f, p_o
+  Cell<float> cell{};             // its units' cell: `width` units, peephole from `peephole`
   std::vector<float> z, extra, hat, m, h_new;
   std::vector<const float*> xr, hr, mr;
   // Few rows (short tiles): the input half of `block` steps at once, into `ahead` (rows `ab`,
@@ -313,10 +312,6 @@ struct Worker {
   std::vector<float*> ab;
   std::vector<float*> zr, er, mw, hw;  // mw: the same rows as mr, written
 };
-
-}  // namespace
-
-namespace {
 
 // The layer forward of both operators: on x (T, B, I) with the input product, or (given_xp) on
 // the input half xp (T, B, GH) that the caller computed; `keep` (training) also returns every
@@ -334,16 +329,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
   const int64_t hidden = c0_in.size(-1), proj = w_hh.size(1);
   const int64_t gates = (kind == Kind::kCifg ? 3 : 4) * hidden;
   const bool layernorm = kind == Kind::kLayerNorm, projected = w_hr.has_value();
-  std::vector<int64_t> sizes(steps, batch);
-  if (!batch_sizes.empty()) {
-    TORCH_CHECK(static_cast<int64_t>(batch_sizes.size()) == steps, "batch_sizes has ",
-                batch_sizes.size(), " entries for ", steps, " steps");
-    for (int64_t t = 0; t < steps; ++t) {
-      TORCH_CHECK(0 <= batch_sizes[t] && batch_sizes[t] <= (t == 0 ? batch : sizes[t - 1]),
-                  "batch_sizes must be non-increasing in [0, ", batch, "], got ", batch_sizes);
-      sizes[t] = batch_sizes[t];
-    }
-  }
+  const std::vector<int64_t> sizes = running(batch_sizes, steps, batch);
   const Tensor xs = x.stride(2) == 1 ? x : x.contiguous();
   const Tensor h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   const auto options = x.options();
@@ -423,6 +409,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
       worker.hh = hh;
       worker.bias = b;
       worker.peephole = peep;
+      worker.cell = {kind,
+                     width,
+                     pointer<float>(peep),
+                     pointer<float>(ln_hh_w),
+                     pointer<float>(ln_hh_b),
+                     pointer<float>(ln_c_w),
+                     pointer<float>(ln_c_b)};
       const int64_t count = static_cast<int64_t>(worker.rows.size()), padded = b.size(0);
       worker.z.resize(count * padded);
       worker.extra.resize(layernorm ? count * padded : 0);
@@ -471,7 +464,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
           worker.xr[r] = x_p + t * sx0 + b * sx1;
           worker.hr[r] = t == 0 ? h0_p + b * proj : out_p + ((t - 1) * batch + b) * proj;
         }
-        const Operand input{worker.xr.data(), pointer(worker.ih), in};
+        const Operand input{worker.xr.data(), pointer<float>(worker.ih), in};
         const Operand recurrent{worker.hr.data(), worker.hh.const_data_ptr<float>(), proj};
         float* const hat = worker.hat.data();
         const int64_t ahead_at = worker.block > 0 ? t % worker.block : 0;
@@ -485,7 +478,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
                 worker.xb[q * count + r] = x_p + (t + q) * sx0 + worker.rows[r] * sx1;
               }
             }
-            const Operand inputs{worker.xb.data(), pointer(worker.ih), in};
+            const Operand inputs{worker.xb.data(), pointer<float>(worker.ih), in};
             product(&inputs, 1, span * count, columns, bias_p, worker.ab.data());
           }
           product(&recurrent, 1, n, columns, nullptr, z, true);
@@ -497,32 +490,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
         } else if (layernorm) {
           product(&input, 1, n, columns, nullptr, worker.er.data());
           for (int64_t r = 0; r < n; ++r) {
-            layer_norm_into(worker.zr[r], worker.er[r], hat, pointer(ln_ih_w), pointer(ln_ih_b),
-                            bias_p, gates);
+            layer_norm_into(worker.zr[r], worker.er[r], hat, pointer<float>(ln_ih_w),
+                            pointer<float>(ln_ih_b), bias_p, gates);
           }
           product(&recurrent, 1, n, columns, nullptr, worker.er.data());
           for (int64_t r = 0; r < n; ++r) {
-            layer_norm_into(worker.zr[r], worker.er[r], hat, pointer(ln_hh_w), pointer(ln_hh_b),
-                            nullptr, gates);
+            layer_norm_into(worker.zr[r], worker.er[r], hat, pointer<float>(ln_hh_w),
+                            pointer<float>(ln_hh_b), nullptr, gates);
           }
         } else {
           const Operand both[2] = {input, recurrent};
           product(both, 2, n, columns, bias_p, worker.zr.data());
         }
-        const Cell<float> cell{kind,
-                               width,
-                               pointer(worker.peephole),
-                               pointer(ln_hh_w),
-                               pointer(ln_hh_b),
-                               pointer(ln_c_w),
-                               pointer(ln_c_b)};
         for (int64_t r = 0; r < n; ++r) {
           const int64_t b = worker.rows[r];
           const float* c_prev =
               (t == 0 ? c0_p + b * hidden : cells_p + (slot(t - 1) * batch + b) * hidden) + j0;
           float* c_new = cells_p + (slot(t) * batch + b) * hidden + j0;
           float* h_out = out_p + (t * batch + b) * proj + j0;
-          gates_forward_row(cell, z[r], c_prev, c_new, projected ? worker.mw[r] : h_out, hat);
+          gates_forward_row(worker.cell, z[r], c_prev, c_new, projected ? worker.mw[r] : h_out,
+                            hat);
           if (zc != 0.0f) zone(c_new, c_prev, zc, width);
           if (keep) std::memcpy(gates_p + (t * batch + b) * gates, z[r], gates * sizeof(float));
         }

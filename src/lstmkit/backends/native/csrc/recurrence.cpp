@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "cell.h"
+#include "layer.h"
 #include "ops.h"
 #include "products.h"
 
@@ -86,20 +87,6 @@ constexpr int64_t kParallelValues = 16384;
 template <typename F>
 void over_rows(int64_t n, int64_t width, bool serial, const F& f) {
   at::parallel_for(0, n, serial ? n : std::max<int64_t>(1, kParallelValues / width), f);
-}
-
-// Running rows at each step: batch_sizes, or `batch` at every step when it is empty.
-std::vector<int64_t> running(at::IntArrayRef batch_sizes, int64_t steps, int64_t batch) {
-  if (batch_sizes.empty()) return std::vector<int64_t>(steps, batch);
-  TORCH_CHECK(static_cast<int64_t>(batch_sizes.size()) == steps, "batch_sizes has ",
-              batch_sizes.size(), " entries for ", steps, " steps");
-  int64_t previous = batch;
-  for (const int64_t n : batch_sizes) {
-    TORCH_CHECK(0 <= n && n <= previous, "batch_sizes must be non-increasing in [0, ", batch,
-                "], got ", batch_sizes);
-    previous = n;
-  }
-  return batch_sizes.vec();
 }
 
 // What both operators take besides the state: the weights, the cell's extra parameters and
@@ -189,11 +176,6 @@ Layer make_layer(const Tensor& xp, const Tensor& h0, const Tensor& c0, const Ten
   l.zone_h_p = zone_h.has_value() ? 0.0 : zone_h_p;
   l.zone_c_p = zone_c.has_value() ? 0.0 : zone_c_p;
   return l;
-}
-
-template <typename T>
-const T* pointer(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
 template <typename T>
