@@ -79,10 +79,15 @@ def test_saved_bytes_counts_each_saved_storage_once():
     assert counted.excluding_parameters == 96 + 48 + 96
 
 
-def test_time_interleaved_runs_round_robin_and_takes_medians():
+def _timed_calls(repeats: int):
+    """time_interleaved on three callables with a fake clock: (the calls made, the timings)."""
     now = [0.0]
     calls = []
-    durations = {"a": iter([9.0, 1.0, 5.0, 3.0, 2.0]), "b": iter([7.0, 2.0, 8.0, 4.0, 6.0])}
+    durations = {
+        "a": iter([9.0, 1.0, 5.0, 3.0, 2.0]),
+        "b": iter([7.0, 2.0, 8.0, 4.0, 6.0]),
+        "c": iter([1.0] * 5),
+    }
 
     def make(name):
         def run():
@@ -91,8 +96,18 @@ def test_time_interleaved_runs_round_robin_and_takes_medians():
 
         return run
 
-    timings = time_interleaved({"a": make("a"), "b": make("b")}, 4, 1, clock=lambda: now[0])
-    assert calls == ["a", "b"] * 5
+    runs = {name: make(name) for name in "abc"}
+    return calls, time_interleaved(runs, repeats, 1, clock=lambda: now[0])
+
+
+def test_time_interleaved_shuffles_each_round_and_takes_medians():
+    calls, timings = _timed_calls(4)
+    rounds = ["".join(calls[i : i + 3]) for i in range(0, 15, 3)]
+    assert rounds[0] == "abc"  # the warm-up, in order
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)  # each once per round
+    # no callable always follows the same one; the orders are the same in every run
+    assert len({calls[i - 1] for i in range(3, 15) if calls[i] == "a"}) > 1
+    assert _timed_calls(4)[0] == calls
     assert timings["a"].runs_s == (1.0, 5.0, 3.0, 2.0)  # the warm-up's 9.0 is not timed
     assert timings["b"].runs_s == (2.0, 8.0, 4.0, 6.0)
     assert timings["a"].median_s == statistics.median([1.0, 5.0, 3.0, 2.0])
