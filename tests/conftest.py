@@ -13,6 +13,16 @@ import lstmkit
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
+@pytest.fixture(params=[1, 2, 3], ids=["1 thread", "2 threads", "3 threads"])
+def threads(request):
+    """torch's intra-op thread count set for the test (1, 2, then 3: more threads than this
+    machine's cores, and workers with uneven shares), restored after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
 def twin_models(dtype: torch.dtype = torch.float64, **config) -> tuple[lstmkit.LSTM, nn.LSTM]:
     """An lstmkit.LSTM and a torch.nn.LSTM holding the same weights."""
     ours = lstmkit.LSTM(**config, dtype=dtype)

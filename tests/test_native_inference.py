@@ -1,6 +1,6 @@
 """The native backend's float32 inference operator (lstmkit::inference) against the reference
 backend in float64 and torch.nn.LSTM: every cell, projection, lengths, given state, zoneout's
-evaluation form, both ways of sharing the work between threads (forced in turn), 1 and 2
+evaluation form, both ways of sharing the work between threads (forced in turn), 1 to 3
 threads, batches smaller and larger than the thread count."""
 
 from __future__ import annotations
@@ -35,14 +35,6 @@ def assert_close_to_reference(ours, reference, x, hx=None, lengths=None):
     for a, b in zip((got[0], *got[1]), (want[0], *want[1]), strict=True):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a.double(), b, atol=tolerance, rtol=0)
-
-
-@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
 
 
 @needs_native

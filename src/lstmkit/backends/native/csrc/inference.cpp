@@ -12,6 +12,10 @@
 //   then the cell's pass over the gates (cell.h), the projection m W_hr^T where there is one,
 //   and zoneout's expectation h_t = p h_{t-1} + (1 - p) h', c_t likewise.
 //
+// Training of the same cells without masks uses the same row split both ways: forward_kept runs
+// this forward from the input half and keeps every step's gates and c_t, and backward_kept
+// walks each worker's rows back in time, dL/dh_{t-1} = dz_t W_hh on the same kernel.
+//
 // The products run on a small register-blocked kernel: the weights are packed at every call
 // (never kept: a parameter may change between calls without any sign a cache could trust) into
 // panels of kPanel columns, K x kPanel floats each, and a tile of up to kMaxRows rows of one
@@ -550,6 +554,82 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
   return {output, h_n, c_n, kept_gates, cells};
 }
 
+// The training backward that goes with run(..., keep): rows shared between threads as in the
+// forward, each worker walking its rows back in time on its own products, dL/dh_{t-1} = dz_t
+// W_hh (and dL/dm = dL/dh' W_hr under a projection) into padded rows of its own.
+void backward_rows(const Tensor& dout, Tensor& dh, Tensor& dc, const Tensor& c0, const Tensor& w_hh,
+                   const Tensor& w_hr, const Tensor& peephole, Kind kind, const Tensor& gates,
+                   const Tensor& cells, const std::vector<int64_t>& sizes, Tensor& dz,
+                   Tensor& dh_seq, Tensor& m_seq) {
+  const int64_t steps = gates.size(0), batch = gates.size(1), rows = gates.size(2);
+  const int64_t hidden = cells.size(2), proj = dh.size(1);
+  const bool projected = w_hr.defined();
+  const Tensor packed_hh = pack(w_hh.t());                         // dz W_hh
+  const Tensor packed_hr = projected ? pack(w_hr.t()) : Tensor();  // dL/dh' W_hr
+  const int64_t p_panels = panels(proj), h_panels = panels(hidden);
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), batch);
+  const Cell<float> cell{kind,    hidden, pointer<float>(peephole), nullptr, nullptr,
+                         nullptr, nullptr};
+  const float* const dout_p = pointer<float>(dout);
+  const float* const gates_p = gates.const_data_ptr<float>();
+  const float* const cells_p = cells.const_data_ptr<float>();
+  const float* const c0_p = c0.const_data_ptr<float>();
+  float* const dh_p = dh.data_ptr<float>();
+  float* const dc_p = dc.data_ptr<float>();
+  float* const dz_p = dz.data_ptr<float>();
+  float* const dh_seq_p = projected ? dh_seq.data_ptr<float>() : nullptr;
+  float* const m_seq_p = projected ? m_seq.data_ptr<float>() : nullptr;
+
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      std::vector<int64_t> mine;  // rows w, w + workers, ...: increasing
+      for (int64_t b = w; b < batch; b += workers) mine.push_back(b);
+      const int64_t count = static_cast<int64_t>(mine.size());
+      // dL/dh of each row (P, padded to whole panels), and dL/dm under a projection
+      std::vector<float> d_h(count * p_panels * kPanel), d_m(count * h_panels * kPanel);
+      std::vector<float> work(hidden);
+      std::vector<float*> dh_rows(count), dm_rows(count);
+      std::vector<const float*> dh_read(count), dz_read(count);
+      for (int64_t r = 0; r < count; ++r) {
+        dh_rows[r] = d_h.data() + r * p_panels * kPanel;
+        dm_rows[r] = d_m.data() + r * h_panels * kPanel;
+        dh_read[r] = dh_rows[r];
+        std::memcpy(dh_rows[r], dh_p + mine[r] * proj, proj * sizeof(float));
+      }
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        int64_t n = 0;  // running rows: a prefix of this worker's
+        while (n < count && mine[n] < sizes[t]) ++n;
+        if (n == 0) continue;
+        for (int64_t r = 0; r < n; ++r) {
+          const int64_t at_t = t * batch + mine[r];
+          if (dout_p != nullptr) {
+            for (int64_t j = 0; j < proj; ++j) dh_rows[r][j] += dout_p[at_t * proj + j];
+          }
+          if (projected) std::memcpy(dh_seq_p + at_t * proj, dh_rows[r], proj * sizeof(float));
+        }
+        if (projected) {
+          const Operand projection{dh_read.data(), packed_hr.const_data_ptr<float>(), proj};
+          product(&projection, 1, n, h_panels, nullptr, dm_rows.data());
+        }
+        for (int64_t r = 0; r < n; ++r) {
+          const int64_t b = mine[r], at_t = t * batch + b;
+          const float* c_prev = t == 0 ? c0_p + b * hidden : cells_p + (at_t - batch) * hidden;
+          gates_backward_row<float>(
+              cell, gates_p + at_t * rows, c_prev, cells_p + at_t * hidden, nullptr, 1.0f,
+              projected ? dm_rows[r] : dh_rows[r], dc_p + b * hidden, dz_p + at_t * rows,
+              projected ? m_seq_p + at_t * hidden : nullptr, nullptr, nullptr, work.data());
+          dz_read[r] = dz_p + at_t * rows;
+        }
+        const Operand recurrent{dz_read.data(), packed_hh.const_data_ptr<float>(), rows};
+        product(&recurrent, 1, n, p_panels, nullptr, dh_rows.data());
+      }
+      for (int64_t r = 0; r < count; ++r) {
+        std::memcpy(dh_p + mine[r] * proj, dh_rows[r], proj * sizeof(float));
+      }
+    }
+  });
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> inference(
@@ -611,6 +691,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_kept(
   const std::optional<Tensor> none;
   return run(xp, true, h0, c0, none, w_hh, none, none, w_hr, peephole, none, none, none, none, none,
              none, parse_kind(kind), 0.0, 0.0, batch_sizes, true);
+}
+
+void backward_kept(const std::optional<Tensor>& grad_output, Tensor& dh, Tensor& dc,
+                   const Tensor& c0, const Tensor& w_hh, const std::optional<Tensor>& w_hr,
+                   const std::optional<Tensor>& peephole, std::string_view kind,
+                   const Tensor& gates, const Tensor& cells, at::IntArrayRef batch_sizes,
+                   Tensor& dz, Tensor& dh_seq, Tensor& m_seq) {
+  const int64_t steps = gates.size(0), batch = gates.size(1);
+  backward_rows(grad_output.has_value() ? grad_output->contiguous() : Tensor(), dh, dc,
+                c0.contiguous(), w_hh, w_hr.has_value() ? *w_hr : Tensor(), contiguous(peephole),
+                parse_kind(kind), gates.contiguous(), cells.contiguous(),
+                running(batch_sizes, steps, batch), dz, dh_seq, m_seq);
 }
 
 }  // namespace lstmkit

@@ -24,7 +24,9 @@
 // Backward walks t down with dh, dc, the gradients reaching h_t and c_t: one pass over the
 // gates gives dz and dL/dc_{t-1}, then dL/dh_{t-1} = (dz W_hh) r (layernorm: LN_hh's
 // backward of dz first) plus the zoneout share. dz is the gradient of xp; after the loop
-// every weight gradient is one product or reduction over all steps.
+// every weight gradient is one product or reduction over all steps. In float32, for the cells
+// without layer norm and without masks, both loops run on inference.cpp's row-split kernel
+// instead (forward_kept, backward_kept); the weight gradients stay here.
 
 #include <ATen/Parallel.h>
 
@@ -178,6 +180,13 @@ Layer make_layer(const Tensor& xp, const Tensor& h0, const Tensor& c0, const Ten
   return l;
 }
 
+// Whether training runs on the rows kernels (forward_kept, backward_kept): float32, a cell
+// without layer norm, and no regulariser's mask or probability.
+bool by_rows(const Layer& l, at::ScalarType dtype) {
+  return dtype == at::kFloat && l.kind != Kind::kLayerNorm && !l.recurrent.defined() &&
+         !l.zone_h.defined() && !l.zone_c.defined() && l.zone_h_p == 0.0 && l.zone_c_p == 0.0;
+}
+
 template <typename T>
 Cell<T> cell_of(const Layer& l) {
   return {l.kind,
@@ -224,8 +233,7 @@ Forward recurrence(const Tensor& xp_in, const Tensor& h0_in, const Tensor& c0_in
   const int64_t steps = l.steps, batch = l.batch, hidden = l.hidden, proj = l.proj;
   const int64_t rows = l.blocks * hidden;
   const bool layernorm = l.kind == Kind::kLayerNorm, projected = l.w_hr.defined();
-  if (training && xp.scalar_type() == at::kFloat && !layernorm && !l.recurrent.defined() &&
-      !l.zone_h.defined() && !l.zone_c.defined() && l.zone_h_p == 0.0 && l.zone_c_p == 0.0) {
+  if (training && by_rows(l, xp.scalar_type())) {
     auto [output, h_n, c_n, gates, cells] =
         forward_kept(xp, h0, c0, l.w_hh, w_hr, peephole, std::string_view(kind.data(), kind.size()),
                      batch_sizes);
@@ -409,94 +417,100 @@ Backward recurrence_backward(
   // With a projection: every step's dL/dh' and m, for dW_hr after the loop.
   Tensor dh_seq = projected ? buffer({steps, batch, proj}, ragged, options) : Tensor();
   Tensor m_seq = projected ? buffer({steps, batch, hidden}, ragged, options) : Tensor();
-  Tensor dm = at::empty({batch, hidden}, options);
-  Tensor keep_h = at::empty({batch, proj}, options);
-  Tensor keep_c = at::empty({batch, hidden}, options);
-  Tensor work = at::empty({hidden}, options);
-  const Product recurrent_product = product(l.w_hh, batch, steps);  // dz W_hh
-  const std::optional<Product> projection =
-      projected ? std::optional<Product>(product(l.w_hr, batch, steps)) : std::nullopt;
   Tensor dgain_c = layernorm ? at::zeros({hidden}, options) : at::empty({0}, options);
   Tensor dshift_c = layernorm ? at::zeros({hidden}, options) : at::empty({0}, options);
 
-  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstmkit::recurrence_backward", [&] {
-    using T = scalar_t;
-    const Cell<T> cell = cell_of<T>(l);
-    const Zone<T> zh = zone_of<T>(l.zone_h, l.zone_h_p, proj);
-    const Zone<T> zc = zone_of<T>(l.zone_c, l.zone_c_p, hidden);
-    T* const dh_p = dh.data_ptr<T>();
-    T* const dc_p = dc.data_ptr<T>();
-    T* const dm_p = dm.data_ptr<T>();
-    T* const dz_p = dz.data_ptr<T>();
-    T* const drec_p = drec.data_ptr<T>();
-    T* const keep_h_p = keep_h.data_ptr<T>();
-    T* const keep_c_p = keep_c.data_ptr<T>();
-    const T* const dout_p = pointer<T>(dout);
-    const T* const gates_p = gates.const_data_ptr<T>();
-    const T* const cells_p = cells.const_data_ptr<T>();
-    const T* const new_p = cells_new.const_data_ptr<T>();
-    const T* const c0_p = c0.const_data_ptr<T>();
-    const T* const r_p = pointer<T>(l.recurrent);
-    for (int64_t t = steps - 1; t >= 0; --t) {
-      const int64_t n = sizes[t];
-      if (n == 0) continue;
-      if (dout_p != nullptr) {  // dh: everything that reaches h_t, (n, P)
-        const T* d = dout_p + t * batch * proj;
-        for (int64_t e = 0; e < n * proj; ++e) dh_p[e] += d[e];
-      }
-      if (zh.on()) zh.split(dh_p, keep_h_p, t, batch, n);  // dh becomes dL/dh'
-      if (zc.on()) zc.split(dc_p, keep_c_p, t, batch, n);  // dc becomes dL/dc' (so far)
-      Tensor dh_rows = rows_of(dh_p, n, proj, options);
-      const T* dm_t = dh_p;
-      T* m_t = nullptr;
-      if (projected) {
-        std::memcpy(dh_seq.data_ptr<T>() + t * batch * proj, dh_p, n * proj * sizeof(T));
-        Tensor dm_rows = rows_of(dm_p, n, hidden, options);
-        (*projection)(dm_rows, dh_rows);  // (n, H)
-        dm_t = dm_p;
-        m_t = m_seq.data_ptr<T>() + t * batch * hidden;
-      }
-      const T* c_prev = t == 0 ? c0_p : cells_p + (t - 1) * batch * hidden;
-      const T* const chat_p = layernorm ? chat.const_data_ptr<T>() : nullptr;
-      const T* const rstd_p = layernorm ? rstd.const_data_ptr<T>() : nullptr;
-      T* const dgain_p = layernorm ? dgain_c.data_ptr<T>() : nullptr;
-      T* const dshift_p = layernorm ? dshift_c.data_ptr<T>() : nullptr;
-      // layernorm's rows add to one gain and shift gradient, and share `work`: one thread
-      over_rows(n, rows, layernorm, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          const int64_t row = (t * batch + b) * hidden;
-          gates_backward_row(cell, gates_p + (t * batch + b) * rows, c_prev + b * hidden,
-                             new_p + row, layernorm ? chat_p + row : nullptr,
-                             layernorm ? rstd_p[(t * batch + b) * 2 + 1] : T(1), dm_t + b * hidden,
-                             dc_p + b * hidden, dz_p + (t * batch + b) * rows,
-                             m_t == nullptr ? nullptr : m_t + b * hidden, dgain_p, dshift_p,
-                             work.data_ptr<T>());
+  if (by_rows(l, gates.scalar_type())) {  // the forward ran forward_kept
+    backward_kept(grad_output, dh, dc, c0, l.w_hh, w_hr, peephole,
+                  std::string_view(kind.data(), kind.size()), gates, cells, batch_sizes, dz, dh_seq,
+                  m_seq);
+  } else {
+    Tensor dm = at::empty({batch, hidden}, options);
+    Tensor keep_h = at::empty({batch, proj}, options);
+    Tensor keep_c = at::empty({batch, hidden}, options);
+    Tensor work = at::empty({hidden}, options);
+    const Product recurrent_product = product(l.w_hh, batch, steps);  // dz W_hh
+    const std::optional<Product> projection =
+        projected ? std::optional<Product>(product(l.w_hr, batch, steps)) : std::nullopt;
+    AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstmkit::recurrence_backward", [&] {
+      using T = scalar_t;
+      const Cell<T> cell = cell_of<T>(l);
+      const Zone<T> zh = zone_of<T>(l.zone_h, l.zone_h_p, proj);
+      const Zone<T> zc = zone_of<T>(l.zone_c, l.zone_c_p, hidden);
+      T* const dh_p = dh.data_ptr<T>();
+      T* const dc_p = dc.data_ptr<T>();
+      T* const dm_p = dm.data_ptr<T>();
+      T* const dz_p = dz.data_ptr<T>();
+      T* const drec_p = drec.data_ptr<T>();
+      T* const keep_h_p = keep_h.data_ptr<T>();
+      T* const keep_c_p = keep_c.data_ptr<T>();
+      const T* const dout_p = pointer<T>(dout);
+      const T* const gates_p = gates.const_data_ptr<T>();
+      const T* const cells_p = cells.const_data_ptr<T>();
+      const T* const new_p = cells_new.const_data_ptr<T>();
+      const T* const c0_p = c0.const_data_ptr<T>();
+      const T* const r_p = pointer<T>(l.recurrent);
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        const int64_t n = sizes[t];
+        if (n == 0) continue;
+        if (dout_p != nullptr) {  // dh: everything that reaches h_t, (n, P)
+          const T* d = dout_p + t * batch * proj;
+          for (int64_t e = 0; e < n * proj; ++e) dh_p[e] += d[e];
         }
-      });
-      if (zc.on()) {
-        for (int64_t e = 0; e < n * hidden; ++e) dc_p[e] += keep_c_p[e];
-      }
-      T* dr = drec_p + t * batch * rows;
-      if (layernorm) {  // drec = LN_hh's backward of dz (gain g_hh)
-        const T* dzt = dz_p + t * batch * rows;
-        const T* hh = hhat.const_data_ptr<T>() + t * batch * rows;
-        const T* sd = rstd.const_data_ptr<T>() + t * batch * 2;
-        for (int64_t b = 0; b < n; ++b) {
-          for (int64_t j = 0; j < rows; ++j) {
-            dr[b * rows + j] = dzt[b * rows + j] * cell.ln_hh_weight[j];
+        if (zh.on()) zh.split(dh_p, keep_h_p, t, batch, n);  // dh becomes dL/dh'
+        if (zc.on()) zc.split(dc_p, keep_c_p, t, batch, n);  // dc becomes dL/dc' (so far)
+        Tensor dh_rows = rows_of(dh_p, n, proj, options);
+        const T* dm_t = dh_p;
+        T* m_t = nullptr;
+        if (projected) {
+          std::memcpy(dh_seq.data_ptr<T>() + t * batch * proj, dh_p, n * proj * sizeof(T));
+          Tensor dm_rows = rows_of(dm_p, n, hidden, options);
+          (*projection)(dm_rows, dh_rows);  // (n, H)
+          dm_t = dm_p;
+          m_t = m_seq.data_ptr<T>() + t * batch * hidden;
+        }
+        const T* c_prev = t == 0 ? c0_p : cells_p + (t - 1) * batch * hidden;
+        const T* const chat_p = layernorm ? chat.const_data_ptr<T>() : nullptr;
+        const T* const rstd_p = layernorm ? rstd.const_data_ptr<T>() : nullptr;
+        T* const dgain_p = layernorm ? dgain_c.data_ptr<T>() : nullptr;
+        T* const dshift_p = layernorm ? dshift_c.data_ptr<T>() : nullptr;
+        // layernorm's rows add to one gain and shift gradient, and share `work`: one thread
+        over_rows(n, rows, layernorm, [&](int64_t begin, int64_t end) {
+          for (int64_t b = begin; b < end; ++b) {
+            const int64_t row = (t * batch + b) * hidden;
+            gates_backward_row(cell, gates_p + (t * batch + b) * rows, c_prev + b * hidden,
+                               new_p + row, layernorm ? chat_p + row : nullptr,
+                               layernorm ? rstd_p[(t * batch + b) * 2 + 1] : T(1),
+                               dm_t + b * hidden, dc_p + b * hidden, dz_p + (t * batch + b) * rows,
+                               m_t == nullptr ? nullptr : m_t + b * hidden, dgain_p, dshift_p,
+                               work.data_ptr<T>());
           }
-          normalise_backward(dr + b * rows, hh + b * rows, sd[2 * b], rows);
+        });
+        if (zc.on()) {
+          for (int64_t e = 0; e < n * hidden; ++e) dc_p[e] += keep_c_p[e];
+        }
+        T* dr = drec_p + t * batch * rows;
+        if (layernorm) {  // drec = LN_hh's backward of dz (gain g_hh)
+          const T* dzt = dz_p + t * batch * rows;
+          const T* hh = hhat.const_data_ptr<T>() + t * batch * rows;
+          const T* sd = rstd.const_data_ptr<T>() + t * batch * 2;
+          for (int64_t b = 0; b < n; ++b) {
+            for (int64_t j = 0; j < rows; ++j) {
+              dr[b * rows + j] = dzt[b * rows + j] * cell.ln_hh_weight[j];
+            }
+            normalise_backward(dr + b * rows, hh + b * rows, sd[2 * b], rows);
+          }
+        }
+        recurrent_product(dh_rows, rows_of(dr, n, rows, options));  // dL/da, (n, P)
+        if (r_p != nullptr) {
+          for (int64_t e = 0; e < n * proj; ++e) dh_p[e] *= r_p[e];
+        }
+        if (zh.on()) {
+          for (int64_t e = 0; e < n * proj; ++e) dh_p[e] += keep_h_p[e];
         }
       }
-      recurrent_product(dh_rows, rows_of(dr, n, rows, options));  // dL/da, (n, P)
-      if (r_p != nullptr) {
-        for (int64_t e = 0; e < n * proj; ++e) dh_p[e] *= r_p[e];
-      }
-      if (zh.on()) {
-        for (int64_t e = 0; e < n * proj; ++e) dh_p[e] += keep_h_p[e];
-      }
-    }
-  });
+    });
+  }
 
   // a_{t-1} = h_{t-1} r of step t is (h0 at t = 0, output[t - 1] after) times r.
   const Tensor flat = drec.view({steps * batch, rows});

@@ -1,0 +1,93 @@
+"""The native backend's float32 training path on rows (the forward kept by the inference
+kernel, the backward by backward_kept: each thread walks its rows of the batch back in time on
+its own products) against the reference backend's autograd in float64: every cell it runs,
+projection, lengths, a given state, gradients of every output, 1 to 3 threads, batches smaller
+and larger than the thread count and around the kernel's tiles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_native import needs_native
+
+import lstmkit
+
+# float32 sums over T steps and 4H products against float64; H <= 40, T <= 11
+GRADIENT_TOLERANCE = 2e-5
+
+
+def gradients(model, x, hx, lengths, weights):
+    """Gradients of sum(weights * outputs) with respect to x, hx and every parameter."""
+    x = x.clone().requires_grad_()
+    hx = tuple(s.clone().requires_grad_() for s in hx)
+    output, (h_n, c_n) = model(x, hx, lengths=lengths)
+    loss = sum((w * o).sum() for w, o in zip(weights, (output, h_n, c_n), strict=True))
+    inputs = [x, *hx, *model.parameters()]
+    return torch.autograd.grad(loss, inputs)
+
+
+def assert_gradients_close(cell, batch, hidden=40, proj_size=0, lengths=None, layers=2):
+    torch.manual_seed(batch + hidden)
+    ours = lstmkit.LSTM(5, hidden, layers, cell=cell, backend="native", proj_size=proj_size,
+                        bidirectional=True)  # fmt: skip
+    reference = lstmkit.LSTM(5, hidden, layers, cell=cell, backend="reference",
+                             proj_size=proj_size, bidirectional=True,
+                             dtype=torch.float64)  # fmt: skip
+    reference.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    steps = 11
+    x = torch.randn(steps, batch, 5)
+    h_size = proj_size or hidden
+    hx = (torch.randn(2 * layers, batch, h_size), torch.randn(2 * layers, batch, hidden))
+    output_size = 2 * h_size
+    weights = (
+        torch.randn(steps, batch, output_size),
+        torch.randn(2 * layers, batch, h_size),
+        torch.randn(2 * layers, batch, hidden),
+    )
+    got = gradients(ours, x, hx, lengths, weights)
+    want = gradients(
+        reference, x.double(), tuple(s.double() for s in hx), lengths,
+        tuple(w.double() for w in weights),
+    )  # fmt: skip
+    for name, a, b in zip(["x", "h0", "c0", *dict(ours.named_parameters())], got, want,
+                          strict=True):  # fmt: skip
+        assert a.dtype == torch.float32, name
+        torch.testing.assert_close(a.double(), b, atol=GRADIENT_TOLERANCE, rtol=1e-5, msg=name)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 2, 7, 13])
+@pytest.mark.parametrize("cell", ["lstm", "peephole", "cifg"])
+def test_every_cell_equals_reference(threads, cell, batch):
+    """Two stacked bidirectional layers with a given state; with lengths, finished rows keep
+    their gradients until the step where they ended (a thread's running rows are a prefix of
+    its rows)."""
+    assert_gradients_close(cell, batch)
+    lengths = torch.randint(1, 12, (batch,))
+    lengths[0] = 11
+    assert_gradients_close(cell, batch, lengths=lengths)
+
+
+@needs_native
+@pytest.mark.parametrize("cell", ["lstm", "peephole", "cifg"])
+def test_projection(threads, cell):
+    """dL/dm = dL/dh' W_hr on the rows kernel, and m again for dW_hr."""
+    assert_gradients_close(cell, 5, hidden=33, proj_size=7)
+    assert_gradients_close(cell, 5, hidden=33, proj_size=7, lengths=[11, 1, 3, 11, 2])
+
+
+@needs_native
+@pytest.mark.parametrize("hidden", [8, 16, 31, 64])
+@pytest.mark.parametrize("batch", [1, 2, 7, 13])
+def test_sizes_around_the_tiles_equal_nn_lstm(threads, batch, hidden):
+    """Against torch.nn.LSTM's own float32 gradients: batch sizes that fill one, two and
+    several row tiles, hidden sizes below, at and past a vector and a panel."""
+    torch.manual_seed(hidden)
+    oracle = torch.nn.LSTM(hidden + 3, hidden, num_layers=2, batch_first=True)
+    ours = lstmkit.LSTM.from_torch(oracle)
+    x = torch.randn(batch, 11, hidden + 3)
+    weights = torch.randn(batch, 11, hidden)
+    got = torch.autograd.grad((ours(x)[0] * weights).sum(), list(ours.parameters()))
+    want = torch.autograd.grad((oracle(x)[0] * weights).sum(), list(oracle.parameters()))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
