@@ -12,6 +12,10 @@
 //   then the cell's pass over the gates (cell.h), the projection m W_hr^T where there is one,
 //   and zoneout's expectation h_t = p h_{t-1} + (1 - p) h', c_t likewise.
 //
+// Or, for small batches and for weights much larger than a core's cache (choose_split), each
+// worker owns hidden units: every row, its share of the units and of the weights' rows, and
+// waits once per step for the others' h_{t-1} (one progress flag per worker).
+//
 // Training of the same cells without masks uses the same row split both ways: forward_kept runs
 // this forward from the input half and keeps every step's gates and c_t, and backward_kept
 // walks each worker's rows back in time, dL/dh_{t-1} = dz_t W_hh on the same kernel.
@@ -22,6 +26,7 @@
 // panel (or, for one or two rows, of several panels) accumulates in vector registers over K.
 
 #include <ATen/Parallel.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -271,17 +276,37 @@ constexpr int64_t kMinUnits = 16;        // hidden units per worker, at least, w
 constexpr int64_t kRowsPerThread = 4;    // rows per thread, at least, when split by rows
 constexpr int64_t kAheadValues = 65536;  // of a worker's input half computed ahead (256 KB)
 
-// Rows where there are enough to give each thread several; else, for the cells whose gates of a
-// unit need nothing but that unit's values (no layer norm over the row, no projection of the
-// whole of it), units. LSTMKIT_NATIVE_SPLIT=rows or =units forces one where it can run (tests).
-Split choose_split(Kind kind, bool projected, int64_t batch, int64_t hidden, int64_t threads) {
+// A core's level-2 cache in bytes, as the C library reports it (512 KB where it does not).
+int64_t level2_bytes() {
+  static const int64_t bytes = [] {
+    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return reported > 0 ? static_cast<int64_t>(reported) : int64_t{512} << 10;
+  }();
+  return bytes;
+}
+
+// Weights larger than this many level-2 caches are split by units where units can run.
+constexpr int64_t kUnitsWeightsL2 = 4;
+
+// For the cells whose gates of a unit need nothing but that unit's values (no layer norm over
+// the row, no projection of the whole of it), units when the batch is too small to give each
+// thread several rows, or when the weights (`weight_bytes`, W_ih and W_hh) are many times a
+// core's level-2 cache: split by rows, every thread streams all of them from the shared cache
+// at every step; split by units, half as much each at two threads, for one wait per step
+// (measured on a Zen 3, 512 KB L2, 2 threads: H = 384 to 1024 and B = 16 to 256 by units
+// 0.85-1.0x the time by rows, at L 0.82-0.84x; H = 256, 2 MB, the same either way). Else rows.
+// LSTMKIT_NATIVE_SPLIT=rows or =units forces one where it can run (tests).
+Split choose_split(Kind kind, bool projected, int64_t batch, int64_t hidden, int64_t weight_bytes,
+                   int64_t threads) {
   const bool units_run =
       kind != Kind::kLayerNorm && !projected && threads > 1 && hidden >= 2 * kMinUnits;
   if (const char* forced = std::getenv("LSTMKIT_NATIVE_SPLIT")) {
     if (std::string_view(forced) == "units" && units_run) return Split::kUnits;
     if (std::string_view(forced) == "rows") return Split::kRows;
   }
-  return units_run && batch < kRowsPerThread * threads ? Split::kUnits : Split::kRows;
+  const bool few_rows = batch < kRowsPerThread * threads;
+  const bool large_weights = weight_bytes > kUnitsWeightsL2 * level2_bytes();
+  return units_run && (few_rows || large_weights) ? Split::kUnits : Split::kRows;
 }
 
 // The steps one worker has finished, on a cache line of its own; the others wait for it.
@@ -371,7 +396,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
   // Who computes what: every worker the rows of its share of the batch with all the weights,
   // or (split by units) every row with its share of the hidden units and of the weights' rows.
   const int64_t threads = at::get_num_threads();
-  const Split split = keep ? Split::kRows : choose_split(kind, projected, batch, hidden, threads);
+  const int64_t weight_bytes = gates * (in + proj) * static_cast<int64_t>(sizeof(float));
+  const Split split =
+      keep ? Split::kRows : choose_split(kind, projected, batch, hidden, weight_bytes, threads);
   const int64_t workers =
       split == Split::kUnits ? std::min(threads, hidden / kMinUnits) : std::min(threads, batch);
   const int64_t share = (hidden + workers - 1) / workers;  // units per worker (split by units)
