@@ -402,8 +402,15 @@ class LSTM(nn.Module):
         """The parameters of one layer-direction by name without suffix, ``None`` where
         absent."""
         suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-        kinds = (*cells.NN_PARAMETERS, *self.cell.extra)
-        return {kind: getattr(self, kind + suffix, None) for kind in kinds}
+        # registered parameters straight from the registry; anything else (a parametrization's
+        # property, a plain tensor attribute, or nothing) as attribute lookup finds it.
+        # Module.__getattr__ alone costs ~1 us a name, and raises for every absent one.
+        registered = self._parameters
+        return {
+            kind: registered[name] if name in registered else getattr(self, name, None)
+            for kind in (*cells.NN_PARAMETERS, *self.cell.extra)
+            for name in (kind + suffix,)
+        }
 
     def forward(
         self,
