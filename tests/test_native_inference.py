@@ -38,20 +38,42 @@ def assert_close_to_reference(ours, reference, x, hx=None, lengths=None):
 
 
 @needs_native
+@pytest.mark.parametrize("steps", [9, 1])
 @pytest.mark.parametrize("split", ["rows", "units"])
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("cell", CELLS)
-def test_every_cell_equals_reference(monkeypatch, threads, cell, batch, split):
+def test_every_cell_equals_reference(monkeypatch, threads, cell, batch, split, steps):
     """Two stacked bidirectional layers, lengths, a given state and zoneout; H = 40 has a
-    partial panel and, split by units, a partial vector."""
+    partial panel and, split by units, a partial vector. One step runs on the weights as they
+    lie (plain products), in one thread at this size."""
     monkeypatch.setenv("LSTMKIT_NATIVE_SPLIT", split)
     torch.manual_seed(batch)
     ours, reference = twins(cell, num_layers=2, bidirectional=True, zoneout=(0.2, 0.1))
-    x = torch.randn(9, batch, 5)
-    lengths = torch.randint(1, 10, (batch,))
+    x = torch.randn(steps, batch, 5)
+    lengths = torch.randint(1, steps + 1, (batch,))
     hx = (torch.randn(4, batch, 40), torch.randn(4, batch, 40))
     assert_close_to_reference(ours, reference, x, hx, lengths)
     assert_close_to_reference(ours, reference, x)
+
+
+@needs_native
+@pytest.mark.parametrize("split", ["rows", "units"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_one_step_on_large_weights(monkeypatch, cell, split):
+    """One step of weights of several MB (H = 384, 2.4 and 4.7 MB a layer) at 2 threads: plain
+    products split by units (or rows, forced), as step() runs a large model; sizes not a
+    multiple of the 8 columns a plain product takes at once (H = 381) included."""
+    monkeypatch.setenv("LSTMKIT_NATIVE_SPLIT", split)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for hidden in (384, 381):
+            torch.manual_seed(hidden)
+            ours, reference = twins(cell, hidden=hidden, num_layers=2)
+            hx = (torch.randn(2, 3, hidden), torch.randn(2, 3, hidden))
+            assert_close_to_reference(ours, reference, torch.randn(1, 3, 5), hx)
+    finally:
+        torch.set_num_threads(previous)
 
 
 @needs_native
@@ -65,6 +87,7 @@ def test_projection_and_no_bias(monkeypatch, threads, cell, split):
     ours, reference = twins(cell, hidden=33, num_layers=2, proj_size=7, bias=False)
     assert_close_to_reference(ours, reference, torch.randn(6, 5, 5))
     assert_close_to_reference(ours, reference, torch.randn(6, 5, 5), lengths=[6, 1, 3, 6, 2])
+    assert_close_to_reference(ours, reference, torch.randn(1, 5, 5))  # plain products
 
 
 @needs_native

@@ -213,8 +213,7 @@ def run(
     )
     training = needs_backward((x, h, c, *params.values()))
     drawn = (masks.recurrent, zone_h, zone_c)  # training masks
-    # one step (streaming) does not repay packing the weights: the recurrence's own products
-    if not training and x.dtype == torch.float32 and all(m is None for m in drawn) and len(x) > 1:
+    if not training and x.dtype == torch.float32 and all(m is None for m in drawn):
         return torch.ops.lstmkit.inference(
             x, h, c, *(params.get(name) for name in INFERENCE_NAMES), cell.kind, zone_h_p,
             zone_c_p, batch_sizes or [],

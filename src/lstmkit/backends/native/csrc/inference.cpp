@@ -24,6 +24,8 @@
 // (never kept: a parameter may change between calls without any sign a cache could trust) into
 // panels of kPanel columns, K x kPanel floats each, and a tile of up to kMaxRows rows of one
 // panel (or, for one or two rows, of several panels) accumulates in vector registers over K.
+// A call of one step (streaming: LSTM.step) reads the weights where they lie instead, as dot
+// products, in one thread unless the weights outgrow a core's cache (see Weight, run).
 
 #include <ATen/Parallel.h>
 #include <unistd.h>
@@ -152,12 +154,96 @@ Tensor pack(const Tensor& weight) {
   return packed;
 }
 
-// One operand of a product: rows of A by row pointers (each k floats) and a packed weight.
+// A weight as the products read it: packed, or (`plain`) its rows where they lie, one pointer
+// per output column (k floats each). A call of one step takes the weights plain: packing them
+// would cost more than the one product each serves (4 ms at H = 512).
+struct Weight {
+  Tensor packed, source;            // source: what `plain` points into, held alive
+  std::vector<const float*> plain;  // empty when packed
+};
+
+// Rows [g block + j0, g block + j0 + width) of every block of `block` rows of t, the blocks in
+// order (a worker's units in each gate's block): t itself where width == block.
+Tensor unit_rows(const Tensor& t, int64_t block, int64_t j0, int64_t width) {
+  if (width == block) return t;
+  std::vector<Tensor> parts;
+  for (int64_t g = 0; g < t.size(0) / block; ++g)
+    parts.push_back(t.narrow(0, g * block + j0, width));
+  return at::cat(parts);
+}
+
+// unit_rows of a weight (n, k), packed, or plain.
+Weight prepare(const Tensor& weight, int64_t block, int64_t j0, int64_t width, bool plain) {
+  const Tensor w = weight.contiguous();
+  if (!plain) return {pack(unit_rows(w, block, j0, width)), Tensor(), {}};
+  Weight out{Tensor(), w, {}};
+  const float* const data = w.const_data_ptr<float>();
+  const int64_t k = w.size(1);
+  for (int64_t g = 0; g < w.size(0) / block; ++g) {
+    for (int64_t j = 0; j < width; ++j) out.plain.push_back(data + (g * block + j0 + j) * k);
+  }
+  return out;
+}
+
+// One operand of a product: rows of A by row pointers (each k floats) and a weight, packed or
+// (`plain`, `columns` of them) as row pointers.
 struct Operand {
   const float* const* rows;
   const float* packed;
   int64_t k;
+  const float* const* plain = nullptr;
+  int64_t columns = 0;
 };
+
+Operand operand(const float* const* rows, const Weight& weight, int64_t k) {
+  return {rows, pointer<float>(weight.packed), k,
+          weight.plain.empty() ? nullptr : weight.plain.data(),
+          static_cast<int64_t>(weight.plain.size())};
+}
+
+// sums[q] = a . w[q] over k values, for kCols weight rows at once.
+template <int kCols>
+void dots(const float* a, const float* const* w, int64_t k, float* sums) {
+  Vec acc[kCols];
+  for (int q = 0; q < kCols; ++q) acc[q] = broadcast(0.0f);
+  int64_t e = 0;
+  for (; e + kLanes <= k; e += kLanes) {
+    const Vec x = load(a + e);
+#pragma GCC unroll 8
+    for (int q = 0; q < kCols; ++q) acc[q] = fma(x, load(w[q] + e), acc[q]);
+  }
+  for (int q = 0; q < kCols; ++q) {
+    float lanes[kLanes];
+    store(lanes, acc[q]);
+    float sum = 0.0f;
+    for (const float lane : lanes) sum += lane;
+    for (int64_t i = e; i < k; ++i) sum += a[i] * w[q][i];
+    sums[q] = sum;
+  }
+}
+
+// out[r][c] for the n rows and a plain operand's columns: `init` (or zero; or, with
+// `accumulate`, out itself) plus A[r] . W[c], eight columns at a time: one vector of A feeds
+// eight independent sums.
+void plain_product(const Operand& op, int64_t n, const float* init, bool accumulate,
+                   float* const* out) {
+  constexpr int kCols = 8;
+  for (int64_t c = 0; c < op.columns; c += kCols) {
+    const int64_t count = std::min<int64_t>(kCols, op.columns - c);
+    for (int64_t r = 0; r < n; ++r) {
+      float sums[kCols];
+      if (count == kCols) {
+        dots<kCols>(op.rows[r], op.plain + c, op.k, sums);
+      } else {
+        for (int64_t q = 0; q < count; ++q) dots<1>(op.rows[r], op.plain + c + q, op.k, sums + q);
+      }
+      for (int64_t q = 0; q < count; ++q) {
+        const float base = accumulate ? out[r][c + q] : init != nullptr ? init[c + q] : 0.0f;
+        out[r][c + q] = base + sums[q];
+      }
+    }
+  }
+}
 
 // The depth of one pass over a panel: its slice (kDepth x kPanel floats, 16 KB) stays in the
 // level-1 cache while every row tile reads it.
@@ -225,6 +311,11 @@ void product(const Operand* ops, int count, int64_t n, int64_t count_panels, con
   bool accumulate = onto_out;
   for (int o = 0; o < count; ++o) {
     const Operand& op = ops[o];
+    if (op.plain != nullptr) {
+      plain_product(op, n, bias, accumulate, out);
+      accumulate = true;
+      continue;
+    }
     for (int64_t k0 = 0; k0 < op.k; k0 += kDepth, accumulate = true) {
       const int64_t k1 = std::min(op.k, k0 + kDepth);
       int64_t p = 0;
@@ -290,13 +381,13 @@ constexpr int64_t kUnitsWeightsL2 = 4;
 
 // For the cells whose gates of a unit need nothing but that unit's values (no layer norm over
 // the row, no projection of the whole of it), units when the batch is too small to give each
-// thread several rows, or when the weights (`weight_bytes`, W_ih and W_hh) are many times a
-// core's level-2 cache: split by rows, every thread streams all of them from the shared cache
+// thread several rows, or when the weights (W_ih and W_hh) are `large`, many times a core's
+// level-2 cache: split by rows, every thread streams all of them from the shared cache
 // at every step; split by units, half as much each at two threads, for one wait per step
 // (measured on a Zen 3, 512 KB L2, 2 threads: H = 384 to 1024 and B = 16 to 256 by units
 // 0.85-1.0x the time by rows, at L 0.82-0.84x; H = 256, 2 MB, the same either way). Else rows.
 // LSTMKIT_NATIVE_SPLIT=rows or =units forces one where it can run (tests).
-Split choose_split(Kind kind, bool projected, int64_t batch, int64_t hidden, int64_t weight_bytes,
+Split choose_split(Kind kind, bool projected, int64_t batch, int64_t hidden, bool large,
                    int64_t threads) {
   const bool units_run =
       kind != Kind::kLayerNorm && !projected && threads > 1 && hidden >= 2 * kMinUnits;
@@ -305,8 +396,7 @@ Split choose_split(Kind kind, bool projected, int64_t batch, int64_t hidden, int
     if (std::string_view(forced) == "rows") return Split::kRows;
   }
   const bool few_rows = batch < kRowsPerThread * threads;
-  const bool large_weights = weight_bytes > kUnitsWeightsL2 * level2_bytes();
-  return units_run && (few_rows || large_weights) ? Split::kUnits : Split::kRows;
+  return units_run && (few_rows || large) ? Split::kUnits : Split::kRows;
 }
 
 // The steps one worker has finished, on a cache line of its own; the others wait for it.
@@ -325,12 +415,13 @@ struct alignas(64) Progress {
 };
 
 // One worker's share of a layer and its scratch: rows (increasing) and the hidden units
-// [j0, j0 + width) of each, with the weights' rows of those units packed.
+// [j0, j0 + width) of each, with the weights' rows of those units.
 struct Worker {
   std::vector<int64_t> rows;
   int64_t j0 = 0, width = 0;
-  Tensor ih, hh, bias, peephole;  // packed W_ih, W_hh of its gate rows; their bias; p_i, p_f, p_o
-  Cell<float> cell{};             // its units' cell: `width` units, peephole from `peephole`
+  Weight ih, hh;          // W_ih, W_hh: the rows of its gates
+  Tensor bias, peephole;  // their bias; p_i, p_f, p_o
+  Cell<float> cell{};     // its units' cell: `width` units, peephole from `peephole`
   std::vector<float> z, extra, hat, m, h_new;
   std::vector<const float*> xr, hr, mr;
   // Few rows (short tiles): the input half of `block` steps at once, into `ahead` (rows `ab`,
@@ -363,14 +454,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
   const Tensor h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   const auto options = x.options();
 
-  // Parameters at this call: packed weights, the two biases as one, padded to whole panels.
+  // Parameters at this call: packed weights (plain for one step), the two biases as one,
+  // padded to whole panels.
+  const bool plain = steps == 1;
   Tensor bias = at::zeros({gates}, options);
   if (b_ih.has_value()) bias = *b_ih + *b_hh;
   const Tensor ch = contiguous(peephole), ln_ih_w = contiguous(ln_ih_weight);
   const Tensor ln_ih_b = contiguous(ln_ih_bias), ln_hh_w = contiguous(ln_hh_weight);
   const Tensor ln_hh_b = contiguous(ln_hh_bias), ln_c_w = contiguous(ln_c_weight);
   const Tensor ln_c_b = contiguous(ln_c_bias);
-  const Tensor packed_hr = projected ? pack(*w_hr) : Tensor();
+  const Weight weight_hr = projected ? prepare(*w_hr, proj, 0, proj, plain) : Weight();
 
   const bool ragged = !batch_sizes.empty();
   Tensor output =
@@ -395,32 +488,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
 
   // Who computes what: every worker the rows of its share of the batch with all the weights,
   // or (split by units) every row with its share of the hidden units and of the weights' rows.
-  const int64_t threads = at::get_num_threads();
   const int64_t weight_bytes = gates * (in + proj) * static_cast<int64_t>(sizeof(float));
+  const bool large = weight_bytes > kUnitsWeightsL2 * level2_bytes();
+  // one step on weights that a core's cache holds: one thread; waking the others costs more
+  const int64_t threads = plain && !large ? 1 : at::get_num_threads();
   const Split split =
-      keep ? Split::kRows : choose_split(kind, projected, batch, hidden, weight_bytes, threads);
+      keep ? Split::kRows : choose_split(kind, projected, batch, hidden, large, threads);
   const int64_t workers =
       split == Split::kUnits ? std::min(threads, hidden / kMinUnits) : std::min(threads, batch);
   const int64_t share = (hidden + workers - 1) / workers;  // units per worker (split by units)
   const int64_t unit_share = (share + kLanes - 1) / kLanes * kLanes;
-  // The packed weights, for one worker (split by units) or for all.
+  // The weights, for one worker (split by units) or for all.
   const auto packed = [&](int64_t j0, int64_t width) {
-    const auto rows_of_units = [&](const Tensor& t) {
-      if (width == hidden) return t;
-      std::vector<Tensor> parts;
-      for (int64_t g = 0; g < t.size(0) / hidden; ++g)
-        parts.push_back(t.narrow(0, g * hidden + j0, width));
-      return at::cat(parts);
-    };
-    const Tensor b = rows_of_units(bias);
+    const Tensor b = unit_rows(bias, hidden, j0, width);
     Tensor padded = at::zeros({panels(b.size(0)) * kPanel}, options);
     padded.narrow(0, 0, b.size(0)).copy_(b);
-    const Tensor ih = given_xp ? Tensor() : pack(rows_of_units(*w_ih));
-    return std::make_tuple(ih, pack(rows_of_units(w_hh)), padded,
-                           ch.defined() ? rows_of_units(ch).contiguous() : Tensor());
+    Weight ih = given_xp ? Weight() : prepare(*w_ih, hidden, j0, width, plain);
+    return std::make_tuple(std::move(ih), prepare(w_hh, hidden, j0, width, plain), padded,
+                           ch.defined() ? unit_rows(ch, hidden, j0, width).contiguous() : Tensor());
   };
   const auto shared =
-      split == Split::kRows ? packed(0, hidden) : std::tuple<Tensor, Tensor, Tensor, Tensor>();
+      split == Split::kRows ? packed(0, hidden) : std::tuple<Weight, Weight, Tensor, Tensor>();
   std::vector<Progress> progress(workers);  // split by units: the steps each worker has done
 
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
@@ -461,7 +549,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
       worker.mw.resize(count);
       worker.hw.resize(count);
       if (!given_xp && !layernorm && count < kMaxRows) {
-        worker.block = std::clamp<int64_t>(kAheadValues / (count * padded), 1, 64);
+        worker.block =
+            std::clamp<int64_t>(kAheadValues / (count * padded), 1, std::min<int64_t>(64, steps));
         worker.ahead.resize(worker.block * count * padded);
         worker.xb.resize(worker.block * count);
         worker.ab.resize(worker.block * count);
@@ -495,8 +584,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
           worker.xr[r] = x_p + t * sx0 + b * sx1;
           worker.hr[r] = t == 0 ? h0_p + b * proj : out_p + ((t - 1) * batch + b) * proj;
         }
-        const Operand input{worker.xr.data(), pointer<float>(worker.ih), in};
-        const Operand recurrent{worker.hr.data(), worker.hh.const_data_ptr<float>(), proj};
+        const Operand input = operand(worker.xr.data(), worker.ih, in);
+        const Operand recurrent = operand(worker.hr.data(), worker.hh, proj);
         float* const hat = worker.hat.data();
         const int64_t ahead_at = worker.block > 0 ? t % worker.block : 0;
         float* const* const z =
@@ -509,7 +598,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
                 worker.xb[q * count + r] = x_p + (t + q) * sx0 + worker.rows[r] * sx1;
               }
             }
-            const Operand inputs{worker.xb.data(), pointer<float>(worker.ih), in};
+            const Operand inputs = operand(worker.xb.data(), worker.ih, in);
             product(&inputs, 1, span * count, columns, bias_p, worker.ab.data());
           }
           product(&recurrent, 1, n, columns, nullptr, z, true);
@@ -545,7 +634,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
           if (keep) std::memcpy(gates_p + (t * batch + b) * gates, z[r], gates * sizeof(float));
         }
         if (projected) {
-          const Operand projection{worker.mr.data(), packed_hr.const_data_ptr<float>(), hidden};
+          const Operand projection = operand(worker.mr.data(), weight_hr, hidden);
           product(&projection, 1, n, hr_panels, nullptr, worker.hw.data());
           for (int64_t r = 0; r < n; ++r) {
             std::memcpy(out_p + (t * batch + worker.rows[r]) * proj, worker.hw[r],
