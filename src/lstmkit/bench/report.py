@@ -19,9 +19,10 @@ from lstmkit.bench.suite import AGREEMENT_TOLERANCE, BASELINE, ConfigResult
 MIB = 2**20
 
 NOTES = f"""\
-Times are medians of the timed runs; within each repetition the implementations run
-round-robin after untimed warm-up rounds. Training is forward plus backward of
-`output.sum()` with an input that requires grad; gradients are set to `None` before each run.
+Times are medians of the timed runs; each repetition runs every implementation once, in an
+order shuffled per repetition (fixed seed), after untimed warm-up rounds. Training is
+forward plus backward of `output.sum()` with an input that requires grad; gradients are set
+to `None` before each run.
 Saved bytes are what autograd keeps for backward after one training forward, counted with
 `torch.autograd.graph.saved_tensors_hooks`, each storage once at its full size. The ratio
 uses the figure *excluding parameters*, which stay resident either way; the total is in

@@ -22,8 +22,9 @@ AGREEMENT_TOLERANCE = 1e-4  # largest |state - nn.LSTM's| in float32 after the c
 NOTES = f"""\
 Each timed run is `steps` consecutive one-step calls at B=1, I=H, {NUM_LAYERS} layers,
 float32, eval mode under `torch.no_grad()`, carrying the state from call to call: lstmkit's
-`LSTM.step(x_t, state)` against `{BASELINE}(x_t.unsqueeze(0), hx)`. The two run round-robin
-after untimed warm-up runs; per-step latency is the median run divided by `steps`.
+`LSTM.step(x_t, state)` against `{BASELINE}(x_t.unsqueeze(0), hx)`. The two alternate, in an
+order shuffled per round, after untimed warm-up runs; per-step latency is the median run
+divided by `steps`.
 """
 
 
