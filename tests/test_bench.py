@@ -244,3 +244,18 @@ def test_reports_without_matplotlib_skip_only_the_chart(tmp_path, monkeypatch, c
     report.write_reports(tmp_path, [result], report.machine_info(1), {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md"]
     assert "bench.png not drawn: matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_reports_of_configs_with_different_implementations(tmp_path):
+    """A peer timed in some configurations only (the TorchScript layer-norm LSTM exists for
+    one layer and direction) gets a dash elsewhere in every table and the plot, instead of
+    failing the report after the whole suite ran."""
+    one = Config("one", batch=2, seq_len=3, input_size=4, hidden_size=5)
+    two = Config("two", batch=2, seq_len=3, input_size=4, hidden_size=5, num_layers=2)
+    results = [run_config(config, ["auto"], 1, 0, cell="layernorm") for config in (one, two)]
+    assert PEER in results[0].saved and PEER not in results[1].saved
+    for ordered in (results, results[::-1]):
+        tables = report.write_reports(tmp_path, ordered, {}, {})
+        row = next(line for line in tables.splitlines() if line.startswith("| two | B=2"))
+        assert "—" in row
+        assert (tmp_path / "bench.md").read_text(encoding="utf-8").count(PEER) >= 3

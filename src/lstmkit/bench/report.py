@@ -174,17 +174,23 @@ def markdown_tables(results: Sequence[ConfigResult]) -> str:
                     else []
                 )
             )
-    modules = list(results[0].saved)  # what has a training run and saves for backward
+    # what has a training run and saves for backward, in any configuration (a peer may run in
+    # some only: the TorchScript layer-norm LSTM has one layer and direction)
+    modules = list(dict.fromkeys(name for result in results for name in result.saved))
     saved_rows = []
     for result in results:
         ratios = saved_ratios(result)
         saved_rows.append(
             [result.config.name, result.config.describe()]
             + [
-                f"{s.excluding_parameters / MIB:.2f} ({s.total / MIB:.2f})"
-                for s in (result.saved[name] for name in modules)
+                f"{s.excluding_parameters / MIB:.2f} ({s.total / MIB:.2f})" if s else "—"
+                for s in (result.saved.get(name) for name in modules)
             ]
-            + [f"{ratios[name]:.2f}" for name in modules if name != BASELINE]
+            + [
+                f"{ratios[name]:.2f}" if name in ratios else "—"
+                for name in modules
+                if name != BASELINE
+            ]
         )
     error_rows = [
         [result.config.name, result.config.describe()]
@@ -233,7 +239,7 @@ def plot_ratios(results: Sequence[ConfigResult], path: Path) -> None:
     figure, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
     for axis, mode in zip(axes[0], modes, strict=True):
         ratios = [time_ratios(result, mode) for result in results]
-        names = list(ratios[0])
+        names = list(dict.fromkeys(name for r in ratios for name in r))
         width = 0.8 / len(names)
         for k, name in enumerate(names):
             offsets = [i + (k - (len(names) - 1) / 2) * width for i in range(len(labels))]
