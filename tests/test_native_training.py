@@ -1,8 +1,8 @@
 """The native backend's float32 training path on rows (the forward kept by the inference
 kernel, the backward by backward_kept: each thread walks its rows of the batch back in time on
 its own products) against the reference backend's autograd in float64: every cell it runs,
-projection, lengths, a given state, gradients of every output, 1 to 3 threads, batches smaller
-and larger than the thread count and around the kernel's tiles."""
+projection, lengths, a given state, one step and eleven, gradients of every output, 1 to 3
+threads, batches smaller and larger than the thread count and around the kernel's tiles."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def gradients(model, x, hx, lengths, weights):
     return torch.autograd.grad(loss, inputs)
 
 
-def assert_gradients_close(cell, batch, hidden=40, proj_size=0, lengths=None, layers=2):
+def assert_gradients_close(cell, batch, hidden=40, proj_size=0, lengths=None, layers=2, steps=11):
     torch.manual_seed(batch + hidden)
     ours = lstmkit.LSTM(5, hidden, layers, cell=cell, backend="native", proj_size=proj_size,
                         bidirectional=True)  # fmt: skip
@@ -34,7 +34,6 @@ def assert_gradients_close(cell, batch, hidden=40, proj_size=0, lengths=None, la
                              proj_size=proj_size, bidirectional=True,
                              dtype=torch.float64)  # fmt: skip
     reference.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
-    steps = 11
     x = torch.randn(steps, batch, 5)
     h_size = proj_size or hidden
     hx = (torch.randn(2 * layers, batch, h_size), torch.randn(2 * layers, batch, hidden))
@@ -66,6 +65,7 @@ def test_every_cell_equals_reference(threads, cell, batch):
     lengths = torch.randint(1, 12, (batch,))
     lengths[0] = 11
     assert_gradients_close(cell, batch, lengths=lengths)
+    assert_gradients_close(cell, batch, steps=1)  # one step: the weights read plain
 
 
 @needs_native
@@ -74,6 +74,7 @@ def test_projection(threads, cell):
     """dL/dm = dL/dh' W_hr on the rows kernel, and m again for dW_hr."""
     assert_gradients_close(cell, 5, hidden=33, proj_size=7)
     assert_gradients_close(cell, 5, hidden=33, proj_size=7, lengths=[11, 1, 3, 11, 2])
+    assert_gradients_close(cell, 5, hidden=33, proj_size=7, steps=1)
 
 
 @needs_native
