@@ -406,11 +406,11 @@ class LSTM(nn.Module):
         # property, a plain tensor attribute, or nothing) as attribute lookup finds it.
         # Module.__getattr__ alone costs ~1 us a name, and raises for every absent one.
         registered = self._parameters
-        return {
-            kind: registered[name] if name in registered else getattr(self, name, None)
-            for kind in (*cells.NN_PARAMETERS, *self.cell.extra)
-            for name in (kind + suffix,)
-        }
+        params = {}
+        for kind in (*cells.NN_PARAMETERS, *self.cell.extra):
+            name = kind + suffix
+            params[kind] = registered[name] if name in registered else getattr(self, name, None)
+        return params
 
     def forward(
         self,

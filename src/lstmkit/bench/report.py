@@ -183,7 +183,9 @@ def markdown_tables(results: Sequence[ConfigResult]) -> str:
         saved_rows.append(
             [result.config.name, result.config.describe()]
             + [
-                f"{s.excluding_parameters / MIB:.2f} ({s.total / MIB:.2f})" if s else "—"
+                f"{s.excluding_parameters / MIB:.2f} ({s.total / MIB:.2f})"
+                if s is not None
+                else "—"
                 for s in (result.saved.get(name) for name in modules)
             ]
             + [

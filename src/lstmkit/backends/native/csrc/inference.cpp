@@ -399,6 +399,21 @@ Split choose_split(Kind kind, bool projected, int64_t batch, int64_t hidden, boo
   return units_run && (few_rows || large) ? Split::kUnits : Split::kRows;
 }
 
+// Worker w's rows when `workers` share a batch by rows: w, w + workers, ... (increasing).
+std::vector<int64_t> rows_of_worker(int64_t w, int64_t workers, int64_t batch) {
+  std::vector<int64_t> rows;
+  for (int64_t b = w; b < batch; b += workers) rows.push_back(b);
+  return rows;
+}
+
+// How many of a worker's rows (increasing) run at a step where the first `running` rows of the
+// batch do: a prefix of them, the batch being sorted by decreasing length.
+int64_t running_prefix(const std::vector<int64_t>& rows, int64_t running) {
+  int64_t n = 0;
+  while (n < static_cast<int64_t>(rows.size()) && rows[n] < running) ++n;
+  return n;
+}
+
 // The steps one worker has finished, on a cache line of its own; the others wait for it.
 struct alignas(64) Progress {
   std::atomic<int64_t> done{0};
@@ -435,7 +450,9 @@ struct Worker {
 
 // The layer forward of both operators: on x (T, B, I) with the input product, or (given_xp) on
 // the input half xp (T, B, GH) that the caller computed; `keep` (training) also returns every
-// step's activated gates and c_t for the backward, split by rows.
+// step's activated gates and c_t for the backward, split by rows (by units, the training step
+// at L took 898-902 ms against 836-847: the input half and the kept gates go in per-gate
+// pieces, and with W_hh alone to stream the halved traffic does not pay for the wait).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
     const Tensor& x, bool given_xp, const Tensor& h0_in, const Tensor& c0_in,
     const std::optional<Tensor>& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
@@ -518,10 +535,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
       const int64_t width = split == Split::kUnits ? std::min(unit_share, hidden - j0) : hidden;
       const auto [ih, hh, b, peep] = split == Split::kUnits ? packed(j0, width) : shared;
       Worker& worker = mine.emplace_back();
-      for (int64_t r = split == Split::kUnits ? 0 : w; r < batch;
-           r += split == Split::kUnits ? 1 : workers) {
-        worker.rows.push_back(r);
-      }
+      worker.rows = split == Split::kUnits ? rows_of_worker(0, 1, batch)  // every row
+                                           : rows_of_worker(w, workers, batch);
       worker.j0 = j0;
       worker.width = width;
       worker.ih = ih;
@@ -573,8 +588,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
       for (int64_t k = 0; k < static_cast<int64_t>(mine.size()); ++k) {
         Worker& worker = mine[k];
         const int64_t count = static_cast<int64_t>(worker.rows.size());
-        int64_t n = 0;  // this worker's running rows: a prefix of its rows
-        while (n < count && worker.rows[n] < sizes[t]) ++n;
+        const int64_t n = running_prefix(worker.rows, sizes[t]);
         if (n == 0) continue;
         const int64_t j0 = worker.j0, width = worker.width;
         const int64_t columns = panels(blocks * width);
@@ -670,82 +684,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
   return {output, h_n, c_n, kept_gates, cells};
 }
 
-// The training backward that goes with run(..., keep): rows shared between threads as in the
-// forward, each worker walking its rows back in time on its own products, dL/dh_{t-1} = dz_t
-// W_hh (and dL/dm = dL/dh' W_hr under a projection) into padded rows of its own.
-void backward_rows(const Tensor& dout, Tensor& dh, Tensor& dc, const Tensor& c0, const Tensor& w_hh,
-                   const Tensor& w_hr, const Tensor& peephole, Kind kind, const Tensor& gates,
-                   const Tensor& cells, const std::vector<int64_t>& sizes, Tensor& dz,
-                   Tensor& dh_seq, Tensor& m_seq) {
-  const int64_t steps = gates.size(0), batch = gates.size(1), rows = gates.size(2);
-  const int64_t hidden = cells.size(2), proj = dh.size(1);
-  const bool projected = w_hr.defined();
-  const Tensor packed_hh = pack(w_hh.t());                         // dz W_hh
-  const Tensor packed_hr = projected ? pack(w_hr.t()) : Tensor();  // dL/dh' W_hr
-  const int64_t p_panels = panels(proj), h_panels = panels(hidden);
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), batch);
-  const Cell<float> cell{kind,    hidden, pointer<float>(peephole), nullptr, nullptr,
-                         nullptr, nullptr};
-  const float* const dout_p = pointer<float>(dout);
-  const float* const gates_p = gates.const_data_ptr<float>();
-  const float* const cells_p = cells.const_data_ptr<float>();
-  const float* const c0_p = c0.const_data_ptr<float>();
-  float* const dh_p = dh.data_ptr<float>();
-  float* const dc_p = dc.data_ptr<float>();
-  float* const dz_p = dz.data_ptr<float>();
-  float* const dh_seq_p = projected ? dh_seq.data_ptr<float>() : nullptr;
-  float* const m_seq_p = projected ? m_seq.data_ptr<float>() : nullptr;
-
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      std::vector<int64_t> mine;  // rows w, w + workers, ...: increasing
-      for (int64_t b = w; b < batch; b += workers) mine.push_back(b);
-      const int64_t count = static_cast<int64_t>(mine.size());
-      // dL/dh of each row (P, padded to whole panels), and dL/dm under a projection
-      std::vector<float> d_h(count * p_panels * kPanel), d_m(count * h_panels * kPanel);
-      std::vector<float> work(hidden);
-      std::vector<float*> dh_rows(count), dm_rows(count);
-      std::vector<const float*> dh_read(count), dz_read(count);
-      for (int64_t r = 0; r < count; ++r) {
-        dh_rows[r] = d_h.data() + r * p_panels * kPanel;
-        dm_rows[r] = d_m.data() + r * h_panels * kPanel;
-        dh_read[r] = dh_rows[r];
-        std::memcpy(dh_rows[r], dh_p + mine[r] * proj, proj * sizeof(float));
-      }
-      for (int64_t t = steps - 1; t >= 0; --t) {
-        int64_t n = 0;  // running rows: a prefix of this worker's
-        while (n < count && mine[n] < sizes[t]) ++n;
-        if (n == 0) continue;
-        for (int64_t r = 0; r < n; ++r) {
-          const int64_t at_t = t * batch + mine[r];
-          if (dout_p != nullptr) {
-            for (int64_t j = 0; j < proj; ++j) dh_rows[r][j] += dout_p[at_t * proj + j];
-          }
-          if (projected) std::memcpy(dh_seq_p + at_t * proj, dh_rows[r], proj * sizeof(float));
-        }
-        if (projected) {
-          const Operand projection{dh_read.data(), packed_hr.const_data_ptr<float>(), proj};
-          product(&projection, 1, n, h_panels, nullptr, dm_rows.data());
-        }
-        for (int64_t r = 0; r < n; ++r) {
-          const int64_t b = mine[r], at_t = t * batch + b;
-          const float* c_prev = t == 0 ? c0_p + b * hidden : cells_p + (at_t - batch) * hidden;
-          gates_backward_row<float>(
-              cell, gates_p + at_t * rows, c_prev, cells_p + at_t * hidden, nullptr, 1.0f,
-              projected ? dm_rows[r] : dh_rows[r], dc_p + b * hidden, dz_p + at_t * rows,
-              projected ? m_seq_p + at_t * hidden : nullptr, nullptr, nullptr, work.data());
-          dz_read[r] = dz_p + at_t * rows;
-        }
-        const Operand recurrent{dz_read.data(), packed_hh.const_data_ptr<float>(), rows};
-        product(&recurrent, 1, n, p_panels, nullptr, dh_rows.data());
-      }
-      for (int64_t r = 0; r < count; ++r) {
-        std::memcpy(dh_p + mine[r] * proj, dh_rows[r], proj * sizeof(float));
-      }
-    }
-  });
-}
-
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> inference(
@@ -809,16 +747,79 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_kept(
              none, parse_kind(kind), 0.0, 0.0, batch_sizes, true);
 }
 
-void backward_kept(const std::optional<Tensor>& grad_output, Tensor& dh, Tensor& dc,
-                   const Tensor& c0, const Tensor& w_hh, const std::optional<Tensor>& w_hr,
-                   const std::optional<Tensor>& peephole, std::string_view kind,
-                   const Tensor& gates, const Tensor& cells, at::IntArrayRef batch_sizes,
-                   Tensor& dz, Tensor& dh_seq, Tensor& m_seq) {
-  const int64_t steps = gates.size(0), batch = gates.size(1);
-  backward_rows(grad_output.has_value() ? grad_output->contiguous() : Tensor(), dh, dc,
-                c0.contiguous(), w_hh, w_hr.has_value() ? *w_hr : Tensor(), contiguous(peephole),
-                parse_kind(kind), gates.contiguous(), cells.contiguous(),
-                running(batch_sizes, steps, batch), dz, dh_seq, m_seq);
+// Rows shared between threads as in the forward, each worker walking its rows back in time on
+// its own products, dL/dh_{t-1} = dz_t W_hh (and dL/dm = dL/dh' W_hr under a projection) into
+// padded rows of its own.
+void backward_kept(const Tensor& grad_output, Tensor& dh, Tensor& dc, const Tensor& c0,
+                   const Tensor& w_hh, const Tensor& w_hr, const Tensor& peephole,
+                   std::string_view kind, const Tensor& gates, const Tensor& cells,
+                   at::IntArrayRef batch_sizes, Tensor& dz, Tensor& dh_seq, Tensor& m_seq) {
+  const int64_t steps = gates.size(0), batch = gates.size(1), rows = gates.size(2);
+  const std::vector<int64_t> sizes = running(batch_sizes, steps, batch);
+  const int64_t hidden = cells.size(2), proj = dh.size(1);
+  const bool projected = w_hr.defined();
+  const Tensor packed_hh = pack(w_hh.t());                         // dz W_hh
+  const Tensor packed_hr = projected ? pack(w_hr.t()) : Tensor();  // dL/dh' W_hr
+  const int64_t p_panels = panels(proj), h_panels = panels(hidden);
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), batch);
+  const Cell<float> cell{parse_kind(kind), hidden, pointer<float>(peephole), nullptr, nullptr,
+                         nullptr,          nullptr};
+  const float* const dout_p = pointer<float>(grad_output);
+  const float* const gates_p = gates.const_data_ptr<float>();
+  const float* const cells_p = cells.const_data_ptr<float>();
+  const float* const c0_p = c0.const_data_ptr<float>();
+  float* const dh_p = dh.data_ptr<float>();
+  float* const dc_p = dc.data_ptr<float>();
+  float* const dz_p = dz.data_ptr<float>();
+  float* const dh_seq_p = projected ? dh_seq.data_ptr<float>() : nullptr;
+  float* const m_seq_p = projected ? m_seq.data_ptr<float>() : nullptr;
+
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const std::vector<int64_t> mine = rows_of_worker(w, workers, batch);
+      const int64_t count = static_cast<int64_t>(mine.size());
+      // dL/dh of each row (P, padded to whole panels), and dL/dm under a projection
+      std::vector<float> d_h(count * p_panels * kPanel), d_m(count * h_panels * kPanel);
+      std::vector<float> work(hidden);
+      std::vector<float*> dh_rows(count), dm_rows(count);
+      std::vector<const float*> dh_read(count), dz_read(count);
+      for (int64_t r = 0; r < count; ++r) {
+        dh_rows[r] = d_h.data() + r * p_panels * kPanel;
+        dm_rows[r] = d_m.data() + r * h_panels * kPanel;
+        dh_read[r] = dh_rows[r];
+        std::memcpy(dh_rows[r], dh_p + mine[r] * proj, proj * sizeof(float));
+      }
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        const int64_t n = running_prefix(mine, sizes[t]);
+        if (n == 0) continue;
+        for (int64_t r = 0; r < n; ++r) {
+          const int64_t at_t = t * batch + mine[r];
+          if (dout_p != nullptr) {
+            for (int64_t j = 0; j < proj; ++j) dh_rows[r][j] += dout_p[at_t * proj + j];
+          }
+          if (projected) std::memcpy(dh_seq_p + at_t * proj, dh_rows[r], proj * sizeof(float));
+        }
+        if (projected) {
+          const Operand projection{dh_read.data(), packed_hr.const_data_ptr<float>(), proj};
+          product(&projection, 1, n, h_panels, nullptr, dm_rows.data());
+        }
+        for (int64_t r = 0; r < n; ++r) {
+          const int64_t b = mine[r], at_t = t * batch + b;
+          const float* c_prev = t == 0 ? c0_p + b * hidden : cells_p + (at_t - batch) * hidden;
+          gates_backward_row<float>(
+              cell, gates_p + at_t * rows, c_prev, cells_p + at_t * hidden, nullptr, 1.0f,
+              projected ? dm_rows[r] : dh_rows[r], dc_p + b * hidden, dz_p + at_t * rows,
+              projected ? m_seq_p + at_t * hidden : nullptr, nullptr, nullptr, work.data());
+          dz_read[r] = dz_p + at_t * rows;
+        }
+        const Operand recurrent{dz_read.data(), packed_hh.const_data_ptr<float>(), rows};
+        product(&recurrent, 1, n, p_panels, nullptr, dh_rows.data());
+      }
+      for (int64_t r = 0; r < count; ++r) {
+        std::memcpy(dh_p + mine[r] * proj, dh_rows[r], proj * sizeof(float));
+      }
+    }
+  });
 }
 
 }  // namespace lstmkit

@@ -59,10 +59,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_kept(
 // from dh, dc (the gradients of h_n, c_n, replaced by those of h0, c0) and grad_output, fills
 // dz (T, B, GH: dL/dxp, zero rows where finished must be zero already) and, with a projection,
 // dh_seq (every step's dL/dh') and m_seq (every step's m), as recurrence_backward's loop does.
-void backward_kept(const std::optional<Tensor>& grad_output, Tensor& dh, Tensor& dc,
-                   const Tensor& c0, const Tensor& w_hh, const std::optional<Tensor>& w_hr,
-                   const std::optional<Tensor>& peephole, std::string_view kind,
-                   const Tensor& gates, const Tensor& cells, at::IntArrayRef batch_sizes,
-                   Tensor& dz, Tensor& dh_seq, Tensor& m_seq);
+// Tensors contiguous; grad_output, w_hr and peephole undefined where absent.
+void backward_kept(const Tensor& grad_output, Tensor& dh, Tensor& dc, const Tensor& c0,
+                   const Tensor& w_hh, const Tensor& w_hr, const Tensor& peephole,
+                   std::string_view kind, const Tensor& gates, const Tensor& cells,
+                   at::IntArrayRef batch_sizes, Tensor& dz, Tensor& dh_seq, Tensor& m_seq);
 
 }  // namespace lstmkit

@@ -421,7 +421,7 @@ Backward recurrence_backward(
   Tensor dshift_c = layernorm ? at::zeros({hidden}, options) : at::empty({0}, options);
 
   if (by_rows(l, gates.scalar_type())) {  // the forward ran forward_kept
-    backward_kept(grad_output, dh, dc, c0, l.w_hh, w_hr, peephole,
+    backward_kept(dout, dh, dc, c0, l.w_hh, l.w_hr, l.peephole,
                   std::string_view(kind.data(), kind.size()), gates, cells, batch_sizes, dz, dh_seq,
                   m_seq);
   } else {
