@@ -11,7 +11,7 @@ from torch import nn
 import lstmkit
 from lstmkit import LSTMState, cells, detach_state, runner
 from lstmkit.__main__ import main
-from lstmkit.bench import stream
+from lstmkit.bench import ort, stream
 
 F64 = torch.float64
 EXACT = 1e-12
@@ -293,3 +293,18 @@ def test_bench_stream_writes_reports(tmp_path, monkeypatch, capsys):
     assert row["ratio"] == pytest.approx(us[stream.LSTMKIT] / us[stream.BASELINE])
     assert "| 16 |" in (tmp_path / "stream.md").read_text()
     assert "stream.json" in capsys.readouterr().out
+
+
+def test_bench_stream_times_onnx_runtimes_one_step_runs(tmp_path, monkeypatch):
+    """--peers ort: ONNX Runtime's streamed state agrees with nn.LSTM's, and the table divides
+    lstmkit's time by each peer's."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(stream, "HIDDEN_SIZES", (16,))
+    args = ["bench", "--stream", "--repeats", "2", "--warmup", "0", "--steps", "3"]
+    assert main([*args, "--peers", "ort", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "stream.json").read_text())["results"]
+    assert set(row["per_step_us"]) == {stream.LSTMKIT, stream.BASELINE, ort.NAME}
+    assert row["max_abs_diff_peers"][ort.NAME] < 1e-5
+    us = row["per_step_us"]
+    assert row["ratio_vs_peers"][ort.NAME] == pytest.approx(us[stream.LSTMKIT] / us[ort.NAME])
+    assert f"{stream.LSTMKIT} ÷ {ort.NAME}" in (tmp_path / "stream.md").read_text()

@@ -58,9 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         choices=["ort"],
         default=[],
-        help="peers timed for inference besides nn.LSTM: ort = ONNX Runtime's LSTM operator on "
-        "the model lstmkit.export.to_onnx writes (needs the bench extra: "
-        f"{ort.INSTALL})",
+        help="peers timed for inference (and, with --stream, one-step runs) besides nn.LSTM: "
+        "ort = ONNX Runtime's LSTM operator on the model lstmkit.export.to_onnx writes (needs "
+        f"the bench extra: {ort.INSTALL})",
     )
     parser.add_argument(
         "--cell",
@@ -167,7 +167,8 @@ def stream_main(args: argparse.Namespace, repeats: int, warmup: int) -> int:
     """``--stream``: time per-step latency and write ``stream.json`` / ``stream.md``."""
     for threads, out in _runs(args, Path("benchmarks/cpu-stream")):
         machine = machine_info(threads)
-        rows = run_stream(stream.HIDDEN_SIZES, args.steps, repeats, warmup, threads)
+        peers = _peers(args.peers, "lstm")
+        rows = run_stream(stream.HIDDEN_SIZES, args.steps, repeats, warmup, threads, peers)
         settings = {
             "repeats": repeats,
             "warmup": warmup,
@@ -176,6 +177,7 @@ def stream_main(args: argparse.Namespace, repeats: int, warmup: int) -> int:
             "num_layers": stream.NUM_LAYERS,
             "dtype": "float32",
             "mode": "eval, torch.no_grad()",
+            "peers": peers,
         }
         table = write_stream_reports(out, rows, machine, settings)
         print(f"\n{threads} thread(s):\n{table}")

@@ -1,5 +1,7 @@
 """``lstmkit bench --stream``: per-step latency of :meth:`lstmkit.LSTM.step` against
-``torch.nn.LSTM`` fed one-step sequences with its state carried in ``hx``."""
+``torch.nn.LSTM`` fed one-step sequences with its state carried in ``hx`` and, with
+``--peers ort``, ONNX Runtime running the model's export on one-step sequences with its state
+carried in the ``h0``/``c0`` inputs."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lstmkit.bench import ort
 from lstmkit.bench.measure import intra_op_threads, time_interleaved
 from lstmkit.bench.suite import BASELINE
 from lstmkit.modules import LSTM
@@ -22,9 +25,11 @@ AGREEMENT_TOLERANCE = 1e-4  # largest |state - nn.LSTM's| in float32 after the c
 NOTES = f"""\
 Each timed run is `steps` consecutive one-step calls at B=1, I=H, {NUM_LAYERS} layers,
 float32, eval mode under `torch.no_grad()`, carrying the state from call to call: lstmkit's
-`LSTM.step(x_t, state)` against `{BASELINE}(x_t.unsqueeze(0), hx)`. The two alternate, in an
-order shuffled per round, after untimed warm-up runs; per-step latency is the median run
-divided by `steps`.
+`LSTM.step(x_t, state)` against `{BASELINE}(x_t.unsqueeze(0), hx)` and, where timed,
+{ort.NAME} running `lstmkit.export.to_onnx(model, include_state=True)` on a one-step sequence
+with the state fed back as `h0`, `c0` (intra-op threads = torch's, no spinning). They
+alternate, in an order shuffled per round, after untimed warm-up runs; per-step latency is
+the median run divided by `steps`.
 """
 
 
@@ -41,9 +46,15 @@ def stepper(step: Callable[[Tensor, object], tuple[Tensor, object]], x: Tensor, 
 
 
 def run_stream(
-    hidden_sizes: Sequence[int], steps: int, repeats: int, warmup: int, threads: int
+    hidden_sizes: Sequence[int],
+    steps: int,
+    repeats: int,
+    warmup: int,
+    threads: int,
+    peers: Sequence[str] = (),
 ) -> list[dict[str, object]]:
-    """Check lstmkit's streamed state against nn.LSTM's, then time both per size."""
+    """Check lstmkit's (and each peer's) streamed state against nn.LSTM's, then time them all
+    per size. ``peers`` may name ``"ort"`` (:func:`lstmkit.bench.ort.step`)."""
     with intra_op_threads(threads):
         rows = []
         for hidden in hidden_sizes:
@@ -52,20 +63,29 @@ def run_stream(
             baseline = nn.LSTM(hidden, hidden, NUM_LAYERS).eval()
             model = LSTM(hidden, hidden, NUM_LAYERS).eval()
             model.load_state_dict(baseline.state_dict())
-            xs = torch.randn(8, 1, hidden)
-            with torch.no_grad():
-                state = hx = None
-                for x_t in xs:
-                    _, state = model.step(x_t, state)
-                    _, hx = baseline(x_t.unsqueeze(0), hx)
-            diff = max((a - b).abs().max().item() for a, b in zip(state, hx, strict=True))
-            if diff > AGREEMENT_TOLERANCE:
-                raise RuntimeError(f"H={hidden}: streamed state differs from nn.LSTM's by {diff}")
-            x = xs[0]
-            runs = {
-                LSTMKIT: stepper(model.step, x, steps),
-                BASELINE: stepper(lambda x_t, s, m=baseline: m(x_t.unsqueeze(0), s), x, steps),
+            steps_of = {
+                LSTMKIT: model.step,
+                BASELINE: lambda x_t, s, m=baseline: m(x_t.unsqueeze(0), s),
             }
+            if "ort" in peers:
+                steps_of[ort.NAME] = ort.step(model, threads)
+            xs = torch.randn(8, 1, hidden)
+            final = {}  # each one's state after the steps
+            with torch.no_grad():
+                for name, step in steps_of.items():
+                    state = None
+                    for x_t in xs:
+                        _, state = step(x_t, state)
+                    final[name] = [torch.as_tensor(s) for s in state]
+            want = final[BASELINE]
+            diff = {
+                name: max((a - b).abs().max().item() for a, b in zip(got, want, strict=True))
+                for name, got in final.items()
+            }
+            if max(diff.values()) > AGREEMENT_TOLERANCE:
+                raise RuntimeError(f"H={hidden}: streamed state differs from nn.LSTM's: {diff}")
+            x = xs[0]
+            runs = {name: stepper(step, x, steps) for name, step in steps_of.items()}
             timings = time_interleaved(runs, repeats, warmup)
             per_step = {name: t.median_s / steps for name, t in timings.items()}
             rows.append(
@@ -73,7 +93,13 @@ def run_stream(
                     "hidden_size": hidden,
                     "per_step_us": {name: s * 1e6 for name, s in per_step.items()},
                     "ratio": per_step[LSTMKIT] / per_step[BASELINE],
-                    "max_abs_diff": diff,
+                    "ratio_vs_peers": {
+                        name: per_step[LSTMKIT] / s
+                        for name, s in per_step.items()
+                        if name != LSTMKIT
+                    },
+                    "max_abs_diff": diff[LSTMKIT],
+                    "max_abs_diff_peers": {n: d for n, d in diff.items() if n != LSTMKIT},
                     "runs_s": {name: list(t.runs_s) for name, t in timings.items()},
                 }
             )
@@ -81,16 +107,26 @@ def run_stream(
 
 
 def markdown_table(rows: Sequence[dict[str, object]]) -> str:
-    lines = [
-        f"| H | {LSTMKIT} µs/step | {BASELINE} µs/step | ratio (lower is better) | max abs diff |",
-        "|---|---|---|---|---|",
+    """Per size: each implementation's µs a step, lstmkit's ratio to each other one (lower is
+    better) and lstmkit's largest state difference from nn.LSTM's."""
+    names = list(rows[0]["per_step_us"])
+    others = [name for name in names if name != LSTMKIT]
+    header = [
+        "H",
+        *(f"{name} µs/step" for name in names),
+        *(f"{LSTMKIT} ÷ {name}" for name in others),
+        "max abs diff",
     ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        us = row["per_step_us"]
-        lines.append(
-            f"| {row['hidden_size']} | {us[LSTMKIT]:.1f} | {us[BASELINE]:.1f} | "
-            f"{row['ratio']:.2f}x | {row['max_abs_diff']:.1e} |"
-        )
+        us, ratios = row["per_step_us"], row["ratio_vs_peers"]
+        cells = [
+            str(row["hidden_size"]),
+            *(f"{us[name]:.1f}" for name in names),
+            *(f"{ratios[name]:.2f}x" for name in others),
+            f"{row['max_abs_diff']:.1e}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
