@@ -108,6 +108,34 @@ def test_sizes_around_the_tiles_equal_nn_lstm(threads, batch, hidden):
 
 
 @needs_native
+@pytest.mark.parametrize("cell", ["lstm", "peephole", "cifg"])
+@pytest.mark.parametrize("hidden", [20, 64])
+def test_saturated_and_nan_gates_equal_the_reference(cell, hidden):
+    """Pre-activations far past exp's range (biases of +-200 on half the gate units) saturate
+    those gates as the float64 reference does, and a NaN in one sequence's input turns that
+    sequence's outputs and state into NaN and leaves the others' finite and equal to the
+    reference: the gate passes on whole vectors (hidden 64) and on the units past them (hidden
+    20) alike."""
+    torch.manual_seed(hidden)
+    ours, reference = twins(cell, hidden=hidden)
+    with torch.no_grad():
+        bias = ours.bias_ih_l0
+        bias[::2] = 200.0 * torch.randn(bias[::2].shape).sign()
+        reference.bias_ih_l0.copy_(bias)
+    x = torch.randn(9, 4, 5)
+    assert_close_to_reference(ours, reference, x)
+    x[3, 1, 2] = float("nan")
+    with torch.no_grad():
+        got, (h, c) = ours(x)
+        want, (h_want, c_want) = reference(x.double())
+    for a, b in ((got[3:, 1], want[3:, 1]), (h[:, 1], h_want[:, 1]), (c[:, 1], c_want[:, 1])):
+        assert a.isnan().all() and b.isnan().all()
+    finite = [0, 2, 3]
+    for a, b in ((got[:, finite], want[:, finite]), (h[:, finite], h_want[:, finite])):
+        torch.testing.assert_close(a.double(), b, atol=FLOAT32_TOLERANCE, rtol=0)
+
+
+@needs_native
 def test_a_thread_count_change_between_calls():
     torch.manual_seed(0)
     ours, reference = twins("lstm", num_layers=2)

@@ -11,6 +11,9 @@
 #include <cstdint>
 #include <cstring>
 #include <string_view>
+#include <type_traits>
+
+#include "simd.h"
 
 namespace lstmkit {
 // Internal linkage, as if written in each file that includes it: GCC then inlines these small
@@ -48,6 +51,28 @@ inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 // float32: tanh(x) = 2 sigmoid(2x) - 1 (absolute error ~1e-7); float64: the library's tanh.
 inline float tanh_(float x) { return 2.0f * sigmoid(2.0f * x) - 1.0f; }
 inline double tanh_(double x) { return std::tanh(x); }
+
+// The same three on a vector of floats, written out: the compiler's vectorisation of the scalar
+// forms above (blends for the clamps, two adds for the rounding) ran the gate passes about half
+// as fast. NaN stays NaN.
+inline Vec exp_lanes(Vec x) {
+  x = clamp(x, -87.0f, 88.0f);
+  const Vec n = round_nearest(mul(x, broadcast(1.44269504088896341f)));
+  const Vec r = fma(n, broadcast(2.12194440e-4f), fma(n, broadcast(-0.693359375f), x));
+  Vec p = broadcast(1.9875691500e-4f);
+  p = fma(p, r, broadcast(1.3981999507e-3f));
+  p = fma(p, r, broadcast(8.3334519073e-3f));
+  p = fma(p, r, broadcast(4.1665795894e-2f));
+  p = fma(p, r, broadcast(1.6666665459e-1f));
+  p = fma(p, r, broadcast(5.0000001201e-1f));
+  const Vec e = add(fma(mul(p, r), r, r), broadcast(1.0f));
+  return mul(e, exp2_whole(n));
+}
+inline Vec sigmoid(Vec x) {
+  const Vec one = broadcast(1.0f);
+  return div(one, add(one, exp_lanes(sub(broadcast(0.0f), x))));
+}
+inline Vec tanh_(Vec x) { return fma(broadcast(2.0f), sigmoid(add(x, x)), broadcast(-1.0f)); }
 
 // sum_j term(j) over j in [0, n), in 16 independent partial sums that the compiler can keep in
 // vector registers (one running sum would be a chain it may not reorder).
@@ -121,7 +146,28 @@ void ifgo_forward(T* __restrict__ gi, T* __restrict__ gf, T* __restrict__ gg, T*
                   const T* __restrict__ c_prev, T* __restrict__ c, T* __restrict__ m,
                   const T* __restrict__ p_i, const T* __restrict__ p_f, const T* __restrict__ p_o,
                   int64_t hidden) {
-  for (int64_t j = 0; j < hidden; ++j) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {  // whole vectors; the loop below does the rest
+    for (; j + kLanes <= hidden; j += kLanes) {
+      const Vec cp = load(c_prev + j);
+      Vec zi = load(gi + j), zf = load(gf + j), zo = load(go + j);
+      if constexpr (kPeephole) {
+        zi = fma(load(p_i + j), cp, zi);
+        zf = fma(load(p_f + j), cp, zf);
+      }
+      const Vec i = sigmoid(zi), f = sigmoid(zf), cand = tanh_(load(gg + j));
+      const Vec next = fma(f, cp, mul(i, cand));
+      if constexpr (kPeephole) zo = fma(load(p_o + j), next, zo);
+      const Vec o = sigmoid(zo);
+      store(gi + j, i);
+      store(gf + j, f);
+      store(gg + j, cand);
+      store(go + j, o);
+      store(c + j, next);
+      if constexpr (kOutput) store(m + j, mul(o, tanh_(next)));
+    }
+  }
+  for (; j < hidden; ++j) {
     const T cp = c_prev[j];
     T zi = gi[j], zf = gf[j], zo = go[j];
     if constexpr (kPeephole) {
@@ -146,7 +192,19 @@ template <typename T>
 void fgo_forward(T* __restrict__ gf, T* __restrict__ gg, T* __restrict__ go,
                  const T* __restrict__ c_prev, T* __restrict__ c, T* __restrict__ m,
                  int64_t hidden) {
-  for (int64_t j = 0; j < hidden; ++j) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + kLanes <= hidden; j += kLanes) {
+      const Vec f = sigmoid(load(gf + j)), cand = tanh_(load(gg + j)), o = sigmoid(load(go + j));
+      const Vec next = fma(f, load(c_prev + j), mul(sub(broadcast(1.0f), f), cand));
+      store(gf + j, f);
+      store(gg + j, cand);
+      store(go + j, o);
+      store(c + j, next);
+      store(m + j, mul(o, tanh_(next)));
+    }
+  }
+  for (; j < hidden; ++j) {
     const T f = sigmoid(gf[j]), cand = tanh_(gg[j]), o = sigmoid(go[j]);
     const T next = f * c_prev[j] + (T(1) - f) * cand;
     gf[j] = f;

@@ -42,8 +42,9 @@
 #include "cell.h"
 #include "layer.h"
 #include "ops.h"
+#include "simd.h"
 
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #if defined(__x86_64__)
@@ -52,42 +53,6 @@
 
 namespace lstmkit {
 namespace {
-
-// One SIMD vector of floats and the four operations the kernel needs.
-#if defined(__AVX512F__)
-constexpr int64_t kLanes = 16;
-using Vec = __m512;
-inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
-inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-inline Vec broadcast(float x) { return _mm512_set1_ps(x); }
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-constexpr int kMaxRows = 12;  // 32 registers: 24 accumulators
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int64_t kLanes = 8;
-using Vec = __m256;
-inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
-inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-inline Vec broadcast(float x) { return _mm256_set1_ps(x); }
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-constexpr int kMaxRows = 6;  // 16 registers: 12 accumulators
-#else
-constexpr int64_t kLanes = 4;
-struct Vec {
-  float v[kLanes];
-};
-inline Vec load(const float* p) {
-  Vec r;
-  std::memcpy(r.v, p, sizeof r.v);
-  return r;
-}
-inline void store(float* p, Vec v) { std::memcpy(p, v.v, sizeof v.v); }
-inline Vec broadcast(float x) { return Vec{{x, x, x, x}}; }
-inline Vec fma(Vec a, Vec b, Vec c) {
-  for (int64_t j = 0; j < kLanes; ++j) c.v[j] += a.v[j] * b.v[j];
-  return c;
-}
-constexpr int kMaxRows = 6;
-#endif
 
 constexpr int64_t kPanel = 2 * kLanes;  // columns per packed panel: two vectors
 
