@@ -165,6 +165,57 @@ def test_weights_changed_between_calls_take_effect():
 
 
 @needs_native
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("proj_size", [0, 3])
+def test_the_stack_without_run_layer_equals_it(monkeypatch, cell, proj_size):
+    """forward and step in evaluation run a unidirectional stack through runner.infer_stack (one
+    inference operator call per layer): the same numbers, bit for bit, as the layers one by one
+    through run_layer, for 2 layers, projection, zoneout's expectation, a given state,
+    batch-first and unbatched input. And the stack is not taken where a gradient is needed, in
+    training mode, for lengths, bidirectional models or float64."""
+    torch.manual_seed(0)
+    if cell == "layernorm" and proj_size:
+        pytest.skip("the layernorm cell has no projection")
+    model = lstmkit.LSTM(5, 8, num_layers=2, cell=cell, proj_size=proj_size, zoneout=0.3)
+    model.eval()
+    x, hx = torch.randn(4, 6, 5), (torch.randn(2, 6, proj_size or 8), torch.randn(2, 6, 8))
+    taken = []
+
+    def counted(*args, **kwargs):
+        result = lstmkit.runner.infer_stack.__wrapped__(*args, **kwargs)
+        taken.append(result is not None)
+        return result
+
+    def layer_by_layer(*args, **kwargs):
+        return None
+
+    def calls():
+        with torch.no_grad():
+            return [model(x, hx), model(x[:, 0]), model.step(x[0], hx), model.step(x[0, 0])]
+
+    counted.__wrapped__ = lstmkit.runner.infer_stack
+    monkeypatch.setattr(lstmkit.runner, "infer_stack", counted)
+    got = calls()
+    assert taken == [True] * 4
+    monkeypatch.setattr(lstmkit.runner, "infer_stack", layer_by_layer)
+    want = calls()
+    leaves = torch.utils._pytree.tree_leaves
+    for a, b in zip(leaves(got), leaves(want), strict=True):
+        assert torch.equal(a, b)
+
+    monkeypatch.setattr(lstmkit.runner, "infer_stack", counted)
+    taken.clear()
+    model(x)  # parameters require grad: the training recurrence
+    with torch.no_grad():
+        model.double()(x.double())
+    assert taken == [False, False]
+    model.float().train()
+    with torch.no_grad():
+        model(x)
+    assert taken == [False, False]  # training mode: not asked
+
+
+@needs_native
 def test_inference_runs_the_inference_operator_and_training_does_not():
     ours, _ = twins("lstm")
     x = torch.randn(4, 3, 5)

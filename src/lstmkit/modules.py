@@ -451,31 +451,46 @@ class LSTM(nn.Module):
         h0, c0 = self._initial_state(hx, x, batched)
 
         directions = 2 if self.bidirectional else 1
-        h_n, c_n = [], []
-        layer_input = x  # (L, N, features)
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(directions):
-                k = layer * directions + direction
-                out, h, c = runner.run_layer(
-                    layer_input,
-                    h0[k],
-                    c0[k],
-                    self._layer_params(layer, direction),
-                    cell=self.cell,
-                    reverse=direction == 1,
-                    lengths=lengths,
-                    backend=self.backend,
-                    regularizers=self.regularizers,
-                    training=self.training,
-                )
-                outputs.append(out)
-                h_n.append(h)
-                c_n.append(c)
-            layer_input = torch.cat(outputs, dim=2) if directions == 2 else outputs[0]
-            if self.training and self.dropout > 0 and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
-        output, h_n, c_n = layer_input, torch.stack(h_n), torch.stack(c_n)
+        stack = None
+        if lengths is None and directions == 1 and not self.training:
+            stack = runner.infer_stack(
+                x,
+                h0,
+                c0,
+                [self._layer_params(layer, 0) for layer in range(self.num_layers)],
+                cell=self.cell,
+                backend=self.backend,
+                regularizers=self.regularizers,
+            )
+        if stack is not None:
+            output, h_n, c_n = stack
+        else:
+            h_n, c_n = [], []
+            layer_input = x  # (L, N, features)
+            for layer in range(self.num_layers):
+                outputs = []
+                for direction in range(directions):
+                    k = layer * directions + direction
+                    out, h, c = runner.run_layer(
+                        layer_input,
+                        h0[k],
+                        c0[k],
+                        self._layer_params(layer, direction),
+                        cell=self.cell,
+                        reverse=direction == 1,
+                        lengths=lengths,
+                        backend=self.backend,
+                        regularizers=self.regularizers,
+                        training=self.training,
+                    )
+                    outputs.append(out)
+                    h_n.append(h)
+                    c_n.append(c)
+                layer_input = torch.cat(outputs, dim=2) if directions == 2 else outputs[0]
+                if self.training and self.dropout > 0 and layer < self.num_layers - 1:
+                    layer_input = F.dropout(layer_input, self.dropout, training=True)
+            output = layer_input
+        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
 
         if isinstance(input, PackedSequence):
             order = input.sorted_indices
@@ -536,24 +551,39 @@ class LSTM(nn.Module):
             x = x.unsqueeze(0)
         # the state of a unidirectional stack has hx's layout: one time step, time-major
         h0, c0 = self._initial_state(state, x.unsqueeze(0), batched, check.STATE_NAMES)
-        hs, cs = [], []
-        layer_input = x
-        for layer in range(self.num_layers):
-            h, c = runner.step_layer(
-                layer_input,
-                h0[layer],
-                c0[layer],
-                self._layer_params(layer, 0),
+        stack = None
+        if not self.training:
+            stack = runner.infer_stack(
+                x.unsqueeze(0),
+                h0,
+                c0,
+                [self._layer_params(layer, 0) for layer in range(self.num_layers)],
                 cell=self.cell,
                 backend=self.backend,
                 regularizers=self.regularizers,
-                training=self.training,
             )
-            hs.append(h)
-            cs.append(c)
-            layer_input = h
-            if self.training and self.dropout > 0 and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        if stack is not None:
+            output, hs, cs = stack
+            layer_input = output[0]
+        else:
+            hs, cs = [], []
+            layer_input = x
+            for layer in range(self.num_layers):
+                h, c = runner.step_layer(
+                    layer_input,
+                    h0[layer],
+                    c0[layer],
+                    self._layer_params(layer, 0),
+                    cell=self.cell,
+                    backend=self.backend,
+                    regularizers=self.regularizers,
+                    training=self.training,
+                )
+                hs.append(h)
+                cs.append(c)
+                layer_input = h
+                if self.training and self.dropout > 0 and layer < self.num_layers - 1:
+                    layer_input = F.dropout(layer_input, self.dropout, training=True)
         h_n, c_n = torch.stack(hs), torch.stack(cs)
         if not batched:
             return layer_input.squeeze(0), LSTMState(h_n.squeeze(1), c_n.squeeze(1))

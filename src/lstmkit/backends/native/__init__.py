@@ -227,6 +227,26 @@ def run(
     return output, h_n, c_n
 
 
+def infer_stack(
+    cell: cells.Cell,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    layers: list[cells.Params],
+    zoneout: tuple[float, float],
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """float32 inference of a unidirectional stack (:func:`lstmkit.runner.infer_stack` decides
+    where): each layer one call of the inference operator on the output of the one below, from
+    its state ``h0[k]``, ``c0[k]``, with zoneout's evaluation probabilities ``zoneout``."""
+    h_n, c_n = [], []
+    for k, params in enumerate(layers):
+        weights = [params.get(name) for name in INFERENCE_NAMES]
+        x, h, c = torch.ops.lstmkit.inference(x, h0[k], c0[k], *weights, cell.kind, *zoneout, [])
+        h_n.append(h)
+        c_n.append(c)
+    return x, h_n, c_n
+
+
 def _zone(zone: Tensor | float | None, like: Tensor) -> tuple[Tensor | None, float]:
     """A zoneout mask as the operator takes it: the training mask as 0 / 1 in ``like``'s dtype,
     or the evaluation probability."""
