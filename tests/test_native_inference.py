@@ -171,8 +171,8 @@ def test_the_stack_without_run_layer_equals_it(monkeypatch, cell, proj_size):
     """forward and step in evaluation run a unidirectional stack through runner.infer_stack (one
     inference operator call per layer): the same numbers, bit for bit, as the layers one by one
     through run_layer, for 2 layers, projection, zoneout's expectation, a given state,
-    batch-first and unbatched input. And the stack is not taken where a gradient is needed, in
-    training mode, for lengths, bidirectional models or float64."""
+    unbatched input, and in training mode without regularisers. It declines where a gradient is
+    needed, for float64, and in training mode with masks to draw."""
     torch.manual_seed(0)
     if cell == "layernorm" and proj_size:
         pytest.skip("the layernorm cell has no projection")
@@ -211,8 +211,17 @@ def test_the_stack_without_run_layer_equals_it(monkeypatch, cell, proj_size):
     assert taken == [False, False]
     model.float().train()
     with torch.no_grad():
-        model(x)
-    assert taken == [False, False]  # training mode: not asked
+        model(x)  # training mode, zoneout's masks to draw
+    assert taken == [False, False, False]
+
+    plain = lstmkit.LSTM(5, 8, num_layers=2, cell=cell, proj_size=proj_size).train()
+    with torch.no_grad():
+        got = plain(x, hx)  # training mode without regularisers or dropout: the stack
+        assert taken[-1]
+        monkeypatch.setattr(lstmkit.runner, "infer_stack", layer_by_layer)
+        want = plain(x, hx)
+    for a, b in zip(leaves(got), leaves(want), strict=True):
+        assert torch.equal(a, b)
 
 
 @needs_native

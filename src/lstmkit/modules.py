@@ -398,6 +398,10 @@ class LSTM(nn.Module):
                 text += f", {name}={getattr(self, name)}"
         return text
 
+    def _dropout_between_layers(self) -> bool:
+        """Whether a forward pass now drops out the outputs between layers."""
+        return self.training and self.dropout > 0 and self.num_layers > 1
+
     def _layer_params(self, layer: int, direction: int) -> dict[str, Tensor | None]:
         """The parameters of one layer-direction by name without suffix, ``None`` where
         absent."""
@@ -452,7 +456,7 @@ class LSTM(nn.Module):
 
         directions = 2 if self.bidirectional else 1
         stack = None
-        if lengths is None and directions == 1 and not self.training:
+        if lengths is None and directions == 1 and not self._dropout_between_layers():
             stack = runner.infer_stack(
                 x,
                 h0,
@@ -461,6 +465,7 @@ class LSTM(nn.Module):
                 cell=self.cell,
                 backend=self.backend,
                 regularizers=self.regularizers,
+                training=self.training,
             )
         if stack is not None:
             output, h_n, c_n = stack
@@ -487,7 +492,7 @@ class LSTM(nn.Module):
                     h_n.append(h)
                     c_n.append(c)
                 layer_input = torch.cat(outputs, dim=2) if directions == 2 else outputs[0]
-                if self.training and self.dropout > 0 and layer < self.num_layers - 1:
+                if self._dropout_between_layers() and layer < self.num_layers - 1:
                     layer_input = F.dropout(layer_input, self.dropout, training=True)
             output = layer_input
         h_n, c_n = torch.stack(h_n), torch.stack(c_n)
@@ -552,7 +557,7 @@ class LSTM(nn.Module):
         # the state of a unidirectional stack has hx's layout: one time step, time-major
         h0, c0 = self._initial_state(state, x.unsqueeze(0), batched, check.STATE_NAMES)
         stack = None
-        if not self.training:
+        if not self._dropout_between_layers():
             stack = runner.infer_stack(
                 x.unsqueeze(0),
                 h0,
@@ -561,6 +566,7 @@ class LSTM(nn.Module):
                 cell=self.cell,
                 backend=self.backend,
                 regularizers=self.regularizers,
+                training=self.training,
             )
         if stack is not None:
             output, hs, cs = stack
@@ -582,7 +588,7 @@ class LSTM(nn.Module):
                 hs.append(h)
                 cs.append(c)
                 layer_input = h
-                if self.training and self.dropout > 0 and layer < self.num_layers - 1:
+                if self._dropout_between_layers() and layer < self.num_layers - 1:
                     layer_input = F.dropout(layer_input, self.dropout, training=True)
         h_n, c_n = torch.stack(hs), torch.stack(cs)
         if not batched:

@@ -209,9 +209,11 @@ def infer_stack(
     cell: cells.Cell,
     backend: str,
     regularizers: Regularizers,
+    training: bool,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]] | None:
-    """A unidirectional stack of layers in evaluation mode over whole sequences (no lengths),
-    where nothing will be differentiated and the native backend runs float32 inference: one
+    """A unidirectional stack of layers over whole sequences (no lengths), in evaluation mode
+    or in training mode with no in-layer regulariser on, where nothing will be differentiated
+    and the native backend runs float32 inference: one
     call of its inference operator per layer, without :func:`run_layer`'s choice of backend,
     masks and reversal for each (~50 us a layer, a tenth of a small model's forward). ``None``
     wherever :func:`run_layer` has anything else to decide; the caller then runs the layers
@@ -220,14 +222,17 @@ def infer_stack(
     Args:
         x: ``(T, B, I)``; h0, c0: ``(num_layers, B, P)`` and ``(num_layers, B, H)``.
         layers: each layer's parameters, as :func:`run_layer` takes them.
-        cell, backend, regularizers: as for :func:`run_layer` (evaluation: zoneout moves each
-            unit by its expectation, the other regularisers are off).
+        cell, backend, regularizers, training: as for :func:`run_layer` (evaluation: zoneout
+            moves each unit by its expectation, the other regularisers are off). Dropout
+            between layers is the caller's: it asks only where there is none.
 
     Returns:
         ``(output, h_n, c_n)``: the top layer's ``(T, B, P)`` output and each layer's final
         state, or ``None``.
     """
     if backend not in ("auto", "native") or x.dtype != torch.float32:
+        return None
+    if training and any(vars(regularizers).values()):  # masks to draw
         return None
     if not native.supports(cell, NO_MASKS) or torch.compiler.is_compiling():
         return None
