@@ -127,6 +127,24 @@ struct Weight {
   std::vector<const float*> plain;  // empty when packed
 };
 
+// b_ih + b_hh (zero where both are undefined) at the rows unit_rows takes of each of `blocks`
+// blocks of `hidden`, padded with zeros to whole panels: one allocation and one loop (the ATen
+// sum, narrow and copy cost ~8 us of a 60 us one-step call).
+Tensor joint_bias(const Tensor& b_ih, const Tensor& b_hh, int64_t hidden, int64_t j0, int64_t width,
+                  int64_t blocks) {
+  Tensor out = at::zeros({panels(blocks * width) * kPanel}, at::kFloat);
+  if (b_ih.defined()) {
+    const float *a = b_ih.const_data_ptr<float>(), *b = b_hh.const_data_ptr<float>();
+    float* const o = out.data_ptr<float>();
+    for (int64_t g = 0; g < blocks; ++g) {
+      for (int64_t j = 0; j < width; ++j) {
+        o[g * width + j] = a[g * hidden + j0 + j] + b[g * hidden + j0 + j];
+      }
+    }
+  }
+  return out;
+}
+
 // Rows [g block + j0, g block + j0 + width) of every block of `block` rows of t, the blocks in
 // order (a worker's units in each gate's block): t itself where width == block.
 Tensor unit_rows(const Tensor& t, int64_t block, int64_t j0, int64_t width) {
@@ -439,8 +457,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
   // Parameters at this call: packed weights (plain for one step), the two biases as one,
   // padded to whole panels.
   const bool plain = steps == 1;
-  Tensor bias = at::zeros({gates}, options);
-  if (b_ih.has_value()) bias = *b_ih + *b_hh;
+  const Tensor bias_ih = contiguous(b_ih), bias_hh = contiguous(b_hh);
   const Tensor ch = contiguous(peephole), ln_ih_w = contiguous(ln_ih_weight);
   const Tensor ln_ih_b = contiguous(ln_ih_bias), ln_hh_w = contiguous(ln_hh_weight);
   const Tensor ln_hh_b = contiguous(ln_hh_bias), ln_c_w = contiguous(ln_c_weight);
@@ -482,9 +499,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
   const int64_t unit_share = (share + kLanes - 1) / kLanes * kLanes;
   // The weights, for one worker (split by units) or for all.
   const auto packed = [&](int64_t j0, int64_t width) {
-    const Tensor b = unit_rows(bias, hidden, j0, width);
-    Tensor padded = at::zeros({panels(b.size(0)) * kPanel}, options);
-    padded.narrow(0, 0, b.size(0)).copy_(b);
+    const Tensor padded = joint_bias(bias_ih, bias_hh, hidden, j0, width, blocks);
     Weight ih = given_xp ? Weight() : prepare(*w_ih, hidden, j0, width, plain);
     return std::make_tuple(std::move(ih), prepare(w_hh, hidden, j0, width, plain), padded,
                            ch.defined() ? unit_rows(ch, hidden, j0, width).contiguous() : Tensor());
