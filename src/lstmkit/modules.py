@@ -398,6 +398,25 @@ class LSTM(nn.Module):
                 text += f", {name}={getattr(self, name)}"
         return text
 
+    def _infer_stack(
+        self, x: Tensor, h0: Tensor, c0: Tensor, layers: list[cells.Params]
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]] | None:
+        """:func:`lstmkit.runner.infer_stack` for this unidirectional stack on ``x``
+        (``(T, N, H_in)``), or ``None`` where its layers go one by one (it declines, or dropout
+        between layers has masks to draw)."""
+        if self._dropout_between_layers():
+            return None
+        return runner.infer_stack(
+            x,
+            h0,
+            c0,
+            layers,
+            cell=self.cell,
+            backend=self.backend,
+            regularizers=self.regularizers,
+            training=self.training,
+        )
+
     def _dropout_between_layers(self) -> bool:
         """Whether a forward pass now drops out the outputs between layers."""
         return self.training and self.dropout > 0 and self.num_layers > 1
@@ -455,18 +474,13 @@ class LSTM(nn.Module):
         h0, c0 = self._initial_state(hx, x, batched)
 
         directions = 2 if self.bidirectional else 1
+        layers = [
+            [self._layer_params(layer, direction) for direction in range(directions)]
+            for layer in range(self.num_layers)
+        ]
         stack = None
-        if lengths is None and directions == 1 and not self._dropout_between_layers():
-            stack = runner.infer_stack(
-                x,
-                h0,
-                c0,
-                [self._layer_params(layer, 0) for layer in range(self.num_layers)],
-                cell=self.cell,
-                backend=self.backend,
-                regularizers=self.regularizers,
-                training=self.training,
-            )
+        if lengths is None and directions == 1:
+            stack = self._infer_stack(x, h0, c0, [per_direction[0] for per_direction in layers])
         if stack is not None:
             output, h_n, c_n = stack
         else:
@@ -480,7 +494,7 @@ class LSTM(nn.Module):
                         layer_input,
                         h0[k],
                         c0[k],
-                        self._layer_params(layer, direction),
+                        layers[layer][direction],
                         cell=self.cell,
                         reverse=direction == 1,
                         lengths=lengths,
@@ -556,18 +570,8 @@ class LSTM(nn.Module):
             x = x.unsqueeze(0)
         # the state of a unidirectional stack has hx's layout: one time step, time-major
         h0, c0 = self._initial_state(state, x.unsqueeze(0), batched, check.STATE_NAMES)
-        stack = None
-        if not self._dropout_between_layers():
-            stack = runner.infer_stack(
-                x.unsqueeze(0),
-                h0,
-                c0,
-                [self._layer_params(layer, 0) for layer in range(self.num_layers)],
-                cell=self.cell,
-                backend=self.backend,
-                regularizers=self.regularizers,
-                training=self.training,
-            )
+        layers = [self._layer_params(layer, 0) for layer in range(self.num_layers)]
+        stack = self._infer_stack(x.unsqueeze(0), h0, c0, layers)
         if stack is not None:
             output, hs, cs = stack
             layer_input = output[0]
@@ -579,7 +583,7 @@ class LSTM(nn.Module):
                     layer_input,
                     h0[layer],
                     c0[layer],
-                    self._layer_params(layer, 0),
+                    layers[layer],
                     cell=self.cell,
                     backend=self.backend,
                     regularizers=self.regularizers,

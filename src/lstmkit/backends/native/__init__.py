@@ -214,10 +214,7 @@ def run(
     training = needs_backward((x, h, c, *params.values()))
     drawn = (masks.recurrent, zone_h, zone_c)  # training masks
     if not training and x.dtype == torch.float32 and all(m is None for m in drawn):
-        return torch.ops.lstmkit.inference(
-            x, h, c, *(params.get(name) for name in INFERENCE_NAMES), cell.kind, zone_h_p,
-            zone_c_p, batch_sizes or [],
-        )  # fmt: skip
+        return _infer(cell, x, h, c, params, (zone_h_p, zone_c_p), batch_sizes)
     xp = cell.project_input(x, params)  # (T, B, GH)
     weights = [params.get(name) for name in NAMES]
     output, h_n, c_n, *_ = torch.ops.lstmkit.recurrence(
@@ -240,11 +237,16 @@ def infer_stack(
     its state ``h0[k]``, ``c0[k]``, with zoneout's evaluation probabilities ``zoneout``."""
     h_n, c_n = [], []
     for k, params in enumerate(layers):
-        weights = [params.get(name) for name in INFERENCE_NAMES]
-        x, h, c = torch.ops.lstmkit.inference(x, h0[k], c0[k], *weights, cell.kind, *zoneout, [])
+        x, h, c = _infer(cell, x, h0[k], c0[k], params, zoneout, None)
         h_n.append(h)
         c_n.append(c)
     return x, h_n, c_n
+
+
+def _infer(cell, x, h, c, params, zoneout: tuple[float, float], batch_sizes: list[int] | None):
+    """One layer-direction's float32 inference: one call of the inference operator."""
+    weights = [params.get(name) for name in INFERENCE_NAMES]
+    return torch.ops.lstmkit.inference(x, h, c, *weights, cell.kind, *zoneout, batch_sizes or [])
 
 
 def _zone(zone: Tensor | float | None, like: Tensor) -> tuple[Tensor | None, float]:
