@@ -150,6 +150,25 @@ def test_a_thread_count_change_between_calls():
 
 
 @needs_native
+@pytest.mark.parametrize("count", [3, 4, 6])
+@pytest.mark.parametrize("hidden", [48, 64, 65, 97])
+def test_units_shared_by_more_threads_than_whole_vectors(monkeypatch, count, hidden):
+    """Split by units, the shares are rounded up to whole vectors, which can leave the last
+    threads no units at all (H = 64 at three threads with 16 lanes, H = 65 at four with 8): the
+    others cover every unit. This crashed the process (a division by zero) on AVX-512."""
+    monkeypatch.setenv("LSTMKIT_NATIVE_SPLIT", "units")
+    torch.manual_seed(hidden)
+    ours, reference = twins("lstm", hidden=hidden)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(count)
+        assert_close_to_reference(ours, reference, torch.randn(4, 1, 5))
+        assert_close_to_reference(ours, reference, torch.randn(1, 2, 5))  # plain products
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_native
 def test_weights_changed_between_calls_take_effect():
     """Packed at every call: a write through .data after a first call is seen by the next."""
     torch.manual_seed(0)

@@ -493,10 +493,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
   const int64_t threads = plain && !large ? 1 : at::get_num_threads();
   const Split split =
       keep ? Split::kRows : choose_split(kind, projected, batch, hidden, large, threads);
-  const int64_t workers =
+  const int64_t wanted =
       split == Split::kUnits ? std::min(threads, hidden / kMinUnits) : std::min(threads, batch);
-  const int64_t share = (hidden + workers - 1) / workers;  // units per worker (split by units)
+  const int64_t share = (hidden + wanted - 1) / wanted;  // units per worker (split by units)
   const int64_t unit_share = (share + kLanes - 1) / kLanes * kLanes;
+  // shares rounded up to whole vectors can leave the last workers no units (H = 64 in shares of
+  // 32 at three threads, with 16 lanes): those do not run
+  const int64_t workers = split == Split::kUnits ? (hidden + unit_share - 1) / unit_share : wanted;
   // The weights, for one worker (split by units) or for all.
   const auto packed = [&](int64_t j0, int64_t width) {
     const Tensor padded = joint_bias(bias_ih, bias_hh, hidden, j0, width, blocks);
