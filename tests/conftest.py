@@ -23,6 +23,14 @@ def threads(request):
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(params=["1", "2"], ids=["1 panel a tile", "2 panels a tile"])
+def tile_panels(request, monkeypatch):
+    """The native products' panels per row tile forced (LSTMKIT_NATIVE_TILE): one (the default
+    with AVX2) and two (with AVX-512), so that every machine runs both."""
+    monkeypatch.setenv("LSTMKIT_NATIVE_TILE", request.param)
+    return request.param
+
+
 def twin_models(dtype: torch.dtype = torch.float64, **config) -> tuple[lstmkit.LSTM, nn.LSTM]:
     """An lstmkit.LSTM and a torch.nn.LSTM holding the same weights."""
     ours = lstmkit.LSTM(**config, dtype=dtype)

@@ -93,9 +93,10 @@ def test_projection_and_no_bias(monkeypatch, threads, cell, split):
 @needs_native
 @pytest.mark.parametrize("hidden", [8, 16, 31, 64, 100])
 @pytest.mark.parametrize("batch", [1, 2, 7, 13])
-def test_sizes_around_the_tiles_equal_nn_lstm(threads, batch, hidden):
-    """Batch sizes that fill one, two and several row tiles, hidden sizes below, at and past a
-    vector and a panel, against torch.nn.LSTM (batch-first, so the input is strided)."""
+def test_sizes_around_the_tiles_equal_nn_lstm(threads, tile_panels, batch, hidden):
+    """Batch sizes that fill one, two and several row tiles of one and of two panels, hidden
+    sizes below, at and past a vector and a panel, against torch.nn.LSTM (batch-first, so the
+    input is strided)."""
     torch.manual_seed(hidden)
     oracle = torch.nn.LSTM(hidden + 3, hidden, num_layers=2, batch_first=True)
     ours = lstmkit.LSTM.from_torch(oracle).eval()

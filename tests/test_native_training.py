@@ -80,9 +80,10 @@ def test_projection(threads, cell):
 @needs_native
 @pytest.mark.parametrize("hidden", [8, 16, 31, 64])
 @pytest.mark.parametrize("batch", [1, 2, 7, 13])
-def test_sizes_around_the_tiles_equal_nn_lstm(threads, batch, hidden):
+def test_sizes_around_the_tiles_equal_nn_lstm(threads, tile_panels, batch, hidden):
     """Against torch.nn.LSTM's own float32 gradients: batch sizes that fill one, two and
-    several row tiles, hidden sizes below, at and past a vector and a panel."""
+    several row tiles of one and of two panels, hidden sizes below, at and past a vector and a
+    panel."""
     torch.manual_seed(hidden)
     oracle = torch.nn.LSTM(hidden + 3, hidden, num_layers=2, batch_first=True)
     ours = lstmkit.LSTM.from_torch(oracle)

@@ -23,7 +23,8 @@
 // The products run on a small register-blocked kernel: the weights are packed at every call
 // (never kept: a parameter may change between calls without any sign a cache could trust) into
 // panels of kPanel columns, K x kPanel floats each, and a tile of up to kMaxRows rows of one
-// panel (or, for one or two rows, of several panels) accumulates in vector registers over K.
+// panel (of half as many rows and two panels with AVX-512; for one or two rows, of several
+// panels) accumulates in vector registers over K.
 // A call of one step (streaming: LSTM.step) reads the weights where they lie instead, as dot
 // products, in one thread unless the weights outgrow a core's cache (see Weight, run).
 
@@ -275,22 +276,57 @@ void tile(const Operand& op, int64_t k0, int64_t k1, int64_t p, int64_t r0, cons
   }
 }
 
-// A tile of `rows` (at most kRows) rows of one panel.
-template <int kRows>
+// A tile of `rows` (at most kRows) rows of kPanels panels.
+template <int kRows, int kPanels = 1>
 void row_tile(int rows, const Operand& op, int64_t k0, int64_t k1, int64_t p, int64_t r0,
               const float* init, bool accumulate, float* const* out) {
   if constexpr (kRows > 1) {
-    if (rows < kRows) return row_tile<kRows - 1>(rows, op, k0, k1, p, r0, init, accumulate, out);
+    if (rows < kRows)
+      return row_tile<kRows - 1, kPanels>(rows, op, k0, k1, p, r0, init, accumulate, out);
   }
-  tile<kRows, 1>(op, k0, k1, p, r0, init, accumulate, out);
+  tile<kRows, kPanels>(op, k0, k1, p, r0, init, accumulate, out);
+}
+
+// Row tiles of kPanels panels, from panel p while kPanels of them remain, each of at most
+// kMaxRows / kPanels of the n rows (so as many sums in flight), their heights as even as they
+// go (8 = 4 + 4); the first panel left.
+template <int kPanels>
+int64_t row_tiles(const Operand& op, int64_t k0, int64_t k1, int64_t p, int64_t n,
+                  int64_t count_panels, const float* init, bool accumulate, float* const* out) {
+  constexpr int kRows = kMaxRows / kPanels;
+  const int64_t tiles = (n + kRows - 1) / kRows;
+  for (; p + kPanels <= count_panels; p += kPanels) {
+    for (int64_t t = 0, r = 0; t < tiles; ++t) {
+      const int rows = static_cast<int>((n - r) / (tiles - t));
+      row_tile<kRows, kPanels>(rows, op, k0, k1, p, r, init, accumulate, out);
+      r += rows;
+    }
+  }
+  return p;
+}
+
+// Panels per row tile where a product has more than two rows: two with AVX-512's 32 registers
+// (6 rows x 4 vectors, a weight vector feeding 6 sums and a broadcast 4, against 12 x 2: 2
+// weight loads and 12 broadcasts for 24 multiply-adds). Measured on an Intel Xeon (family 6,
+// model 167), inference time / nn.LSTM's with one panel and with two: L 1.20 -> 1.01 at 2
+// threads and 1.14 -> 1.03 at 1, M 1.07 -> 0.99, D2 1.14 -> 1.04, S 0.54 -> 0.49. One with 16
+// registers (6 rows x 2 vectors, the tile tuned on a Zen 3; two panels there, 3 rows x 4,
+// are not measured).
+// LSTMKIT_NATIVE_TILE=1 or =2 forces either (tests).
+int tile_panels() {
+  if (const char* forced = std::getenv("LSTMKIT_NATIVE_TILE")) {
+    if (std::string_view(forced) == "1") return 1;
+    if (std::string_view(forced) == "2") return 2;
+  }
+  return kMaxRows == 12 ? 2 : 1;
 }
 
 // out rows (n of them, each padded to whole panels, `count_panels` of them) = bias (or zero;
 // or, `onto_out`, out itself) + the sum of the operands' products, kDepth of an operand's K at a
 // time. One or two rows take several panels per tile, so that enough independent sums are in
-// flight; more rows take one panel per tile, at most kMaxRows rows at a time.
+// flight; more rows take `panels_per_tile` (tile_panels) panels per tile, then one.
 void product(const Operand* ops, int count, int64_t n, int64_t count_panels, const float* bias,
-             float* const* out, bool onto_out = false) {
+             float* const* out, int panels_per_tile, bool onto_out = false) {
   bool accumulate = onto_out;
   for (int o = 0; o < count; ++o) {
     const Operand& op = ops[o];
@@ -310,15 +346,10 @@ void product(const Operand* ops, int count, int64_t n, int64_t count_panels, con
             tile<2, 2>(op, k0, k1, p, 0, bias, accumulate, out);
           }
         }
+      } else if (panels_per_tile == 2) {
+        p = row_tiles<2>(op, k0, k1, p, n, count_panels, bias, accumulate, out);
       }
-      const int64_t tiles = (n + kMaxRows - 1) / kMaxRows;  // of even heights: 8 = 4 + 4
-      for (; p < count_panels; ++p) {
-        for (int64_t t = 0, r = 0; t < tiles; ++t) {
-          const int rows = static_cast<int>((n - r) / (tiles - t));
-          row_tile<kMaxRows>(rows, op, k0, k1, p, r, bias, accumulate, out);
-          r += rows;
-        }
-      }
+      row_tiles<1>(op, k0, k1, p, n, count_panels, bias, accumulate, out);
     }
   }
 }
@@ -457,6 +488,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
   // Parameters at this call: packed weights (plain for one step), the two biases as one,
   // padded to whole panels.
   const bool plain = steps == 1;
+  const int tiling = tile_panels();
   const Tensor bias_ih = contiguous(b_ih), bias_hh = contiguous(b_hh);
   const Tensor ch = contiguous(peephole), ln_ih_w = contiguous(ln_ih_weight);
   const Tensor ln_ih_b = contiguous(ln_ih_bias), ln_hh_w = contiguous(ln_hh_weight);
@@ -596,28 +628,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
               }
             }
             const Operand inputs = operand(worker.xb.data(), worker.ih, in);
-            product(&inputs, 1, span * count, columns, bias_p, worker.ab.data());
+            product(&inputs, 1, span * count, columns, bias_p, worker.ab.data(), tiling);
           }
-          product(&recurrent, 1, n, columns, nullptr, z, true);
+          product(&recurrent, 1, n, columns, nullptr, z, tiling, true);
         } else if (given_xp) {  // z = xp_t + h_{t-1} W_hh^T
           for (int64_t r = 0; r < n; ++r) {
             std::memcpy(worker.zr[r], x_p + t * sx0 + worker.rows[r] * sx1, gates * sizeof(float));
           }
-          product(&recurrent, 1, n, columns, nullptr, worker.zr.data(), true);
+          product(&recurrent, 1, n, columns, nullptr, worker.zr.data(), tiling, true);
         } else if (layernorm) {
-          product(&input, 1, n, columns, nullptr, worker.er.data());
+          product(&input, 1, n, columns, nullptr, worker.er.data(), tiling);
           for (int64_t r = 0; r < n; ++r) {
             layer_norm_into(worker.zr[r], worker.er[r], hat, pointer<float>(ln_ih_w),
                             pointer<float>(ln_ih_b), bias_p, gates);
           }
-          product(&recurrent, 1, n, columns, nullptr, worker.er.data());
+          product(&recurrent, 1, n, columns, nullptr, worker.er.data(), tiling);
           for (int64_t r = 0; r < n; ++r) {
             layer_norm_into(worker.zr[r], worker.er[r], hat, pointer<float>(ln_hh_w),
                             pointer<float>(ln_hh_b), nullptr, gates);
           }
         } else {
           const Operand both[2] = {input, recurrent};
-          product(both, 2, n, columns, bias_p, worker.zr.data());
+          product(both, 2, n, columns, bias_p, worker.zr.data(), tiling);
         }
         for (int64_t r = 0; r < n; ++r) {
           const int64_t b = worker.rows[r];
@@ -632,7 +664,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
         }
         if (projected) {
           const Operand projection = operand(worker.mr.data(), weight_hr, hidden);
-          product(&projection, 1, n, hr_panels, nullptr, worker.hw.data());
+          product(&projection, 1, n, hr_panels, nullptr, worker.hw.data(), tiling);
           for (int64_t r = 0; r < n; ++r) {
             std::memcpy(out_p + (t * batch + worker.rows[r]) * proj, worker.hw[r],
                         proj * sizeof(float));
@@ -744,6 +776,7 @@ void backward_kept(const Tensor& grad_output, Tensor& dh, Tensor& dc, const Tens
   const Tensor packed_hh = pack(w_hh.t());                         // dz W_hh
   const Tensor packed_hr = projected ? pack(w_hr.t()) : Tensor();  // dL/dh' W_hr
   const int64_t p_panels = panels(proj), h_panels = panels(hidden);
+  const int tiling = tile_panels();
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), batch);
   const Cell<float> cell{parse_kind(kind), hidden, pointer<float>(peephole), nullptr, nullptr,
                          nullptr,          nullptr};
@@ -784,7 +817,7 @@ void backward_kept(const Tensor& grad_output, Tensor& dh, Tensor& dc, const Tens
         }
         if (projected) {
           const Operand projection{dh_read.data(), packed_hr.const_data_ptr<float>(), proj};
-          product(&projection, 1, n, h_panels, nullptr, dm_rows.data());
+          product(&projection, 1, n, h_panels, nullptr, dm_rows.data(), tiling);
         }
         for (int64_t r = 0; r < n; ++r) {
           const int64_t b = mine[r], at_t = t * batch + b;
@@ -796,7 +829,7 @@ void backward_kept(const Tensor& grad_output, Tensor& dh, Tensor& dc, const Tens
           dz_read[r] = dz_p + at_t * rows;
         }
         const Operand recurrent{dz_read.data(), packed_hh.const_data_ptr<float>(), rows};
-        product(&recurrent, 1, n, p_panels, nullptr, dh_rows.data());
+        product(&recurrent, 1, n, p_panels, nullptr, dh_rows.data(), tiling);
       }
       for (int64_t r = 0; r < count; ++r) {
         std::memcpy(dh_p + mine[r] * proj, dh_rows[r], proj * sizeof(float));
