@@ -12,9 +12,9 @@
 //   then the cell's pass over the gates (cell.h), the projection m W_hr^T where there is one,
 //   and zoneout's expectation h_t = p h_{t-1} + (1 - p) h', c_t likewise.
 //
-// Or, for small batches and for weights much larger than a core's cache (choose_split), each
-// worker owns hidden units: every row, its share of the units and of the weights' rows, and
-// waits once per step for the others' h_{t-1} (one progress flag per worker).
+// Or, for small batches, for 128 hidden units or more and for weights much larger than a core's
+// cache (choose_split), each worker owns hidden units: every row, its share of the units and of the
+// weights' rows, and waits once per step for the others' h_{t-1} (one progress flag per worker).
 //
 // Training of the same cells without masks uses the same row split both ways: forward_kept runs
 // this forward from the input half and keeps every step's gates and c_t, and backward_kept
@@ -393,13 +393,19 @@ int64_t level2_bytes() {
 // Weights larger than this many level-2 caches are split by units where units can run.
 constexpr int64_t kUnitsWeightsL2 = 4;
 
+// Hidden units from which a layer is split by units whatever its batch (where units can run).
+constexpr int64_t kUnitsHidden = 128;
+
 // For the cells whose gates of a unit need nothing but that unit's values (no layer norm over
 // the row, no projection of the whole of it), units when the batch is too small to give each
-// thread several rows, or when the weights (W_ih and W_hh) are `large`, many times a core's
-// level-2 cache: split by rows, every thread streams all of them from the shared cache
-// at every step; split by units, half as much each at two threads, for one wait per step
-// (measured on a Zen 3, 512 KB L2, 2 threads: H = 384 to 1024 and B = 16 to 256 by units
-// 0.85-1.0x the time by rows, at L 0.82-0.84x; H = 256, 2 MB, the same either way). Else rows.
+// thread several rows, when the weights (W_ih and W_hh) are `large`, many times a core's
+// level-2 cache, or when there are kUnitsHidden units or more; else rows. Split by rows, every
+// thread streams all of the weights at every step; split by units, half as much each at two
+// threads and every row in each tile, for one wait per step. Measured, inference at 2 threads,
+// time by units / time by rows: on a Zen 3 (512 KB L2), H = 384 to 1024 and B = 16 to 256
+// 0.85-1.0, L 0.82-0.84, H = 256 (2 MB of weights) the same either way; on an Intel Xeon
+// (family 6 model 167, 2 MB L2), H = I = 128 to 640 at B = 16 to 256 0.85-0.96 (M 0.87-0.89,
+// L 0.63-0.91), H = 64 at B = 16 and 64 1.08-1.14. H = 128 to 256 on a Zen 3 is not measured.
 // LSTMKIT_NATIVE_SPLIT=rows or =units forces one where it can run (tests).
 Split choose_split(Kind kind, bool projected, int64_t batch, int64_t hidden, bool large,
                    int64_t threads) {
@@ -410,7 +416,7 @@ Split choose_split(Kind kind, bool projected, int64_t batch, int64_t hidden, boo
     if (std::string_view(forced) == "rows") return Split::kRows;
   }
   const bool few_rows = batch < kRowsPerThread * threads;
-  return units_run && (few_rows || large) ? Split::kUnits : Split::kRows;
+  return units_run && (few_rows || large || hidden >= kUnitsHidden) ? Split::kUnits : Split::kRows;
 }
 
 // Worker w's rows when `workers` share a batch by rows: w, w + workers, ... (increasing).
