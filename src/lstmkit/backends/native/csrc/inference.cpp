@@ -26,7 +26,7 @@
 // panel (of half as many rows and two panels with AVX-512; for one or two rows, of several
 // panels) accumulates in vector registers over K.
 // A call of one step (streaming: LSTM.step) reads the weights where they lie instead, as dot
-// products, in one thread unless the weights outgrow a core's cache (see Weight, run).
+// products, in one thread unless the weights outgrow half a core's level-2 cache (see Weight, run).
 
 #include <ATen/Parallel.h>
 #include <unistd.h>
@@ -527,8 +527,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
   // or (split by units) every row with its share of the hidden units and of the weights' rows.
   const int64_t weight_bytes = gates * (in + proj) * static_cast<int64_t>(sizeof(float));
   const bool large = weight_bytes > kUnitsWeightsL2 * level2_bytes();
-  // one step on weights that a core's cache holds: one thread; waking the others costs more
-  const int64_t threads = plain && !large ? 1 : at::get_num_threads();
+  // One step on weights under half a core's level-2 cache: one thread, waking the others costs
+  // more. Larger, they come from the shared cache or memory, about 10 GB/s a core (another
+  // layer's weights, or anything else, evicted them since the last step), and every thread
+  // streams its share. Measured on the Intel Xeon (2 MB L2), LSTM.step of two layers at 2
+  // threads, in one thread and in two: H = 128 (512 KB a layer) 224-230 and 235-242 us, H = 192
+  // (1.2 MB) 426-461 and 294-329, H = 256 (2 MB) 695-724 and 420-440, H = 512 (8 MB) 2700 and
+  // 1090-1250 (ONNX Runtime 1056).
+  const int64_t threads = plain && 2 * weight_bytes <= level2_bytes() ? 1 : at::get_num_threads();
   const Split split =
       keep ? Split::kRows : choose_split(kind, projected, batch, hidden, large, threads);
   const int64_t wanted =
