@@ -189,7 +189,7 @@ def test_weights_changed_between_calls_take_effect():
 @pytest.mark.parametrize("proj_size", [0, 3])
 def test_the_stack_without_run_layer_equals_it(monkeypatch, cell, proj_size):
     """forward and step in evaluation run a unidirectional stack through runner.infer_stack (one
-    inference operator call per layer): the same numbers, bit for bit, as the layers one by one
+    call of the stack operator): the same numbers, bit for bit, as the layers one by one
     through run_layer, for 2 layers, projection, zoneout's expectation, a given state,
     unbatched input, and in training mode without regularisers. It declines where a gradient is
     needed, for float64, and in training mode with masks to draw."""
@@ -245,7 +245,7 @@ def test_the_stack_without_run_layer_equals_it(monkeypatch, cell, proj_size):
 
 
 @needs_native
-def test_inference_runs_the_inference_operator_and_training_does_not():
+def test_inference_runs_the_inference_operators_and_training_does_not():
     ours, _ = twins("lstm")
     x = torch.randn(4, 3, 5)
 
@@ -254,11 +254,14 @@ def test_inference_runs_the_inference_operator_and_training_does_not():
             run()
         return {e.name for e in prof.events() if e.name.startswith("lstmkit::")}
 
+    inference = {"lstmkit::inference", "lstmkit::inference_stack"}
     with torch.no_grad():
-        assert operators(lambda: ours(x)) == {"lstmkit::inference"}
-    assert "lstmkit::inference" not in operators(lambda: ours(x)[0].sum().backward())
+        assert operators(lambda: ours(x)) == {"lstmkit::inference_stack"}
+        assert operators(lambda: ours.step(x[0])) == {"lstmkit::inference_stack"}
+        assert operators(lambda: ours(x, lengths=[4, 2, 1])) == {"lstmkit::inference"}
+    assert not inference & operators(lambda: ours(x)[0].sum().backward())
     with torch.no_grad():
-        assert "lstmkit::inference" not in operators(lambda: ours.double()(x.double()))
+        assert not inference & operators(lambda: ours.double()(x.double()))
 
 
 @needs_native
@@ -274,6 +277,21 @@ def test_opcheck(cell):
         cell, 0.1, 0.2, [3, 3, 2, 1, 1],
     )  # fmt: skip
     torch.library.opcheck(torch.ops.lstmkit.inference.default, args)
+
+
+@needs_native
+@pytest.mark.parametrize("cell", CELLS)
+def test_opcheck_stack(cell):
+    ours, _ = twins(cell, hidden=6, num_layers=2, proj_size=4 if cell == "lstm" else 0)
+    names = lstmkit.backends.native.INFERENCE_NAMES
+    params = [ours._layer_params(layer, 0) for layer in range(2)]
+    out = ours.proj_size or 6
+    args = (
+        torch.randn(5, 3, 5), torch.randn(2, 3, out), torch.randn(2, 3, 6),
+        [None if p.get(n) is None else p[n].detach() for p in params for n in names],
+        cell, 0.1, 0.2,
+    )  # fmt: skip
+    torch.library.opcheck(torch.ops.lstmkit.inference_stack.default, args)
 
 
 @needs_native

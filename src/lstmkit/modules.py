@@ -400,7 +400,7 @@ class LSTM(nn.Module):
 
     def _infer_stack(
         self, x: Tensor, h0: Tensor, c0: Tensor, layers: list[cells.Params]
-    ) -> tuple[Tensor, list[Tensor], list[Tensor]] | None:
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
         """:func:`lstmkit.runner.infer_stack` for this unidirectional stack on ``x``
         (``(T, N, H_in)``), or ``None`` where its layers go one by one (it declines, or dropout
         between layers has masks to draw)."""
@@ -509,7 +509,7 @@ class LSTM(nn.Module):
                 if self._dropout_between_layers() and layer < self.num_layers - 1:
                     layer_input = F.dropout(layer_input, self.dropout, training=True)
             output = layer_input
-        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+            h_n, c_n = torch.stack(h_n), torch.stack(c_n)
 
         if isinstance(input, PackedSequence):
             order = input.sorted_indices
@@ -573,7 +573,7 @@ class LSTM(nn.Module):
         layers = [self._layer_params(layer, 0) for layer in range(self.num_layers)]
         stack = self._infer_stack(x.unsqueeze(0), h0, c0, layers)
         if stack is not None:
-            output, hs, cs = stack
+            output, h_n, c_n = stack
             layer_input = output[0]
         else:
             hs, cs = [], []
@@ -594,7 +594,7 @@ class LSTM(nn.Module):
                 layer_input = h
                 if self._dropout_between_layers() and layer < self.num_layers - 1:
                     layer_input = F.dropout(layer_input, self.dropout, training=True)
-        h_n, c_n = torch.stack(hs), torch.stack(cs)
+            h_n, c_n = torch.stack(hs), torch.stack(cs)
         if not batched:
             return layer_input.squeeze(0), LSTMState(h_n.squeeze(1), c_n.squeeze(1))
         return layer_input, LSTMState(h_n, c_n)

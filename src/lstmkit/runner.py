@@ -210,11 +210,11 @@ def infer_stack(
     backend: str,
     regularizers: Regularizers,
     training: bool,
-) -> tuple[Tensor, list[Tensor], list[Tensor]] | None:
+) -> tuple[Tensor, Tensor, Tensor] | None:
     """A unidirectional stack of layers over whole sequences (no lengths), in evaluation mode
     or in training mode with no in-layer regulariser on, where nothing will be differentiated
     and the native backend runs float32 inference: one
-    call of its inference operator per layer, without :func:`run_layer`'s choice of backend,
+    call of its stack operator for every layer, without :func:`run_layer`'s choice of backend,
     masks and reversal for each (~50 us a layer, a tenth of a small model's forward). ``None``
     wherever :func:`run_layer` has anything else to decide; the caller then runs the layers
     through it, which gives the same numbers where this runs.
@@ -227,8 +227,8 @@ def infer_stack(
             between layers is the caller's: it asks only where there is none.
 
     Returns:
-        ``(output, h_n, c_n)``: the top layer's ``(T, B, P)`` output and each layer's final
-        state, or ``None``.
+        ``(output, h_n, c_n)``: the top layer's ``(T, B, P)`` output and the layers' final
+        states ``(num_layers, B, P)`` and ``(num_layers, B, H)``, or ``None``.
     """
     if backend not in ("auto", "native") or x.dtype != torch.float32:
         return None

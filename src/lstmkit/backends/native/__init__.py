@@ -92,6 +92,7 @@ def _register() -> None:
     torch.library.register_fake("lstmkit::recurrence", _forward_fake)
     torch.library.register_fake("lstmkit::recurrence_backward", _backward_fake)
     torch.library.register_fake("lstmkit::inference", _inference_fake)
+    torch.library.register_fake("lstmkit::inference_stack", _inference_stack_fake)
     torch.library.register_autograd("lstmkit::recurrence", _backward, setup_context=_setup_context)
 
 
@@ -120,6 +121,11 @@ def _forward_fake(
 def _inference_fake(x, h0, c0, w_ih, w_hh, *_rest):
     steps, batch, _ = x.shape
     return x.new_empty(steps, batch, w_hh.shape[1]), torch.empty_like(h0), torch.empty_like(c0)
+
+
+def _inference_stack_fake(x, h0, c0, *_rest):
+    steps, batch, _ = x.shape
+    return x.new_empty(steps, batch, h0.shape[-1]), torch.empty_like(h0), torch.empty_like(c0)
 
 
 def _backward_fake(
@@ -231,16 +237,13 @@ def infer_stack(
     c0: Tensor,
     layers: list[cells.Params],
     zoneout: tuple[float, float],
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """float32 inference of a unidirectional stack (:func:`lstmkit.runner.infer_stack` decides
-    where): each layer one call of the inference operator on the output of the one below, from
-    its state ``h0[k]``, ``c0[k]``, with zoneout's evaluation probabilities ``zoneout``."""
-    h_n, c_n = [], []
-    for k, params in enumerate(layers):
-        x, h, c = _infer(cell, x, h0[k], c0[k], params, zoneout, None)
-        h_n.append(h)
-        c_n.append(c)
-    return x, h_n, c_n
+    where) in one call of ``lstmkit::inference_stack``: each layer on the output of the one
+    below, from its state ``h0[k]``, ``c0[k]``, with zoneout's evaluation probabilities
+    ``zoneout``. Returns the top layer's output and the final states ``(L, B, *)``."""
+    weights = [params.get(name) for params in layers for name in INFERENCE_NAMES]
+    return torch.ops.lstmkit.inference_stack(x, h0, c0, weights, cell.kind, *zoneout)
 
 
 def _infer(cell, x, h, c, params, zoneout: tuple[float, float], batch_sizes: list[int] | None):

@@ -765,6 +765,35 @@ std::tuple<Tensor, Tensor, Tensor> inference(
   return {output, h_n, c_n};
 }
 
+std::tuple<Tensor, Tensor, Tensor> inference_stack(const Tensor& x, const Tensor& h0,
+                                                   const Tensor& c0,
+                                                   const c10::List<std::optional<Tensor>>& params,
+                                                   c10::string_view kind_name, double zone_h_p,
+                                                   double zone_c_p) {
+  constexpr int64_t kPerLayer = 12;  // inference's parameters, weight_ih to ln_c_bias
+  const int64_t layers = static_cast<int64_t>(params.size()) / kPerLayer;
+  TORCH_CHECK(h0.dim() == 3 && c0.dim() == 3 && h0.size(0) == c0.size(0) && layers >= 1 &&
+                  static_cast<int64_t>(params.size()) == layers * kPerLayer && h0.size(0) == layers,
+              "lstmkit::inference_stack takes h0 (L, B, P), c0 (L, B, H) and 12 parameters a "
+              "layer, got h0 ",
+              h0.sizes(), ", c0 ", c0.sizes(), " and ", params.size(), " parameters");
+  Tensor input = x;
+  std::vector<Tensor> h_n, c_n;
+  for (int64_t layer = 0; layer < layers; ++layer) {
+    const auto param = [&](int64_t i) { return params.get(layer * kPerLayer + i); };
+    const std::optional<Tensor> w_ih = param(0), w_hh = param(1);
+    TORCH_CHECK(w_ih.has_value() && w_hh.has_value(), "lstmkit::inference_stack: layer ", layer,
+                " needs weight_ih and weight_hh");
+    auto [output, h, c] = inference(input, h0[layer], c0[layer], *w_ih, *w_hh, param(2), param(3),
+                                    param(4), param(5), param(6), param(7), param(8), param(9),
+                                    param(10), param(11), kind_name, zone_h_p, zone_c_p, {});
+    input = std::move(output);
+    h_n.push_back(std::move(h));
+    c_n.push_back(std::move(c));
+  }
+  return {input, at::stack(h_n), at::stack(c_n)};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_kept(
     const Tensor& xp, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const std::optional<Tensor>& w_hr, const std::optional<Tensor>& peephole, std::string_view kind,

@@ -32,6 +32,9 @@ TORCH_LIBRARY(lstmkit, m) {
       "Tensor? ln_c_weight, Tensor? ln_c_bias, str kind, float zone_h_p, float zone_c_p, "
       "int[] batch_sizes) -> (Tensor output, Tensor h_n, Tensor c_n)");
   m.def(
+      "inference_stack(Tensor x, Tensor h0, Tensor c0, Tensor?[] params, str kind, "
+      "float zone_h_p, float zone_c_p) -> (Tensor output, Tensor h_n, Tensor c_n)");
+  m.def(
       "product_route(ScalarType dtype, int rows, int in_features, int out_features, "
       "bool transposed, int uses) "
       "-> str");
@@ -41,6 +44,7 @@ TORCH_LIBRARY_IMPL(lstmkit, CPU, m) {
   m.impl("recurrence", &recurrence);
   m.impl("recurrence_backward", &recurrence_backward);
   m.impl("inference", &inference);
+  m.impl("inference_stack", &inference_stack);
 }
 
 TORCH_LIBRARY_IMPL(lstmkit, CompositeExplicitAutograd, m) {
