@@ -213,11 +213,11 @@ def infer_stack(
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """A unidirectional stack of layers over whole sequences (no lengths), in evaluation mode
     or in training mode with no in-layer regulariser on, where nothing will be differentiated
-    and the native backend runs float32 inference: one
-    call of its stack operator for every layer, without :func:`run_layer`'s choice of backend,
-    masks and reversal for each (~50 us a layer, a tenth of a small model's forward). ``None``
-    wherever :func:`run_layer` has anything else to decide; the caller then runs the layers
-    through it, which gives the same numbers where this runs.
+    and the native backend runs float32 inference: one call of its stack operator for all the
+    layers, without :func:`run_layer`'s choice of backend, masks and reversal for each layer
+    (~50 us a layer, a tenth of a small model's forward). ``None`` wherever :func:`run_layer`
+    has anything else to decide; the caller then runs the layers through it, which gives the
+    same numbers where this runs.
 
     Args:
         x: ``(T, B, I)``; h0, c0: ``(num_layers, B, P)`` and ``(num_layers, B, H)``.

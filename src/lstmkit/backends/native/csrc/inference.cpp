@@ -305,6 +305,12 @@ int64_t row_tiles(const Operand& op, int64_t k0, int64_t k1, int64_t p, int64_t 
   return p;
 }
 
+// A route that the environment variable `variable` forces (the tests run every one), or "".
+std::string_view forced(const char* variable) {
+  const char* value = std::getenv(variable);
+  return value != nullptr ? value : "";
+}
+
 // Panels per row tile where a product has more than two rows: two with AVX-512's 32 registers
 // (6 rows x 4 vectors, a weight vector feeding 6 sums and a broadcast 4, against 12 x 2: 2
 // weight loads and 12 broadcasts for 24 multiply-adds). Measured on an Intel Xeon (family 6,
@@ -314,10 +320,9 @@ int64_t row_tiles(const Operand& op, int64_t k0, int64_t k1, int64_t p, int64_t 
 // are not measured).
 // LSTMKIT_NATIVE_TILE=1 or =2 forces either (tests).
 int tile_panels() {
-  if (const char* forced = std::getenv("LSTMKIT_NATIVE_TILE")) {
-    if (std::string_view(forced) == "1") return 1;
-    if (std::string_view(forced) == "2") return 2;
-  }
+  const std::string_view choice = forced("LSTMKIT_NATIVE_TILE");
+  if (choice == "1") return 1;
+  if (choice == "2") return 2;
   return kMaxRows == 12 ? 2 : 1;
 }
 
@@ -411,10 +416,9 @@ Split choose_split(Kind kind, bool projected, int64_t batch, int64_t hidden, boo
                    int64_t threads) {
   const bool units_run =
       kind != Kind::kLayerNorm && !projected && threads > 1 && hidden >= 2 * kMinUnits;
-  if (const char* forced = std::getenv("LSTMKIT_NATIVE_SPLIT")) {
-    if (std::string_view(forced) == "units" && units_run) return Split::kUnits;
-    if (std::string_view(forced) == "rows") return Split::kRows;
-  }
+  const std::string_view choice = forced("LSTMKIT_NATIVE_SPLIT");
+  if (choice == "units" && units_run) return Split::kUnits;
+  if (choice == "rows") return Split::kRows;
   const bool few_rows = batch < kRowsPerThread * threads;
   return units_run && (few_rows || large || hidden >= kUnitsHidden) ? Split::kUnits : Split::kRows;
 }
