@@ -163,6 +163,7 @@ Weight prepare(const Tensor& weight, int64_t block, int64_t j0, int64_t width, b
   Weight out{Tensor(), w, {}};
   const float* const data = w.const_data_ptr<float>();
   const int64_t k = w.size(1);
+  out.plain.reserve(w.size(0) / block * width);
   for (int64_t g = 0; g < w.size(0) / block; ++g) {
     for (int64_t j = 0; j < width; ++j) out.plain.push_back(data + (g * block + j0 + j) * k);
   }
@@ -196,13 +197,18 @@ void dots(const float* a, const float* const* w, int64_t k, float* sums) {
 #pragma GCC unroll 8
     for (int q = 0; q < kCols; ++q) acc[q] = fma(x, load(w[q] + e), acc[q]);
   }
+  if constexpr (kCols == 8) {
+    lane_sums8(acc, sums);
+  } else {
+    for (int q = 0; q < kCols; ++q) {
+      float lanes[kLanes];
+      store(lanes, acc[q]);
+      sums[q] = 0.0f;
+      for (const float lane : lanes) sums[q] += lane;
+    }
+  }
   for (int q = 0; q < kCols; ++q) {
-    float lanes[kLanes];
-    store(lanes, acc[q]);
-    float sum = 0.0f;
-    for (const float lane : lanes) sum += lane;
-    for (int64_t i = e; i < k; ++i) sum += a[i] * w[q][i];
-    sums[q] = sum;
+    for (int64_t i = e; i < k; ++i) sums[q] += a[i] * w[q][i];
   }
 }
 
@@ -564,24 +570,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
     for (int64_t w = begin; w < end; ++w) {
       const int64_t j0 = split == Split::kUnits ? std::min(hidden, w * unit_share) : 0;
       const int64_t width = split == Split::kUnits ? std::min(unit_share, hidden - j0) : hidden;
-      const auto [ih, hh, b, peep] = split == Split::kUnits ? packed(j0, width) : shared;
+      auto [ih, hh, b, peep] = split == Split::kUnits ? packed(j0, width) : shared;
       Worker& worker = mine.emplace_back();
       worker.rows = split == Split::kUnits ? rows_of_worker(0, 1, batch)  // every row
                                            : rows_of_worker(w, workers, batch);
       worker.j0 = j0;
       worker.width = width;
-      worker.ih = ih;
-      worker.hh = hh;
-      worker.bias = b;
-      worker.peephole = peep;
+      worker.ih = std::move(ih);
+      worker.hh = std::move(hh);
+      worker.bias = std::move(b);
+      worker.peephole = std::move(peep);
       worker.cell = {kind,
                      width,
-                     pointer<float>(peep),
+                     pointer<float>(worker.peephole),
                      pointer<float>(ln_hh_w),
                      pointer<float>(ln_hh_b),
                      pointer<float>(ln_c_w),
                      pointer<float>(ln_c_b)};
-      const int64_t count = static_cast<int64_t>(worker.rows.size()), padded = b.size(0);
+      const int64_t count = static_cast<int64_t>(worker.rows.size()), padded = worker.bias.size(0);
       worker.z.resize(count * padded);
       worker.extra.resize(layernorm ? count * padded : 0);
       worker.hat.resize(std::max(padded, hidden));

@@ -15,6 +15,19 @@ namespace {
 
 using std::int64_t;
 
+#if defined(__AVX2__)
+// out[q] = the sum of the eight lanes of v[q], q < 8: three rounds of pairwise adds, instead of
+// eight stores and 56 scalar adds.
+inline void lane_sums8(const __m256* v, float* out) {
+  __m256 pairs[4];
+  for (int q = 0; q < 4; ++q) pairs[q] = _mm256_hadd_ps(v[2 * q], v[2 * q + 1]);
+  const __m256 low = _mm256_hadd_ps(pairs[0], pairs[1]);   // v0..v3: halves of each 128 bits
+  const __m256 high = _mm256_hadd_ps(pairs[2], pairs[3]);  // v4..v7
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20),
+                                      _mm256_permute2f128_ps(low, high, 0x31)));
+}
+#endif
+
 #if defined(__AVX512F__)
 constexpr int64_t kLanes = 16;
 using Vec = __m512;
@@ -37,6 +50,15 @@ inline Vec round_nearest(Vec x) {
 inline Vec exp2_whole(Vec n) {
   const __m512i bits = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
   return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 23));
+}
+// out[q] = the sum of the lanes of v[q], q < 8
+inline void lane_sums8(const Vec* v, float* out) {
+  __m256 halves[8];
+  for (int q = 0; q < 8; ++q) {
+    const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v[q]), 1));
+    halves[q] = _mm256_add_ps(_mm512_castps512_ps256(v[q]), high);
+  }
+  lane_sums8(halves, out);
 }
 constexpr int kMaxRows = 12;  // of a product's tile: 32 registers, 24 accumulators
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -108,6 +130,9 @@ inline Vec exp2_whole(Vec n) {
     std::memcpy(&lane, &bits, sizeof lane);
   }
   return n;
+}
+inline void lane_sums8(const Vec* v, float* out) {
+  for (int q = 0; q < 8; ++q) out[q] = v[q].v[0] + v[q].v[1] + v[q].v[2] + v[q].v[3];
 }
 constexpr int kMaxRows = 6;
 #endif
