@@ -448,3 +448,60 @@ def test_fallback_when_unavailable(tmp_path, env, reason):
     assert reason in result["warnings"][0]
     assert reason in result["error"]
     assert "backend='auto'" in result["error"]
+
+
+def assert_close_to_scale(got, want):
+    """float32 sums of up to 300 products against float64: within 1e-5 of want's largest
+    magnitude (or of 1)."""
+    want = want.detach().double()
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    torch.testing.assert_close(got.detach().double(), want, atol=1e-5 * scale, rtol=1e-5)
+
+
+# (shape of a, N): a partial panel, a row of one, several blocks of rows, no rows, K = 0
+LINEAR_SHAPES = [((7, 3, 5), 40), ((5,), 33), ((300, 64), 96), ((0, 4), 5), ((4, 0), 6)]
+
+
+@needs_native
+@pytest.mark.parametrize("transposed", [False, True], ids=["weight", "a (K, N) tensor's .t()"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
+@pytest.mark.parametrize(("shape", "out"), LINEAR_SHAPES)
+def test_linear_equals_float64_linear_with_its_gradients(threads, shape, out, bias, transposed):
+    """lstmkit::linear (training's input half) against F.linear in float64: the value, the
+    gradients of a, the weight and the bias, and (create_graph) the second derivatives."""
+    torch.manual_seed(out)
+    a = torch.randn(*shape, requires_grad=True)
+    weight = torch.randn(out, shape[-1])
+    weight = (weight.t().contiguous().t() if transposed else weight).requires_grad_()
+    b = torch.randn(out, requires_grad=True) if bias else None
+    leaves = [t for t in (a, weight, b) if t is not None]
+    got = torch.ops.lstmkit.linear(a, weight, b)
+    want = torch.nn.functional.linear(*(None if t is None else t.double() for t in (a, weight, b)))
+    assert_close_to_scale(got, want)
+    grad = torch.randn(got.shape, dtype=torch.float64)
+    firsts = torch.autograd.grad(got, leaves, grad.float(), create_graph=True)
+    wants = torch.autograd.grad(want, leaves, grad, create_graph=True)
+    for g, w in zip(firsts, wants, strict=True):
+        assert_close_to_scale(g, w)
+    if a.numel() and out:
+        seconds = torch.autograd.grad(
+            sum(g.square().sum() for g in firsts), leaves, allow_unused=True
+        )
+        want_seconds = torch.autograd.grad(
+            sum(g.square().sum() for g in wants), leaves, allow_unused=True
+        )
+        for g, w in zip(seconds, want_seconds, strict=True):
+            assert (g is None) == (w is None)
+            if g is not None:
+                assert_close_to_scale(g, w)
+
+
+@needs_native
+@pytest.mark.parametrize(("shape", "out"), LINEAR_SHAPES[:3])
+def test_opcheck_linear(shape, out):
+    weight = torch.randn(out, shape[-1], requires_grad=True)
+    args = (torch.randn(*shape, requires_grad=True), weight, torch.randn(out, requires_grad=True))
+    torch.library.opcheck(torch.ops.lstmkit.linear.default, args)
+    torch.library.opcheck(
+        torch.ops.lstmkit.linear.default, (args[0], weight.detach().t().contiguous().t(), None)
+    )

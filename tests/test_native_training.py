@@ -11,9 +11,19 @@ import torch
 from test_native import needs_native
 
 import lstmkit
+from lstmkit.backends import native
 
 # float32 sums over T steps and 4H products against float64; H <= 40, T <= 11
 GRADIENT_TOLERANCE = 2e-5
+
+
+@pytest.fixture(params=["linear", "aten"], ids=["input half by lstmkit::linear", "by ATen"])
+def input_half(request, monkeypatch):
+    """Training's input half on the backend's own product (lstmkit::linear) at any size, or on
+    ATen's at every size: both routes run whatever rows the test has."""
+    rows = 0 if request.param == "linear" else 1 << 62
+    monkeypatch.setattr(native, "LINEAR_MIN_ROWS", rows)
+    return request.param
 
 
 def gradients(model, x, hx, lengths, weights):
@@ -57,7 +67,7 @@ def assert_gradients_close(cell, batch, hidden=40, proj_size=0, lengths=None, la
 @needs_native
 @pytest.mark.parametrize("batch", [1, 2, 7, 13])
 @pytest.mark.parametrize("cell", ["lstm", "peephole", "cifg"])
-def test_every_cell_equals_reference(threads, cell, batch):
+def test_every_cell_equals_reference(threads, input_half, cell, batch):
     """Two stacked bidirectional layers with a given state; with lengths, finished rows keep
     their gradients until the step where they ended (a thread's running rows are a prefix of
     its rows)."""
@@ -70,7 +80,7 @@ def test_every_cell_equals_reference(threads, cell, batch):
 
 @needs_native
 @pytest.mark.parametrize("cell", ["lstm", "peephole", "cifg"])
-def test_projection(threads, cell):
+def test_projection(threads, input_half, cell):
     """dL/dm = dL/dh' W_hr on the rows kernel, and m again for dW_hr."""
     assert_gradients_close(cell, 5, hidden=33, proj_size=7)
     assert_gradients_close(cell, 5, hidden=33, proj_size=7, lengths=[11, 1, 3, 11, 2])

@@ -34,6 +34,7 @@ TORCH_LIBRARY(lstmkit, m) {
   m.def(
       "inference_stack(Tensor x, Tensor h0, Tensor c0, Tensor?[] params, str kind, "
       "float zone_h_p, float zone_c_p) -> (Tensor output, Tensor h_n, Tensor c_n)");
+  m.def("linear(Tensor a, Tensor weight, Tensor? bias) -> Tensor");
   m.def(
       "product_route(ScalarType dtype, int rows, int in_features, int out_features, "
       "bool transposed, int uses) "
@@ -45,6 +46,7 @@ TORCH_LIBRARY_IMPL(lstmkit, CPU, m) {
   m.impl("recurrence_backward", &recurrence_backward);
   m.impl("inference", &inference);
   m.impl("inference_stack", &inference_stack);
+  m.impl("linear", &linear);
 }
 
 TORCH_LIBRARY_IMPL(lstmkit, CompositeExplicitAutograd, m) {

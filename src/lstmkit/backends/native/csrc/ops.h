@@ -75,4 +75,9 @@ void backward_kept(const Tensor& grad_output, Tensor& dh, Tensor& dc, const Tens
                    std::string_view kind, const Tensor& gates, const Tensor& cells,
                    at::IntArrayRef batch_sizes, Tensor& dz, Tensor& dh_seq, Tensor& m_seq);
 
+// a (..., K) @ weight^T + bias, float32: weight (N, K), row-major or a (K, N) tensor's .t(),
+// bias (N) or none; on the inference kernel's packed products, blocks of a's rows shared
+// between threads. The input half of training and its gradient by the input.
+Tensor linear(const Tensor& a, const Tensor& weight, const std::optional<Tensor>& bias);
+
 }  // namespace lstmkit
