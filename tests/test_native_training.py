@@ -103,3 +103,23 @@ def test_sizes_around_the_tiles_equal_nn_lstm(threads, tile_panels, batch, hidde
     want = torch.autograd.grad((oracle(x)[0] * weights).sum(), list(oracle.parameters()))
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@needs_native
+def test_products_deeper_than_one_pass_equal_nn_lstm(threads, input_half):
+    """Sums over more than one pass of the products' depth (1024 with AVX-512, 256 with AVX2):
+    an input of 1500 features in the forward, 4H = 1040 gate rows in the backward's dz W_hh, in
+    inference and in training, against torch.nn.LSTM's float32."""
+    torch.manual_seed(0)
+    oracle = torch.nn.LSTM(1500, 260)
+    ours = lstmkit.LSTM.from_torch(oracle)
+    x = torch.randn(3, 7, 1500)
+    weights = torch.randn(3, 7, 260)
+    with torch.no_grad():
+        for a, b in zip(ours.eval()(x)[0], oracle(x)[0], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    x.requires_grad_()
+    got = torch.autograd.grad((ours.train()(x)[0] * weights).sum(), [x, *ours.parameters()])
+    want = torch.autograd.grad((oracle(x)[0] * weights).sum(), [x, *oracle.parameters()])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
