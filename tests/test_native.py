@@ -466,7 +466,9 @@ LINEAR_SHAPES = [((7, 3, 5), 40), ((5,), 33), ((300, 64), 96), ((0, 4), 5), ((4,
 @pytest.mark.parametrize("transposed", [False, True], ids=["weight", "a (K, N) tensor's .t()"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
 @pytest.mark.parametrize(("shape", "out"), LINEAR_SHAPES)
-def test_linear_equals_float64_linear_with_its_gradients(threads, shape, out, bias, transposed):
+def test_linear_equals_float64_linear_with_its_gradients(
+    threads, tile_panels, shape, out, bias, transposed
+):
     """lstmkit::linear (training's input half) against F.linear in float64: the value, the
     gradients of a, the weight and the bias, and (create_graph) the second derivatives."""
     torch.manual_seed(out)
