@@ -19,7 +19,8 @@ GRADIENT_TOLERANCE = 2e-5
 
 @pytest.fixture(params=["linear", "aten"], ids=["input half by lstmkit::linear", "by ATen"])
 def input_half(request, monkeypatch):
-    """Training's input half on the backend's own product (lstmkit::linear) at any size, or on
+    """The input's gradient of training's input half (and, with recurrent dropout or zoneout,
+    the input half itself) on the backend's own product (lstmkit::linear) at any size, or on
     ATen's at every size: both routes run whatever rows the test has."""
     rows = 0 if request.param == "linear" else 1 << 62
     monkeypatch.setattr(native, "LINEAR_MIN_ROWS", rows)
@@ -123,3 +124,51 @@ def test_products_deeper_than_one_pass_equal_nn_lstm(threads, input_half):
     want = torch.autograd.grad((oracle(x)[0] * weights).sum(), [x, *oracle.parameters()])
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def operators_run(run) -> set[str]:
+    """The lstmkit:: operators that ``run()`` calls."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    return {e.name for e in prof.events() if e.name.startswith("lstmkit::")}
+
+
+@needs_native
+@pytest.mark.parametrize("cell", ["lstm", "peephole", "cifg"])
+def test_second_derivatives_through_training_forward_equal_reference(cell):
+    """create_graph=True through lstmkit::training_forward (the float32 training forward from
+    the input) differentiates the reference equations: second derivatives of two layers with
+    lengths equal the float64 reference backend's."""
+    torch.manual_seed(0)
+    proj_size = 3 if cell == "lstm" else 0
+    ours = lstmkit.LSTM(5, 7, 2, cell=cell, backend="native", proj_size=proj_size)
+    reference = lstmkit.LSTM(5, 7, 2, cell=cell, backend="reference", proj_size=proj_size,
+                             dtype=torch.float64)  # fmt: skip
+    reference.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    x = torch.randn(4, 3, 5)
+    lengths = [4, 2, 3]
+
+    def second(model, x):
+        x = x.clone().requires_grad_()
+        out, (h_n, c_n) = model(x, lengths=lengths)
+        loss = out.square().sum() + h_n.sum() + c_n.square().sum()
+        leaves = (x, *model.parameters())
+        grads = torch.autograd.grad(loss, leaves, create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
+
+    assert "lstmkit::training_forward" in operators_run(lambda: second(ours, x))
+    for a, b in zip(second(ours, x), second(reference, x.double()), strict=True):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("cell", ["lstm", "peephole", "cifg"])
+def test_opcheck_training_forward(cell):
+    ours = lstmkit.LSTM(5, 6, cell=cell, proj_size=4 if cell == "lstm" else 0)
+    params = ours._layer_params(0, 0)
+    out = ours.proj_size or 6
+    args = (
+        torch.randn(5, 3, 5, requires_grad=True), torch.randn(3, out), torch.randn(3, 6),
+        *(params.get(n) for n in native.TRAINING_NAMES), cell, [3, 3, 2, 1, 1],
+    )  # fmt: skip
+    torch.library.opcheck(torch.ops.lstmkit.training_forward.default, args)

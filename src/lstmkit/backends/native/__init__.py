@@ -6,11 +6,14 @@ backward, as the custom operators ``torch.ops.lstmkit.recurrence`` and
 Where nothing will be differentiated and the input is float32 (inference), one operator runs the
 whole layer instead, input products included: ``torch.ops.lstmkit.inference``
 (``csrc/inference.cpp``), with the threads sharing the batch's rows, or the hidden units when
-the batch is small, for the whole sequence. Otherwise the input half of the gates is one
-product over all steps, ``torch.ops.lstmkit.linear`` on the same kernel for the plain
-``x W_ih^T + b`` in float32 (its autograd formula gives the input's gradient on that kernel too,
-``weight_ih``'s by ATen), else the cell's own :meth:`~lstmkit.cells.Cell.project_input`; and the
-recurrence operator runs the steps.
+the batch is small, for the whole sequence. Training of the same float32 layers without layer
+norm or masks runs that kernel too, keeping every step's gates and cell state:
+``torch.ops.lstmkit.training_forward``, whose backward is the recurrence's backward operator
+and then the input half's gradients. Otherwise the input half of the gates is one product over
+all steps, ``torch.ops.lstmkit.linear`` on the same kernel for the plain ``x W_ih^T + b`` in
+float32 (its autograd formula gives the input's gradient on that kernel too, ``weight_ih``'s by
+ATen), else the cell's own :meth:`~lstmkit.cells.Cell.project_input`; and the recurrence
+operator runs the steps.
 Python adds what makes the operators behave like any PyTorch operator:
 a fake (shape-only) implementation of each, for ``torch.compile`` and ``torch.export``, and the
 forward's autograd formula, which calls the backward operator. When autograd asks for
@@ -54,6 +57,8 @@ NAMES = (
     "ln_c_weight",
     "ln_c_bias",
 )
+# the parameters of lstmkit::training_forward, in its order
+TRAINING_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr", "weight_ch")
 # the parameters of lstmkit::inference, in its order
 INFERENCE_NAMES = (
     "weight_ih",
@@ -102,6 +107,10 @@ def _register() -> None:
     torch.library.register_fake("lstmkit::inference", _inference_fake)
     torch.library.register_fake("lstmkit::inference_stack", _inference_stack_fake)
     torch.library.register_autograd("lstmkit::recurrence", _backward, setup_context=_setup_context)
+    torch.library.register_fake("lstmkit::training_forward", _training_fake)
+    torch.library.register_autograd(
+        "lstmkit::training_forward", _training_backward, setup_context=_training_setup_context
+    )
     torch.library.register_fake("lstmkit::linear", _linear_fake)
     torch.library.register_autograd(
         "lstmkit::linear", _linear_backward, setup_context=_linear_setup_context
@@ -151,15 +160,70 @@ def _linear_setup_context(ctx, inputs, output) -> None:
 
 
 def _linear_backward(ctx, grad):
-    """``F.linear``'s gradients: by the input on the same kernel (the weight's transpose packed
-    as it lies), by the weight and the bias by ATen."""
+    """``F.linear``'s gradients."""
     a, weight = ctx.saved_tensors
+    return _linear_gradients(grad, a, weight, ctx.has_bias, ctx.needs_input_grad)
+
+
+def _linear_gradients(grad, a, weight, has_bias: bool, needs):
+    """The gradients of ``a W^T + b`` by ``a``, ``W`` and ``b`` (``None`` where not ``needs``):
+    by the input on lstmkit::linear from :data:`LINEAR_MIN_ROWS` rows (the weight's transpose
+    packed as it lies), by the weight and the bias by ATen."""
     count = math.prod(a.shape[:-1])  # rows
     rows = grad.reshape(count, grad.shape[-1])
-    da = torch.ops.lstmkit.linear(grad, weight.t(), None) if ctx.needs_input_grad[0] else None
-    dw = rows.t().mm(a.reshape(count, a.shape[-1])) if ctx.needs_input_grad[1] else None
-    db = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    da = None
+    if needs[0]:
+        product = torch.ops.lstmkit.linear if count >= LINEAR_MIN_ROWS else _aten_linear
+        da = product(grad, weight.t(), None)
+    dw = rows.t().mm(a.reshape(count, a.shape[-1])) if needs[1] else None
+    db = rows.sum(0) if has_bias and needs[2] else None
     return da, dw, db
+
+
+def _aten_linear(a, weight, bias):
+    return torch.nn.functional.linear(a, weight, bias)
+
+
+def _training_fake(x, h0, c0, w_ih, w_hh, *_rest):
+    steps, batch, _ = x.shape
+    kept = (x.new_empty(steps, batch, w_hh.shape[0]), x.new_empty(steps, batch, c0.shape[-1]))
+    return (
+        x.new_empty(steps, batch, w_hh.shape[1]),
+        torch.empty_like(h0),
+        torch.empty_like(c0),
+        *kept,
+    )
+
+
+def _training_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:9], output[0], *output[3:])
+    ctx.kind, ctx.batch_sizes = inputs[9], list(inputs[10])
+    ctx.set_materialize_grads(False)  # as lstmkit::recurrence's: unused outputs' stay None
+
+
+def _training_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_kept):
+    """lstmkit::training_forward's gradients: recurrence_backward from the kept gates and cell
+    states (dL/dxp, the states' and the step's weights'), then the input half's from dL/dxp;
+    with ``create_graph=True``, the reference equations' (as lstmkit::recurrence's)."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, output, gates, kept_cells = ctx.saved_tensors
+    inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch)
+    needs = ctx.needs_input_grad[:9]
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+        rerun = rerun_reference(
+            cells.CELLS[ctx.kind], TRAINING_NAMES, ctx.batch_sizes or None, Masks()
+        )
+        grads = reference_backward(rerun, inputs, (grad_output, grad_h_n, grad_c_n), needs)
+        return *grads, None, None
+    empty = gates.new_empty(0)
+    dxp, dh0, dc0, dw_hh, dw_hr, dw_ch, *_ = torch.ops.lstmkit.recurrence_backward(
+        grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, w_ch, None, None, None, None,
+        ctx.kind, None, None, None, 0.0, 0.0, output, gates, kept_cells, empty, empty, empty, empty,
+        ctx.batch_sizes,
+    )  # fmt: skip
+    biases = needs[5] or needs[6]
+    dx, dw_ih, db = _linear_gradients(dxp, x, w_ih, b_ih is not None, (needs[0], needs[3], biases))
+    grads = (dx, dh0, dc0, dw_ih, dw_hh, db, db, dw_hr, dw_ch)
+    return *(g if n else None for g, n in zip(grads, needs, strict=True)), None, None
 
 
 def _backward_fake(
@@ -255,6 +319,13 @@ def run(
     drawn = (masks.recurrent, zone_h, zone_c)  # training masks
     if not training and x.dtype == torch.float32 and all(m is None for m in drawn):
         return _infer(cell, x, h, c, params, (zone_h_p, zone_c_p), batch_sizes)
+    masked = any(m is not None for m in drawn) or zone_h_p or zone_c_p
+    if x.dtype == torch.float32 and not masked and _plain_input_half(cell):
+        weights = [params.get(name) for name in TRAINING_NAMES]
+        output, h_n, c_n, *_ = torch.ops.lstmkit.training_forward(
+            x, h, c, *weights, cell.kind, batch_sizes or []
+        )
+        return output, h_n, c_n
     xp = _input_half(cell, x, params)  # (T, B, GH)
     weights = [params.get(name) for name in NAMES]
     output, h_n, c_n, *_ = torch.ops.lstmkit.recurrence(
@@ -291,13 +362,18 @@ def _input_half(cell: cells.Cell, x: Tensor, params: cells.Params) -> Tensor:
     :data:`LINEAR_MIN_ROWS` rows or more, on this backend's product kernel (``lstmkit::linear``):
     MKL's GEMM took 1.2-1.6x as long on an AMD EPYC Zen 4 at 1 thread, 1.07-1.18x at 2 (6400 x
     512 x 2048 and 3200 x 256 x 1024, and the shapes of their gradient by the input)."""
-    plain = type(cell).project_input is cells.Cell.project_input
     rows = x.numel() // max(x.shape[-1], 1)
-    if x.dtype != torch.float32 or not plain or rows < LINEAR_MIN_ROWS:
+    if x.dtype != torch.float32 or not _plain_input_half(cell) or rows < LINEAR_MIN_ROWS:
         return cell.project_input(x, params)
     b_ih, b_hh = params["bias_ih"], params["bias_hh"]
     bias = None if b_ih is None else b_ih + b_hh
     return torch.ops.lstmkit.linear(x, params["weight_ih"], bias)
+
+
+def _plain_input_half(cell: cells.Cell) -> bool:
+    """Whether the cell's input half is the plain ``x W_ih^T + b_ih + b_hh`` (its
+    ``project_input`` not overridden, as layer norm's is)."""
+    return type(cell).project_input is cells.Cell.project_input
 
 
 def _zone(zone: Tensor | float | None, like: Tensor) -> tuple[Tensor | None, float]:

@@ -745,6 +745,48 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
   return {output, h_n, c_n, kept_gates, cells};
 }
 
+// The arguments of a layer's operator from its input (inference, training_forward), checked:
+// `op` names it in the messages.
+void check_layer(const char* op, const Tensor& x, const Tensor& h0_in, const Tensor& c0_in,
+                 const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+                 const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
+                 const std::optional<Tensor>& peephole, const std::optional<Tensor>& ln_ih_weight,
+                 const std::optional<Tensor>& ln_ih_bias, const std::optional<Tensor>& ln_hh_weight,
+                 const std::optional<Tensor>& ln_hh_bias, const std::optional<Tensor>& ln_c_weight,
+                 const std::optional<Tensor>& ln_c_bias, c10::string_view kind_name, Kind kind) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3, op,
+              " takes a float32 CPU input (T, B, I), got ", x.scalar_type(), " ", x.sizes(), " on ",
+              x.device());
+  const int64_t batch = x.size(1), in = x.size(2);
+  const int64_t hidden = c0_in.size(-1), proj = w_hh.size(1);
+  const int64_t gates = (kind == Kind::kCifg ? 3 : 4) * hidden;
+  const bool layernorm = kind == Kind::kLayerNorm, projected = w_hr.has_value();
+  const auto check = [&](const std::optional<Tensor>& t, bool wanted, at::IntArrayRef shape,
+                         const char* name) {
+    TORCH_CHECK(t.has_value() == wanted, op, ": kind ", kind_name,
+                wanted ? " needs " : " takes no ", name);
+    if (wanted) {
+      TORCH_CHECK(t->sizes() == shape && t->scalar_type() == at::kFloat, op, ": ", name,
+                  " must be float32 ", shape, ", got ", t->scalar_type(), " ", t->sizes());
+    }
+  };
+  check(h0_in, true, {batch, proj}, "h0");
+  check(c0_in, true, {batch, hidden}, "c0");
+  check(w_ih, true, {gates, in}, "weight_ih");
+  check(w_hh, true, {gates, proj}, "weight_hh");
+  check(b_ih, b_ih.has_value(), {gates}, "bias_ih");
+  check(b_hh, b_ih.has_value(), {gates}, "bias_hh");
+  check(w_hr, projected, {proj, hidden}, "weight_hr");
+  TORCH_CHECK(projected || proj == hidden, op, ": without weight_hr, h0 must be (B, H)");
+  check(peephole, kind == Kind::kPeephole, {3 * hidden}, "weight_ch");
+  check(ln_ih_weight, layernorm, {gates}, "ln_ih_weight");
+  check(ln_ih_bias, layernorm, {gates}, "ln_ih_bias");
+  check(ln_hh_weight, layernorm, {gates}, "ln_hh_weight");
+  check(ln_hh_bias, layernorm, {gates}, "ln_hh_bias");
+  check(ln_c_weight, layernorm, {hidden}, "ln_c_weight");
+  check(ln_c_bias, layernorm, {hidden}, "ln_c_bias");
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> inference(
@@ -756,39 +798,9 @@ std::tuple<Tensor, Tensor, Tensor> inference(
     const std::optional<Tensor>& ln_c_weight, const std::optional<Tensor>& ln_c_bias,
     c10::string_view kind_name, double zone_h_p, double zone_c_p, at::IntArrayRef batch_sizes) {
   const Kind kind = parse_kind(std::string_view(kind_name.data(), kind_name.size()));
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3,
-              "lstmkit::inference takes a float32 CPU input (T, B, I), got ", x.scalar_type(), " ",
-              x.sizes(), " on ", x.device());
-  const int64_t steps = x.size(0), batch = x.size(1), in = x.size(2);
-  const int64_t hidden = c0_in.size(-1), proj = w_hh.size(1);
-  const int64_t gates = (kind == Kind::kCifg ? 3 : 4) * hidden;
-  const bool layernorm = kind == Kind::kLayerNorm, projected = w_hr.has_value();
-  const auto check = [&](const std::optional<Tensor>& t, bool wanted, at::IntArrayRef shape,
-                         const char* name) {
-    TORCH_CHECK(t.has_value() == wanted, "lstmkit::inference: kind ", kind_name,
-                wanted ? " needs " : " takes no ", name);
-    if (wanted) {
-      TORCH_CHECK(t->sizes() == shape && t->scalar_type() == at::kFloat,
-                  "lstmkit::inference: ", name, " must be float32 ", shape, ", got ",
-                  t->scalar_type(), " ", t->sizes());
-    }
-  };
-  check(h0_in, true, {batch, proj}, "h0");
-  check(c0_in, true, {batch, hidden}, "c0");
-  check(w_ih, true, {gates, in}, "weight_ih");
-  check(w_hh, true, {gates, proj}, "weight_hh");
-  check(b_ih, b_ih.has_value(), {gates}, "bias_ih");
-  check(b_hh, b_ih.has_value(), {gates}, "bias_hh");
-  check(w_hr, projected, {proj, hidden}, "weight_hr");
-  TORCH_CHECK(projected || proj == hidden,
-              "lstmkit::inference: without weight_hr, h0 must be (B, H)");
-  check(peephole, kind == Kind::kPeephole, {3 * hidden}, "weight_ch");
-  check(ln_ih_weight, layernorm, {gates}, "ln_ih_weight");
-  check(ln_ih_bias, layernorm, {gates}, "ln_ih_bias");
-  check(ln_hh_weight, layernorm, {gates}, "ln_hh_weight");
-  check(ln_hh_bias, layernorm, {gates}, "ln_hh_bias");
-  check(ln_c_weight, layernorm, {hidden}, "ln_c_weight");
-  check(ln_c_bias, layernorm, {hidden}, "ln_c_bias");
+  check_layer("lstmkit::inference", x, h0_in, c0_in, w_ih, w_hh, b_ih, b_hh, w_hr, peephole,
+              ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_c_weight, ln_c_bias, kind_name,
+              kind);
   TORCH_CHECK(0 <= zone_h_p && zone_h_p < 1 && 0 <= zone_c_p && zone_c_p < 1,
               "lstmkit::inference: zoneout probabilities must be in [0, 1), got ", zone_h_p,
               " and ", zone_c_p);
@@ -843,6 +855,22 @@ std::tuple<Tensor, Tensor, Tensor> inference_stack(const Tensor& x, const Tensor
     copy_into(c_n, layer, c);
   }
   return {input, h_n, c_n};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> training_forward(
+    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& peephole,
+    c10::string_view kind_name, at::IntArrayRef batch_sizes) {
+  const Kind kind = parse_kind(std::string_view(kind_name.data(), kind_name.size()));
+  TORCH_CHECK(kind != Kind::kLayerNorm,
+              "lstmkit::training_forward: kind layernorm runs on "
+              "lstmkit::recurrence");
+  const std::optional<Tensor> none;
+  check_layer("lstmkit::training_forward", x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, none,
+              none, none, none, none, none, kind_name, kind);
+  return run(x, false, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, none, none, none, none, none,
+             none, kind, 0.0, 0.0, batch_sizes, true);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_kept(

@@ -34,6 +34,11 @@ TORCH_LIBRARY(lstmkit, m) {
   m.def(
       "inference_stack(Tensor x, Tensor h0, Tensor c0, Tensor?[] params, str kind, "
       "float zone_h_p, float zone_c_p) -> (Tensor output, Tensor h_n, Tensor c_n)");
+  m.def(
+      "training_forward(Tensor x, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, Tensor? weight_ch, str kind, "
+      "int[] batch_sizes) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, "
+      "Tensor cells)");
   m.def("linear(Tensor a, Tensor weight, Tensor? bias) -> Tensor");
   m.def(
       "product_route(ScalarType dtype, int rows, int in_features, int out_features, "
@@ -46,6 +51,7 @@ TORCH_LIBRARY_IMPL(lstmkit, CPU, m) {
   m.impl("recurrence_backward", &recurrence_backward);
   m.impl("inference", &inference);
   m.impl("inference_stack", &inference_stack);
+  m.impl("training_forward", &training_forward);
   m.impl("linear", &linear);
 }
 

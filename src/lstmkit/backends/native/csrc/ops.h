@@ -57,6 +57,16 @@ std::tuple<Tensor, Tensor, Tensor> inference_stack(const Tensor& x, const Tensor
                                                    c10::string_view kind_name, double zone_h_p,
                                                    double zone_c_p);
 
+// The training forward of a float32 layer-direction of a kind without layer norm, with no mask,
+// from its input: the inference kernel computing every step's input half itself and keeping
+// every step's activated gates and c_t. (output, h_n, c_n, gates, cells); the backward is
+// recurrence_backward's (from the gates and cells) and, from its dL/dxp, the input half's.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> training_forward(
+    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& peephole, c10::string_view kind,
+    at::IntArrayRef batch_sizes);
+
 // The recurrence's forward in training for float32 and the kinds without layer norm, with no
 // mask: (output, h_n, c_n, activated gates, every c_t) by the inference kernel, from the input
 // half xp (T, B, GH).
