@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lstmkit import cells
@@ -173,15 +174,11 @@ def _linear_gradients(grad, a, weight, has_bias: bool, needs):
     rows = grad.reshape(count, grad.shape[-1])
     da = None
     if needs[0]:
-        product = torch.ops.lstmkit.linear if count >= LINEAR_MIN_ROWS else _aten_linear
+        product = torch.ops.lstmkit.linear if count >= LINEAR_MIN_ROWS else F.linear
         da = product(grad, weight.t(), None)
     dw = rows.t().mm(a.reshape(count, a.shape[-1])) if needs[1] else None
     db = rows.sum(0) if has_bias and needs[2] else None
     return da, dw, db
-
-
-def _aten_linear(a, weight, bias):
-    return torch.nn.functional.linear(a, weight, bias)
 
 
 def _training_fake(x, h0, c0, w_ih, w_hh, *_rest):
