@@ -507,3 +507,42 @@ def test_opcheck_linear(shape, out):
     torch.library.opcheck(
         torch.ops.lstmkit.linear.default, (args[0], weight.detach().t().contiguous().t(), None)
     )
+
+
+@needs_native
+@pytest.mark.parametrize("projected", [False, True], ids=["no projection", "projection"])
+@pytest.mark.parametrize("cell", ["lstm", "peephole", "cifg"])
+def test_recurrence_operator_in_float32_training_without_masks(cell, projected):
+    """lstmkit::recurrence called directly in float32 training without masks (the modules send
+    these layers to lstmkit::training_forward): its forward keeps the gates and c_t that the
+    backward's rows kernel (backward_kept) reads; gradients against the reference equations in
+    float64, with lengths."""
+    torch.manual_seed(1)
+    proj = 3 if projected else 0
+    model = lstmkit.LSTM(IN, 6, proj_size=proj, cell=cell, dtype=torch.float64)
+    params = model._layer_params(0, 0)
+    gates = (3 if cell == "cifg" else 4) * 6
+    state = (torch.randn(5, 4, gates), torch.randn(4, proj or 6), torch.randn(4, 6))
+    leaves = [t.double().requires_grad_() for t in state]
+    leaves += [params[k] for k in native.NAMES if params.get(k) is not None]
+    names = [k for k in native.NAMES if params.get(k) is not None]
+    batch_sizes = [4, 4, 3, 2, 1]
+    generator = torch.Generator().manual_seed(2)
+    weights = [torch.randn(s, generator=generator, dtype=torch.float64)
+               for s in ((5, 4, proj or 6), (4, proj or 6), (4, 6))]  # fmt: skip
+
+    def gradients(outputs):
+        loss = sum((o.to(torch.float64) * w).sum() for o, w in zip(outputs, weights, strict=True))
+        return torch.autograd.grad(loss, leaves)
+
+    as_dtype = [t.float() for t in leaves]
+    named = dict(zip(names, as_dtype[3:], strict=True))
+    ours = torch.ops.lstmkit.recurrence(
+        *as_dtype[:3], *(named.get(k) for k in native.NAMES), cell, None, None, None, 0.0, 0.0,
+        batch_sizes, True,
+    )[:3]  # fmt: skip
+    named = dict(zip(names, leaves[3:], strict=True))
+    want = reference.recur(CELLS[cell], *leaves[:3], {k: named.get(k) for k in native.NAMES},
+                           batch_sizes, Masks())  # fmt: skip
+    for got, expected in zip(gradients(ours), gradients(want), strict=True):
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)

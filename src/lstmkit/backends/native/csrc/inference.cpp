@@ -16,9 +16,9 @@
 // cache (choose_split), each worker owns hidden units: every row, its share of the units and of the
 // weights' rows, and waits once per step for the others' h_{t-1} (one progress flag per worker).
 //
-// Training of the same cells without masks uses the same row split both ways: forward_kept runs
-// this forward from the input half and keeps every step's gates and c_t, and backward_kept
-// walks each worker's rows back in time, dL/dh_{t-1} = dz_t W_hh on the same kernel.
+// Training of the same cells without masks uses the same row split both ways: training_forward
+// runs this forward and keeps every step's gates and c_t, and backward_kept walks each worker's
+// rows back in time, dL/dh_{t-1} = dz_t W_hh on the same kernel.
 //
 // The products run on a small register-blocked kernel: the weights are packed at every call
 // (never kept: a parameter may change between calls without any sign a cache could trust) into
@@ -97,14 +97,16 @@ void transpose8(const float* src, int64_t ld_src, float* dst, int64_t ld) {
 Tensor pack(const Tensor& weight) {
   const int64_t n = weight.size(0), k = weight.size(1);
   if (weight.stride(0) == 1 && weight.stride(1) == n && n > 1) {
-    Tensor packed = at::zeros({panels(n) * k * kPanel}, weight.options());
+    Tensor packed = at::empty({panels(n) * k * kPanel}, weight.options());
     const float* src = weight.const_data_ptr<float>();
     float* const out = packed.data_ptr<float>();
     at::parallel_for(0, panels(n), 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const int64_t width = std::min(kPanel, n - p * kPanel);
         for (int64_t e = 0; e < k; ++e) {
-          std::memcpy(out + (p * k + e) * kPanel, src + e * n + p * kPanel, width * sizeof(float));
+          float* row = out + (p * k + e) * kPanel;
+          std::memcpy(row, src + e * n + p * kPanel, width * sizeof(float));
+          std::fill(row + width, row + kPanel, 0.0f);
         }
       }
     });
@@ -502,21 +504,19 @@ struct Worker {
   std::vector<float*> zr, er, mw, hw;  // mw: the same rows as mr, written
 };
 
-// The layer forward of both operators: on x (T, B, I) with the input product, or (given_xp) on
-// the input half xp (T, B, GH) that the caller computed; `keep` (training) also returns every
-// step's activated gates and c_t for the backward, split by rows (by units, the training step
-// at L took 898-902 ms against 836-847: the input half and the kept gates go in per-gate
-// pieces, and with W_hh alone to stream the halved traffic does not pay for the wait).
+// The layer forward of inference and training_forward, on x (T, B, I); `keep` (training) also
+// returns every step's activated gates and c_t for the backward, split by rows (by units, the
+// training step at L took 898-902 ms against 836-847: the input half and the kept gates go in
+// per-gate pieces, and with W_hh alone to stream the halved traffic does not pay for the wait).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
-    const Tensor& x, bool given_xp, const Tensor& h0_in, const Tensor& c0_in,
-    const std::optional<Tensor>& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
-    const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
-    const std::optional<Tensor>& peephole, const std::optional<Tensor>& ln_ih_weight,
-    const std::optional<Tensor>& ln_ih_bias, const std::optional<Tensor>& ln_hh_weight,
-    const std::optional<Tensor>& ln_hh_bias, const std::optional<Tensor>& ln_c_weight,
-    const std::optional<Tensor>& ln_c_bias, Kind kind, double zone_h_p, double zone_c_p,
-    at::IntArrayRef batch_sizes, bool keep) {
-  const int64_t steps = x.size(0), batch = x.size(1), in = given_xp ? 0 : x.size(2);
+    const Tensor& x, const Tensor& h0_in, const Tensor& c0_in, const Tensor& w_ih,
+    const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& peephole,
+    const std::optional<Tensor>& ln_ih_weight, const std::optional<Tensor>& ln_ih_bias,
+    const std::optional<Tensor>& ln_hh_weight, const std::optional<Tensor>& ln_hh_bias,
+    const std::optional<Tensor>& ln_c_weight, const std::optional<Tensor>& ln_c_bias, Kind kind,
+    double zone_h_p, double zone_c_p, at::IntArrayRef batch_sizes, bool keep) {
+  const int64_t steps = x.size(0), batch = x.size(1), in = x.size(2);
   const int64_t hidden = c0_in.size(-1), proj = w_hh.size(1);
   const int64_t gates = (kind == Kind::kCifg ? 3 : 4) * hidden;
   const bool layernorm = kind == Kind::kLayerNorm, projected = w_hr.has_value();
@@ -581,7 +581,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
   // The weights, for one worker (split by units) or for all.
   const auto packed = [&](int64_t j0, int64_t width) {
     const Tensor padded = joint_bias(bias_ih, bias_hh, hidden, j0, width, blocks);
-    Weight ih = given_xp ? Weight() : prepare(*w_ih, hidden, j0, width, plain);
+    Weight ih = prepare(w_ih, hidden, j0, width, plain);
     return std::make_tuple(std::move(ih), prepare(w_hh, hidden, j0, width, plain), padded,
                            ch.defined() ? unit_rows(ch, hidden, j0, width).contiguous() : Tensor());
   };
@@ -624,7 +624,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
       worker.mr.resize(count);
       worker.mw.resize(count);
       worker.hw.resize(count);
-      if (!given_xp && !layernorm && count < kMaxRows) {
+      if (!layernorm && count < kMaxRows) {
         worker.block =
             std::clamp<int64_t>(kAheadValues / (count * padded), 1, std::min<int64_t>(64, steps));
         worker.ahead.resize(worker.block * count * padded);
@@ -677,11 +677,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
             product(&inputs, 1, span * count, columns, bias_p, worker.ab.data(), tiling);
           }
           product(&recurrent, 1, n, columns, nullptr, z, tiling, true);
-        } else if (given_xp) {  // z = xp_t + h_{t-1} W_hh^T
-          for (int64_t r = 0; r < n; ++r) {
-            std::memcpy(worker.zr[r], x_p + t * sx0 + worker.rows[r] * sx1, gates * sizeof(float));
-          }
-          product(&recurrent, 1, n, columns, nullptr, worker.zr.data(), tiling, true);
         } else if (layernorm) {
           product(&input, 1, n, columns, nullptr, worker.er.data(), tiling);
           for (int64_t r = 0; r < n; ++r) {
@@ -805,7 +800,7 @@ std::tuple<Tensor, Tensor, Tensor> inference(
               "lstmkit::inference: zoneout probabilities must be in [0, 1), got ", zone_h_p,
               " and ", zone_c_p);
   const auto [output, h_n, c_n, unused_gates, unused_cells] =
-      run(x, false, h0_in, c0_in, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, ln_ih_weight, ln_ih_bias,
+      run(x, h0_in, c0_in, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, ln_ih_weight, ln_ih_bias,
           ln_hh_weight, ln_hh_bias, ln_c_weight, ln_c_bias, kind, zone_h_p, zone_c_p, batch_sizes,
           false);
   return {output, h_n, c_n};
@@ -869,17 +864,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> training_forward(
   const std::optional<Tensor> none;
   check_layer("lstmkit::training_forward", x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, none,
               none, none, none, none, none, kind_name, kind);
-  return run(x, false, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, none, none, none, none, none,
-             none, kind, 0.0, 0.0, batch_sizes, true);
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_kept(
-    const Tensor& xp, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& peephole, std::string_view kind,
-    at::IntArrayRef batch_sizes) {
-  const std::optional<Tensor> none;
-  return run(xp, true, h0, c0, none, w_hh, none, none, w_hr, peephole, none, none, none, none, none,
-             none, parse_kind(kind), 0.0, 0.0, batch_sizes, true);
+  return run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, none, none, none, none, none, none,
+             kind, 0.0, 0.0, batch_sizes, true);
 }
 
 // Rows shared between threads as in the forward, each worker walking its rows back in time on

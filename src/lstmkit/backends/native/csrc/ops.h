@@ -67,15 +67,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> training_forward(
     const std::optional<Tensor>& w_hr, const std::optional<Tensor>& peephole, c10::string_view kind,
     at::IntArrayRef batch_sizes);
 
-// The recurrence's forward in training for float32 and the kinds without layer norm, with no
-// mask: (output, h_n, c_n, activated gates, every c_t) by the inference kernel, from the input
-// half xp (T, B, GH).
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_kept(
-    const Tensor& xp, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& peephole, std::string_view kind,
-    at::IntArrayRef batch_sizes);
-
-// The backward of what forward_kept ran, over rows split between threads as in the forward:
+// The backward of what training_forward ran, over rows split between threads as in the forward:
 // from dh, dc (the gradients of h_n, c_n, replaced by those of h0, c0) and grad_output, fills
 // dz (T, B, GH: dL/dxp, zero rows where finished must be zero already) and, with a projection,
 // dh_seq (every step's dL/dh') and m_seq (every step's m), as recurrence_backward's loop does.

@@ -25,8 +25,9 @@
 // gates gives dz and dL/dc_{t-1}, then dL/dh_{t-1} = (dz W_hh) r (layernorm: LN_hh's
 // backward of dz first) plus the zoneout share. dz is the gradient of xp; after the loop
 // every weight gradient is one product or reduction over all steps. In float32, for the cells
-// without layer norm and without masks, both loops run on inference.cpp's row-split kernel
-// instead (forward_kept, backward_kept); the weight gradients stay here.
+// without layer norm and without masks, the backward loop runs on inference.cpp's row-split
+// kernel instead (backward_kept; the forward of those layers is lstmkit::training_forward, whose
+// kept gates and c_t are this forward's); the weight gradients stay here.
 
 #include <ATen/Parallel.h>
 
@@ -180,8 +181,9 @@ Layer make_layer(const Tensor& xp, const Tensor& h0, const Tensor& c0, const Ten
   return l;
 }
 
-// Whether training runs on the rows kernels (forward_kept, backward_kept): float32, a cell
-// without layer norm, and no regulariser's mask or probability.
+// Whether the backward runs on the rows kernel (backward_kept): float32, a cell without layer
+// norm, and no regulariser's mask or probability (the layers lstmkit::training_forward runs;
+// this file's forward keeps the same gates and c_t for them).
 bool by_rows(const Layer& l, at::ScalarType dtype) {
   return dtype == at::kFloat && l.kind != Kind::kLayerNorm && !l.recurrent.defined() &&
          !l.zone_h.defined() && !l.zone_c.defined() && l.zone_h_p == 0.0 && l.zone_c_p == 0.0;
@@ -233,13 +235,6 @@ Forward recurrence(const Tensor& xp_in, const Tensor& h0_in, const Tensor& c0_in
   const int64_t steps = l.steps, batch = l.batch, hidden = l.hidden, proj = l.proj;
   const int64_t rows = l.blocks * hidden;
   const bool layernorm = l.kind == Kind::kLayerNorm, projected = l.w_hr.defined();
-  if (training && by_rows(l, xp.scalar_type())) {
-    auto [output, h_n, c_n, gates, cells] =
-        forward_kept(xp, h0, c0, l.w_hh, w_hr, peephole, std::string_view(kind.data(), kind.size()),
-                     batch_sizes);
-    const auto none = [&xp] { return at::empty({0}, xp.options()); };
-    return {output, h_n, c_n, gates, cells, none(), none(), none(), none()};
-  }
   const std::vector<int64_t> sizes = running(batch_sizes, steps, batch);
   const bool ragged = !batch_sizes.empty();
   const auto options = xp.options();
@@ -420,7 +415,7 @@ Backward recurrence_backward(
   Tensor dgain_c = layernorm ? at::zeros({hidden}, options) : at::empty({0}, options);
   Tensor dshift_c = layernorm ? at::zeros({hidden}, options) : at::empty({0}, options);
 
-  if (by_rows(l, gates.scalar_type())) {  // the forward ran forward_kept
+  if (by_rows(l, gates.scalar_type())) {
     backward_kept(dout, dh, dc, c0, l.w_hh, l.w_hr, l.peephole,
                   std::string_view(kind.data(), kind.size()), gates, cells, batch_sizes, dz, dh_seq,
                   m_seq);
