@@ -7,7 +7,6 @@ A module never computes a gate: :class:`LSTMCell` calls :mod:`lstmkit.cells`, an
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 
@@ -425,14 +424,16 @@ class LSTM(nn.Module):
     def _layer_params(self, layer: int, direction: int) -> dict[str, Tensor | None]:
         """The parameters of one layer-direction by name without suffix, ``None`` where
         absent."""
+        suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
         # registered parameters straight from the registry; anything else (a parametrization's
         # property, a plain tensor attribute, or nothing) as attribute lookup finds it.
         # Module.__getattr__ alone costs ~1 us a name, and raises for every absent one.
         registered = self._parameters
-        return {
-            kind: registered[name] if name in registered else getattr(self, name, None)
-            for kind, name in _parameter_names(layer, direction, tuple(self.cell.extra))
-        }
+        params = {}
+        for kind in (*cells.NN_PARAMETERS, *self.cell.extra):
+            name = kind + suffix
+            params[kind] = registered[name] if name in registered else getattr(self, name, None)
+        return params
 
     def forward(
         self,
@@ -627,17 +628,6 @@ class LSTM(nn.Module):
         if not batched:
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
         return h0, c0
-
-
-@functools.cache
-def _parameter_names(
-    layer: int, direction: int, extra: tuple[str, ...]
-) -> tuple[tuple[str, str], ...]:
-    """``(kind, attribute name)`` of each parameter of one layer-direction, a cell's ``extra``
-    kinds after nn.LSTM's: the names alone, built once (formatting them cost ~2 us a layer at
-    every step)."""
-    suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-    return tuple((kind, kind + suffix) for kind in (*cells.NN_PARAMETERS, *extra))
 
 
 class SimpleLSTM(nn.Module):
