@@ -511,7 +511,7 @@ def test_opcheck_linear(shape, out):
 
 @needs_native
 @pytest.mark.parametrize("projected", [False, True], ids=["no projection", "projection"])
-@pytest.mark.parametrize("cell", ["lstm", "peephole", "cifg"])
+@pytest.mark.parametrize("cell", ["lstm", "peephole", "cifg", "layernorm"])
 def test_recurrence_operator_in_float32_training_without_masks(cell, projected):
     """lstmkit::recurrence called directly in float32 training without masks (the modules send
     these layers to lstmkit::training_forward): its forward keeps the gates and c_t that the

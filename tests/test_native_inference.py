@@ -269,7 +269,7 @@ def test_inference_runs_the_inference_operators_and_training_does_not():
 def test_opcheck(cell):
     ours, _ = twins(cell, hidden=6, proj_size=4 if cell == "lstm" else 0)
     params = ours._layer_params(0, 0)
-    names = lstmkit.backends.native.INFERENCE_NAMES
+    names = lstmkit.backends.native.LAYER_NAMES
     out = ours.proj_size or 6
     args = (
         torch.randn(5, 3, 5), torch.randn(3, out), torch.randn(3, 6),
@@ -283,7 +283,7 @@ def test_opcheck(cell):
 @pytest.mark.parametrize("cell", CELLS)
 def test_opcheck_stack(cell):
     ours, _ = twins(cell, hidden=6, num_layers=2, proj_size=4 if cell == "lstm" else 0)
-    names = lstmkit.backends.native.INFERENCE_NAMES
+    names = lstmkit.backends.native.LAYER_NAMES
     params = [ours._layer_params(layer, 0) for layer in range(2)]
     out = ours.proj_size or 6
     args = (

@@ -6,14 +6,14 @@ backward, as the custom operators ``torch.ops.lstmkit.recurrence`` and
 Where nothing will be differentiated and the input is float32 (inference), one operator runs the
 whole layer instead, input products included: ``torch.ops.lstmkit.inference``
 (``csrc/inference.cpp``), with the threads sharing the batch's rows, or the hidden units when
-the batch is small, for the whole sequence. Training of the same float32 layers without layer
-norm or masks runs that kernel too, keeping every step's gates and cell state:
-``torch.ops.lstmkit.training_forward``, whose backward is the recurrence's backward operator
-and then the input half's gradients. Otherwise the input half of the gates is one product over
-all steps, ``torch.ops.lstmkit.linear`` on the same kernel for the plain ``x W_ih^T + b`` in
-float32 (its autograd formula gives the input's gradient on that kernel too, ``weight_ih``'s by
-ATen), else the cell's own :meth:`~lstmkit.cells.Cell.project_input`; and the recurrence
-operator runs the steps.
+the batch is small, for the whole sequence. Training of the same float32 layers without masks
+runs that kernel too, keeping every step's gates and cell state (and layer norm's normalised
+values): ``torch.ops.lstmkit.training_forward``, whose backward is the recurrence's backward
+operator and then the input half's gradients. Otherwise the input half of the gates is one
+product over all steps, ``torch.ops.lstmkit.linear`` on the same kernel for the plain
+``x W_ih^T + b`` in float32 (its autograd formula gives the input's gradient on that kernel too,
+``weight_ih``'s by ATen), else the cell's own :meth:`~lstmkit.cells.Cell.project_input`; and the
+recurrence operator runs the steps.
 Python adds what makes the operators behave like any PyTorch operator:
 a fake (shape-only) implementation of each, for ``torch.compile`` and ``torch.export``, and the
 forward's autograd formula, which calls the backward operator. When autograd asks for
@@ -58,10 +58,8 @@ NAMES = (
     "ln_c_weight",
     "ln_c_bias",
 )
-# the parameters of lstmkit::training_forward, in its order
-TRAINING_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr", "weight_ch")
-# the parameters of lstmkit::inference, in its order
-INFERENCE_NAMES = (
+# the parameters of lstmkit::inference and lstmkit::training_forward, in their order
+LAYER_NAMES = (
     "weight_ih",
     "weight_hh",
     "bias_ih",
@@ -181,45 +179,70 @@ def _linear_gradients(grad, a, weight, has_bias: bool, needs):
     return da, dw, db
 
 
-def _training_fake(x, h0, c0, w_ih, w_hh, *_rest):
+def _training_fake(x, h0, c0, w_ih, w_hh, *rest):
     steps, batch, _ = x.shape
-    kept = (x.new_empty(steps, batch, w_hh.shape[0]), x.new_empty(steps, batch, c0.shape[-1]))
-    return (
-        x.new_empty(steps, batch, w_hh.shape[1]),
-        torch.empty_like(h0),
-        torch.empty_like(c0),
-        *kept,
+    gates, hidden = w_hh.shape[0], c0.shape[-1]
+    layernorm = rest[-2] == "layernorm"
+    kept = (
+        (steps, batch, gates),  # activated gates
+        (steps, batch, hidden),  # every c_t
+        (steps, batch, gates) if layernorm else (0,),  # LN_hh's normalised input
+        (steps, batch, hidden) if layernorm else (0,),  # LN_c's normalised input
+        (steps, batch, 2) if layernorm else (0,),  # 1 / std of both
+        (steps, batch, gates) if layernorm else (0,),  # x W_ih^T
+        (2, steps, batch, 1) if layernorm else (0,),  # its mean and 1 / std
     )
+    out = x.new_empty(steps, batch, w_hh.shape[1])
+    return out, torch.empty_like(h0), torch.empty_like(c0), *(x.new_empty(s) for s in kept)
 
 
 def _training_setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:9], output[0], *output[3:])
-    ctx.kind, ctx.batch_sizes = inputs[9], list(inputs[10])
+    ctx.save_for_backward(*inputs[:15], output[0], *output[3:])
+    ctx.kind, ctx.batch_sizes = inputs[15], list(inputs[16])
     ctx.set_materialize_grads(False)  # as lstmkit::recurrence's: unused outputs' stay None
 
 
 def _training_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_kept):
-    """lstmkit::training_forward's gradients: recurrence_backward from the kept gates and cell
-    states (dL/dxp, the states' and the step's weights'), then the input half's from dL/dxp;
-    with ``create_graph=True``, the reference equations' (as lstmkit::recurrence's)."""
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch, output, gates, kept_cells = ctx.saved_tensors
-    inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_ch)
-    needs = ctx.needs_input_grad[:9]
+    """lstmkit::training_forward's gradients: recurrence_backward from the kept values (dL/dxp,
+    the states' and the step's parameters'), then the input half's from dL/dxp (layernorm: the
+    input's layer norm backward first); with ``create_graph=True``, the reference equations'
+    (as lstmkit::recurrence's)."""
+    inputs, saved = ctx.saved_tensors[:15], ctx.saved_tensors[15:]
+    x, h0, c0, w_ih, w_hh, b_ih, _, w_hr, w_ch, ln_ih_w, ln_ih_b, *ln_step = inputs
+    output, gates, kept_cells, hhat, chat, rstd, products_ih, stats_ih = saved
+    needs = ctx.needs_input_grad[:15]
     if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
         rerun = rerun_reference(
-            cells.CELLS[ctx.kind], TRAINING_NAMES, ctx.batch_sizes or None, Masks()
+            cells.CELLS[ctx.kind], LAYER_NAMES, ctx.batch_sizes or None, Masks()
         )
         grads = reference_backward(rerun, inputs, (grad_output, grad_h_n, grad_c_n), needs)
         return *grads, None, None
-    empty = gates.new_empty(0)
-    dxp, dh0, dc0, dw_hh, dw_hr, dw_ch, *_ = torch.ops.lstmkit.recurrence_backward(
-        grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, w_ch, None, None, None, None,
-        ctx.kind, None, None, None, 0.0, 0.0, output, gates, kept_cells, empty, empty, empty, empty,
-        ctx.batch_sizes,
+    dxp, dh0, dc0, dw_hh, dw_hr, dw_ch, dln_hh_w, dln_hh_b, dln_c_w, dln_c_b = (
+        torch.ops.lstmkit.recurrence_backward(
+            grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, w_ch, *ln_step, ctx.kind, None,
+            None, None, 0.0, 0.0, output, gates, kept_cells, gates.new_empty(0), hhat, chat, rstd,
+            ctx.batch_sizes,
+        )
     )  # fmt: skip
-    biases = needs[5] or needs[6]
-    dx, dw_ih, db = _linear_gradients(dxp, x, w_ih, b_ih is not None, (needs[0], needs[3], biases))
-    grads = (dx, dh0, dc0, dw_ih, dw_hh, db, db, dw_hr, dw_ch)
+    if ctx.kind == "layernorm":  # xp = LN(x W_ih^T) + b_ih + b_hh: LN_ih's backward first
+        mean, rstd_ih = stats_ih
+        dproducts, dln_ih_w, _ = torch.ops.aten.native_layer_norm_backward(
+            dxp, products_ih, [dxp.shape[-1]], mean, rstd_ih, ln_ih_w, ln_ih_b,
+            [needs[0] or needs[3], needs[9], False],
+        )  # fmt: skip
+        # every shift and bias added to the pre-activations has the gradient sum(dL/dz)
+        db = dln_ih_b = dln_hh_b
+        dx = dw_ih = None
+        if dproducts is not None:
+            dx, dw_ih, _ = _linear_gradients(dproducts, x, w_ih, False, (needs[0], needs[3], False))
+    else:
+        dln_ih_w = dln_ih_b = None
+        biases = needs[5] or needs[6]
+        dx, dw_ih, db = _linear_gradients(
+            dxp, x, w_ih, b_ih is not None, (needs[0], needs[3], biases)
+        )
+    grads = (dx, dh0, dc0, dw_ih, dw_hh, db, db, dw_hr, dw_ch, dln_ih_w, dln_ih_b, dln_hh_w,
+             dln_hh_b, dln_c_w, dln_c_b)  # fmt: skip
     return *(g if n else None for g, n in zip(grads, needs, strict=True)), None, None
 
 
@@ -317,8 +340,8 @@ def run(
     if not training and x.dtype == torch.float32 and all(m is None for m in drawn):
         return _infer(cell, x, h, c, params, (zone_h_p, zone_c_p), batch_sizes)
     masked = any(m is not None for m in drawn) or zone_h_p or zone_c_p
-    if x.dtype == torch.float32 and not masked and _plain_input_half(cell):
-        weights = [params.get(name) for name in TRAINING_NAMES]
+    if x.dtype == torch.float32 and not masked and _built_in_input_half(cell):
+        weights = [params.get(name) for name in LAYER_NAMES]
         output, h_n, c_n, *_ = torch.ops.lstmkit.training_forward(
             x, h, c, *weights, cell.kind, batch_sizes or []
         )
@@ -344,13 +367,13 @@ def infer_stack(
     where) in one call of ``lstmkit::inference_stack``: each layer on the output of the one
     below, from its state ``h0[k]``, ``c0[k]``, with zoneout's evaluation probabilities
     ``zoneout``. Returns the top layer's output and the final states ``(L, B, *)``."""
-    weights = [params.get(name) for params in layers for name in INFERENCE_NAMES]
+    weights = [params.get(name) for params in layers for name in LAYER_NAMES]
     return torch.ops.lstmkit.inference_stack(x, h0, c0, weights, cell.kind, *zoneout)
 
 
 def _infer(cell, x, h, c, params, zoneout: tuple[float, float], batch_sizes: list[int] | None):
     """One layer-direction's float32 inference: one call of the inference operator."""
-    weights = [params.get(name) for name in INFERENCE_NAMES]
+    weights = [params.get(name) for name in LAYER_NAMES]
     return torch.ops.lstmkit.inference(x, h, c, *weights, cell.kind, *zoneout, batch_sizes or [])
 
 
@@ -365,6 +388,12 @@ def _input_half(cell: cells.Cell, x: Tensor, params: cells.Params) -> Tensor:
     b_ih, b_hh = params["bias_ih"], params["bias_hh"]
     bias = None if b_ih is None else b_ih + b_hh
     return torch.ops.lstmkit.linear(x, params["weight_ih"], bias)
+
+
+def _built_in_input_half(cell: cells.Cell) -> bool:
+    """Whether the cell's input half is its kind's built-in one (the kernels compute it
+    themselves): ``project_input`` not overridden beyond the built-in cell of its kind."""
+    return type(cell).project_input is type(cells.CELLS[cell.kind]).project_input
 
 
 def _plain_input_half(cell: cells.Cell) -> bool:

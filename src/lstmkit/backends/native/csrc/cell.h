@@ -92,10 +92,12 @@ T lane_sum(int64_t n, Term term) {
 
 constexpr double kLayerNormEps = 1e-5;  // lstmkit.cells.LAYER_NORM_EPS
 
-// v (n values) normalised: out = (v - mean) / sqrt(var + eps); returns 1 / sqrt(var + eps).
+// v (n values) normalised: out = (v - mean) / sqrt(var + eps); returns 1 / sqrt(var + eps)
+// and, where `mean_out` is given, stores the mean there.
 template <typename T>
-T normalise(const T* __restrict__ v, T* __restrict__ out, int64_t n) {
+T normalise(const T* __restrict__ v, T* __restrict__ out, int64_t n, T* mean_out = nullptr) {
   const T mean = lane_sum<T>(n, [&](int64_t j) { return v[j]; }) / T(n);
+  if (mean_out != nullptr) *mean_out = mean;
   const T var = lane_sum<T>(n, [&](int64_t j) { return (v[j] - mean) * (v[j] - mean); }) / T(n);
   const T rstd = T(1) / std::sqrt(var + T(kLayerNormEps));
   for (int64_t j = 0; j < n; ++j) out[j] = (v[j] - mean) * rstd;

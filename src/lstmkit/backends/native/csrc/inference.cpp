@@ -17,8 +17,9 @@
 // weights' rows, and waits once per step for the others' h_{t-1} (one progress flag per worker).
 //
 // Training of the same cells without masks uses the same row split both ways: training_forward
-// runs this forward and keeps every step's gates and c_t, and backward_kept walks each worker's
-// rows back in time, dL/dh_{t-1} = dz_t W_hh on the same kernel.
+// runs this forward and keeps every step's gates and c_t (and layer norm's normalised values),
+// and backward_kept walks each worker's rows back in time, dL/dh_{t-1} = dz_t W_hh on the same
+// kernel.
 //
 // The products run on a small register-blocked kernel: the weights are packed at every call
 // (never kept: a parameter may change between calls without any sign a cache could trust) into
@@ -391,15 +392,17 @@ void product(const Operand* ops, int count, int64_t n, int64_t count_panels, con
   }
 }
 
-// z (n values) = gain LN(v) + shift (+ add where given), LN over n; `hat` is scratch.
-void layer_norm_into(float* z, const float* v, float* hat, const float* gain, const float* shift,
-                     const float* add, int64_t n) {
-  normalise(v, hat, n);
+// z (n values) = gain LN(v) + shift + add, or (add null) z += gain LN(v) + shift, LN over n,
+// with LN(v) into `hat`. Returns 1 / std of v and, where `mean` is given, stores its mean.
+float layer_norm_into(float* z, const float* v, float* hat, const float* gain, const float* shift,
+                      const float* add, int64_t n, float* mean = nullptr) {
+  const float rstd = normalise(v, hat, n, mean);
   if (add != nullptr) {
     for (int64_t j = 0; j < n; ++j) z[j] = gain[j] * hat[j] + shift[j] + add[j];
   } else {
     for (int64_t j = 0; j < n; ++j) z[j] += gain[j] * hat[j] + shift[j];
   }
+  return rstd;
 }
 
 // new_ = p old + (1 - p) new_, n values: zoneout's expectation.
@@ -505,10 +508,11 @@ struct Worker {
 };
 
 // The layer forward of inference and training_forward, on x (T, B, I); `keep` (training) also
-// returns every step's activated gates and c_t for the backward, split by rows (by units, the
+// returns every step's activated gates and c_t for the backward, and for layernorm what its
+// layer norms' backward reads (see training_forward in ops.h), split by rows (by units, the
 // training step at L took 898-902 ms against 836-847: the input half and the kept gates go in
 // per-gate pieces, and with W_hh alone to stream the halved traffic does not pay for the wait).
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
+TrainingForward run(
     const Tensor& x, const Tensor& h0_in, const Tensor& c0_in, const Tensor& w_ih,
     const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
     const std::optional<Tensor>& w_hr, const std::optional<Tensor>& peephole,
@@ -545,6 +549,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
   };
   Tensor cells = keep ? buffer({steps, batch, hidden}) : at::empty({2, batch, hidden}, options);
   Tensor kept_gates = keep ? buffer({steps, batch, gates}) : at::empty({0}, options);
+  // layernorm in training: LN_hh's and LN_c's normalised inputs and their 1 / std (as
+  // lstmkit::recurrence keeps them), and x W_ih^T with its mean and 1 / std
+  const bool kept_ln = keep && layernorm;
+  const auto kept_or_none = [&](at::IntArrayRef shape) {
+    return kept_ln ? buffer(shape) : at::empty({0}, options);
+  };
+  Tensor hhat = kept_or_none({steps, batch, gates}), chat = kept_or_none({steps, batch, hidden});
+  Tensor rstd = kept_or_none({steps, batch, 2});
+  Tensor products_ih = kept_or_none({steps, batch, gates});
+  Tensor stats_ih = kept_or_none({2, steps, batch, 1});
+  float* const hhat_p = kept_ln ? hhat.data_ptr<float>() : nullptr;
+  float* const chat_p = kept_ln ? chat.data_ptr<float>() : nullptr;
+  float* const rstd_p = kept_ln ? rstd.data_ptr<float>() : nullptr;
+  float* const products_ih_p = kept_ln ? products_ih.data_ptr<float>() : nullptr;
+  float* const stats_ih_p = kept_ln ? stats_ih.data_ptr<float>() : nullptr;
   const auto slot = [keep](int64_t t) { return keep ? t : t % 2; };
   float* const gates_p = kept_gates.data_ptr<float>();
   float* const out_p = output.data_ptr<float>();
@@ -680,13 +699,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
         } else if (layernorm) {
           product(&input, 1, n, columns, nullptr, worker.er.data(), tiling);
           for (int64_t r = 0; r < n; ++r) {
-            layer_norm_into(worker.zr[r], worker.er[r], hat, pointer<float>(ln_ih_w),
-                            pointer<float>(ln_ih_b), bias_p, gates);
+            const int64_t at_t = t * batch + worker.rows[r];
+            if (kept_ln) {
+              std::memcpy(products_ih_p + at_t * gates, worker.er[r], gates * sizeof(float));
+            }
+            const float sd = layer_norm_into(worker.zr[r], worker.er[r], hat,
+                                             pointer<float>(ln_ih_w), pointer<float>(ln_ih_b),
+                                             bias_p, gates, kept_ln ? stats_ih_p + at_t : nullptr);
+            if (kept_ln) stats_ih_p[steps * batch + at_t] = sd;
           }
           product(&recurrent, 1, n, columns, nullptr, worker.er.data(), tiling);
           for (int64_t r = 0; r < n; ++r) {
-            layer_norm_into(worker.zr[r], worker.er[r], hat, pointer<float>(ln_hh_w),
-                            pointer<float>(ln_hh_b), nullptr, gates);
+            const int64_t at_t = t * batch + worker.rows[r];
+            const float sd =
+                layer_norm_into(worker.zr[r], worker.er[r], kept_ln ? hhat_p + at_t * gates : hat,
+                                pointer<float>(ln_hh_w), pointer<float>(ln_hh_b), nullptr, gates);
+            if (kept_ln) rstd_p[2 * at_t] = sd;
           }
         } else {
           const Operand both[2] = {input, recurrent};
@@ -698,8 +726,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
               (t == 0 ? c0_p + b * hidden : cells_p + (slot(t - 1) * batch + b) * hidden) + j0;
           float* c_new = cells_p + (slot(t) * batch + b) * hidden + j0;
           float* h_out = out_p + (t * batch + b) * proj + j0;
-          gates_forward_row(worker.cell, z[r], c_prev, c_new, projected ? worker.mw[r] : h_out,
-                            hat);
+          const int64_t at_t = t * batch + b;
+          const float sd =
+              gates_forward_row(worker.cell, z[r], c_prev, c_new, projected ? worker.mw[r] : h_out,
+                                kept_ln ? chat_p + at_t * hidden : hat);
+          if (kept_ln) rstd_p[2 * at_t + 1] = sd;
           if (zc != 0.0f) zone(c_new, c_prev, zc, width);
           if (keep) std::memcpy(gates_p + (t * batch + b) * gates, z[r], gates * sizeof(float));
         }
@@ -737,7 +768,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run(
     std::memcpy(h_n.data_ptr<float>() + b * proj, h, proj * sizeof(float));
     std::memcpy(c_n.data_ptr<float>() + b * hidden, c, hidden * sizeof(float));
   }
-  return {output, h_n, c_n, kept_gates, cells};
+  return {output, h_n, c_n, kept_gates, cells, hhat, chat, rstd, products_ih, stats_ih};
 }
 
 // The arguments of a layer's operator from its input (inference, training_forward), checked:
@@ -799,11 +830,10 @@ std::tuple<Tensor, Tensor, Tensor> inference(
   TORCH_CHECK(0 <= zone_h_p && zone_h_p < 1 && 0 <= zone_c_p && zone_c_p < 1,
               "lstmkit::inference: zoneout probabilities must be in [0, 1), got ", zone_h_p,
               " and ", zone_c_p);
-  const auto [output, h_n, c_n, unused_gates, unused_cells] =
-      run(x, h0_in, c0_in, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, ln_ih_weight, ln_ih_bias,
-          ln_hh_weight, ln_hh_bias, ln_c_weight, ln_c_bias, kind, zone_h_p, zone_c_p, batch_sizes,
-          false);
-  return {output, h_n, c_n};
+  const TrainingForward out = run(x, h0_in, c0_in, w_ih, w_hh, b_ih, b_hh, w_hr, peephole,
+                                  ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_c_weight,
+                                  ln_c_bias, kind, zone_h_p, zone_c_p, batch_sizes, false);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> inference_stack(const Tensor& x, const Tensor& h0,
@@ -852,29 +882,31 @@ std::tuple<Tensor, Tensor, Tensor> inference_stack(const Tensor& x, const Tensor
   return {input, h_n, c_n};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> training_forward(
+TrainingForward training_forward(
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
     const std::optional<Tensor>& w_hr, const std::optional<Tensor>& peephole,
+    const std::optional<Tensor>& ln_ih_weight, const std::optional<Tensor>& ln_ih_bias,
+    const std::optional<Tensor>& ln_hh_weight, const std::optional<Tensor>& ln_hh_bias,
+    const std::optional<Tensor>& ln_c_weight, const std::optional<Tensor>& ln_c_bias,
     c10::string_view kind_name, at::IntArrayRef batch_sizes) {
   const Kind kind = parse_kind(std::string_view(kind_name.data(), kind_name.size()));
-  TORCH_CHECK(kind != Kind::kLayerNorm,
-              "lstmkit::training_forward: kind layernorm runs on "
-              "lstmkit::recurrence");
-  const std::optional<Tensor> none;
-  check_layer("lstmkit::training_forward", x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, none,
-              none, none, none, none, none, kind_name, kind);
-  return run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, none, none, none, none, none, none,
-             kind, 0.0, 0.0, batch_sizes, true);
+  check_layer("lstmkit::training_forward", x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole,
+              ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_c_weight, ln_c_bias, kind_name,
+              kind);
+  return run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, peephole, ln_ih_weight, ln_ih_bias,
+             ln_hh_weight, ln_hh_bias, ln_c_weight, ln_c_bias, kind, 0.0, 0.0, batch_sizes, true);
 }
 
 // Rows shared between threads as in the forward, each worker walking its rows back in time on
-// its own products, dL/dh_{t-1} = dz_t W_hh (and dL/dm = dL/dh' W_hr under a projection) into
-// padded rows of its own.
+// its own products, dL/dh_{t-1} = dz_t W_hh (layernorm: drec_t W_hh, drec_t LN_hh's backward of
+// dz_t) and dL/dm = dL/dh' W_hr under a projection, into padded rows of its own; layernorm's
+// gain and shift gradients of LN_c add up per worker, then in worker order.
 void backward_kept(const Tensor& grad_output, Tensor& dh, Tensor& dc, const Tensor& c0,
                    const Tensor& w_hh, const Tensor& w_hr, const Tensor& peephole,
-                   std::string_view kind, const Tensor& gates, const Tensor& cells,
-                   at::IntArrayRef batch_sizes, Tensor& dz, Tensor& dh_seq, Tensor& m_seq) {
+                   const LayerNormKept& ln, std::string_view kind, const Tensor& gates,
+                   const Tensor& cells, at::IntArrayRef batch_sizes, Tensor& dz, Tensor& dh_seq,
+                   Tensor& m_seq) {
   const int64_t steps = gates.size(0), batch = gates.size(1), rows = gates.size(2);
   const std::vector<int64_t> sizes = running(batch_sizes, steps, batch);
   const int64_t hidden = cells.size(2), proj = dh.size(1);
@@ -884,8 +916,22 @@ void backward_kept(const Tensor& grad_output, Tensor& dh, Tensor& dc, const Tens
   const int64_t p_panels = panels(proj), h_panels = panels(hidden);
   const int tiling = tile_panels();
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), batch);
-  const Cell<float> cell{parse_kind(kind), hidden, pointer<float>(peephole), nullptr, nullptr,
-                         nullptr,          nullptr};
+  const Kind kind_of = parse_kind(kind);
+  const bool layernorm = kind_of == Kind::kLayerNorm;
+  const Cell<float> cell{kind_of,
+                         hidden,
+                         pointer<float>(peephole),
+                         pointer<float>(ln.hh_weight),
+                         nullptr,
+                         pointer<float>(ln.c_weight),
+                         pointer<float>(ln.c_bias)};
+  const float* const hhat_p = layernorm ? ln.hhat.const_data_ptr<float>() : nullptr;
+  const float* const chat_p = layernorm ? ln.chat.const_data_ptr<float>() : nullptr;
+  const float* const rstd_p = layernorm ? ln.rstd.const_data_ptr<float>() : nullptr;
+  float* const drec_p = layernorm ? ln.drec.data_ptr<float>() : nullptr;
+  // each worker's share of the gain and shift gradients of LN_c and LN_hh
+  std::vector<std::vector<float>> dgains(workers), dshifts(workers), dgains_hh(workers),
+      dshifts_hh(workers);
   const float* const dout_p = pointer<float>(grad_output);
   const float* const gates_p = gates.const_data_ptr<float>();
   const float* const cells_p = cells.const_data_ptr<float>();
@@ -903,6 +949,14 @@ void backward_kept(const Tensor& grad_output, Tensor& dh, Tensor& dc, const Tens
       // dL/dh of each row (P, padded to whole panels), and dL/dm under a projection
       std::vector<float> d_h(count * p_panels * kPanel), d_m(count * h_panels * kPanel);
       std::vector<float> work(hidden);
+      std::vector<float>& dgain = dgains[w];
+      std::vector<float>& dshift = dshifts[w];
+      std::vector<float>& dgain_hh = dgains_hh[w];
+      std::vector<float>& dshift_hh = dshifts_hh[w];
+      dgain.assign(layernorm ? hidden : 0, 0.0f);
+      dshift.assign(layernorm ? hidden : 0, 0.0f);
+      dgain_hh.assign(layernorm ? rows : 0, 0.0f);
+      dshift_hh.assign(layernorm ? rows : 0, 0.0f);
       std::vector<float*> dh_rows(count), dm_rows(count);
       std::vector<const float*> dh_read(count), dz_read(count);
       for (int64_t r = 0; r < count; ++r) {
@@ -929,10 +983,24 @@ void backward_kept(const Tensor& grad_output, Tensor& dh, Tensor& dc, const Tens
           const int64_t b = mine[r], at_t = t * batch + b;
           const float* c_prev = t == 0 ? c0_p + b * hidden : cells_p + (at_t - batch) * hidden;
           gates_backward_row<float>(
-              cell, gates_p + at_t * rows, c_prev, cells_p + at_t * hidden, nullptr, 1.0f,
+              cell, gates_p + at_t * rows, c_prev, cells_p + at_t * hidden,
+              layernorm ? chat_p + at_t * hidden : nullptr, layernorm ? rstd_p[2 * at_t + 1] : 1.0f,
               projected ? dm_rows[r] : dh_rows[r], dc_p + b * hidden, dz_p + at_t * rows,
-              projected ? m_seq_p + at_t * hidden : nullptr, nullptr, nullptr, work.data());
+              projected ? m_seq_p + at_t * hidden : nullptr, dgain.data(), dshift.data(),
+              work.data());
           dz_read[r] = dz_p + at_t * rows;
+          if (layernorm) {  // drec = LN_hh's backward of dz (gain g_hh)
+            float* dr = drec_p + at_t * rows;
+            const float* dzr = dz_p + at_t * rows;
+            const float* hh = hhat_p + at_t * rows;
+            for (int64_t j = 0; j < rows; ++j) {
+              dgain_hh[j] += dzr[j] * hh[j];
+              dshift_hh[j] += dzr[j];
+              dr[j] = dzr[j] * cell.ln_hh_weight[j];
+            }
+            normalise_backward(dr, hh, rstd_p[2 * at_t], rows);
+            dz_read[r] = dr;
+          }
         }
         const Operand recurrent{dz_read.data(), packed_hh.const_data_ptr<float>(), rows};
         product(&recurrent, 1, n, p_panels, nullptr, dh_rows.data(), tiling);
@@ -942,6 +1010,19 @@ void backward_kept(const Tensor& grad_output, Tensor& dh, Tensor& dc, const Tens
       }
     }
   });
+  if (layernorm) {
+    const auto add_up = [workers](const Tensor& total,
+                                  const std::vector<std::vector<float>>& parts) {
+      float* const out = total.data_ptr<float>();
+      for (int64_t w = 0; w < workers; ++w) {
+        for (size_t j = 0; j < parts[w].size(); ++j) out[j] += parts[w][j];
+      }
+    };
+    add_up(ln.dgain_c, dgains);
+    add_up(ln.dshift_c, dshifts);
+    add_up(ln.dgain_hh, dgains_hh);
+    add_up(ln.dshift_hh, dshifts_hh);
+  }
 }
 
 // Rows of `a` per block that one thread takes at a time in linear, at most: the block's

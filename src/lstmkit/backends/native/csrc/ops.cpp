@@ -36,9 +36,11 @@ TORCH_LIBRARY(lstmkit, m) {
       "float zone_h_p, float zone_c_p) -> (Tensor output, Tensor h_n, Tensor c_n)");
   m.def(
       "training_forward(Tensor x, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
-      "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, Tensor? weight_ch, str kind, "
-      "int[] batch_sizes) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, "
-      "Tensor cells)");
+      "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, Tensor? weight_ch, "
+      "Tensor? ln_ih_weight, Tensor? ln_ih_bias, Tensor? ln_hh_weight, Tensor? ln_hh_bias, "
+      "Tensor? ln_c_weight, Tensor? ln_c_bias, str kind, int[] batch_sizes) -> (Tensor output, "
+      "Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor hhat, Tensor chat, "
+      "Tensor rstd, Tensor products_ih, Tensor stats_ih)");
   m.def("linear(Tensor a, Tensor weight, Tensor? bias) -> Tensor");
   m.def(
       "product_route(ScalarType dtype, int rows, int in_features, int out_features, "

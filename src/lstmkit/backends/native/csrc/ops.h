@@ -57,15 +57,35 @@ std::tuple<Tensor, Tensor, Tensor> inference_stack(const Tensor& x, const Tensor
                                                    c10::string_view kind_name, double zone_h_p,
                                                    double zone_c_p);
 
-// The training forward of a float32 layer-direction of a kind without layer norm, with no mask,
-// from its input: the inference kernel computing every step's input half itself and keeping
-// every step's activated gates and c_t. (output, h_n, c_n, gates, cells); the backward is
-// recurrence_backward's (from the gates and cells) and, from its dL/dxp, the input half's.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> training_forward(
+// (output, h_n, c_n, gates, cells, hhat, chat, rstd, products_ih, stats_ih): see
+// training_forward.
+using TrainingForward =
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// The training forward of a float32 layer-direction with no mask, from its input: the inference
+// kernel computing every step's input half itself and keeping every step's activated gates and
+// c_t; for layernorm also, as lstmkit::recurrence keeps them, hhat (LN_hh's normalised input,
+// (T, B, 4H)), chat (LN_c's, (T, B, H)) and rstd ((T, B, 2), the 1 / std of both), and for the
+// input's layer norm products_ih = x W_ih^T (T, B, 4H) and stats_ih (2, T, B, 1), its mean and
+// 1 / std (empty tensors for the other cells). The backward is recurrence_backward's (from the
+// kept values) and, from its dL/dxp, the input half's.
+TrainingForward training_forward(
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
-    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& peephole, c10::string_view kind,
-    at::IntArrayRef batch_sizes);
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& peephole,
+    const std::optional<Tensor>& ln_ih_weight, const std::optional<Tensor>& ln_ih_bias,
+    const std::optional<Tensor>& ln_hh_weight, const std::optional<Tensor>& ln_hh_bias,
+    const std::optional<Tensor>& ln_c_weight, const std::optional<Tensor>& ln_c_bias,
+    c10::string_view kind, at::IntArrayRef batch_sizes);
+
+// What backward_kept reads and writes for the layernorm cell (undefined tensors for the
+// others): LN_hh's gain, LN_c's gain and shift; the forward's kept hhat, chat and rstd; drec
+// (T, B, 4H), filled with LN_hh's backward of dz (zero rows where finished must be zero
+// already); the gradients of LN_hh's gain and shift (4H) and of LN_c's (H), added to.
+struct LayerNormKept {
+  Tensor hh_weight, c_weight, c_bias, hhat, chat, rstd, drec, dgain_hh, dshift_hh, dgain_c,
+      dshift_c;
+};
 
 // The backward of what training_forward ran, over rows split between threads as in the forward:
 // from dh, dc (the gradients of h_n, c_n, replaced by those of h0, c0) and grad_output, fills
@@ -74,8 +94,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> training_forward(
 // Tensors contiguous; grad_output, w_hr and peephole undefined where absent.
 void backward_kept(const Tensor& grad_output, Tensor& dh, Tensor& dc, const Tensor& c0,
                    const Tensor& w_hh, const Tensor& w_hr, const Tensor& peephole,
-                   std::string_view kind, const Tensor& gates, const Tensor& cells,
-                   at::IntArrayRef batch_sizes, Tensor& dz, Tensor& dh_seq, Tensor& m_seq);
+                   const LayerNormKept& ln, std::string_view kind, const Tensor& gates,
+                   const Tensor& cells, at::IntArrayRef batch_sizes, Tensor& dz, Tensor& dh_seq,
+                   Tensor& m_seq);
 
 // a (..., K) @ weight^T + bias, float32: weight (N, K), row-major or a (K, N) tensor's .t(),
 // bias (N) or none; on the inference kernel's packed products, blocks of a's rows shared

@@ -24,10 +24,10 @@
 // Backward walks t down with dh, dc, the gradients reaching h_t and c_t: one pass over the
 // gates gives dz and dL/dc_{t-1}, then dL/dh_{t-1} = (dz W_hh) r (layernorm: LN_hh's
 // backward of dz first) plus the zoneout share. dz is the gradient of xp; after the loop
-// every weight gradient is one product or reduction over all steps. In float32, for the cells
-// without layer norm and without masks, the backward loop runs on inference.cpp's row-split
-// kernel instead (backward_kept; the forward of those layers is lstmkit::training_forward, whose
-// kept gates and c_t are this forward's); the weight gradients stay here.
+// every weight gradient is one product or reduction over all steps. In float32 without masks,
+// the backward loop runs on inference.cpp's row-split kernel instead (backward_kept; the forward
+// of those layers is lstmkit::training_forward, whose kept values are this forward's, and for
+// layernorm it also adds up LN_hh's gain and shift gradients); the weight gradients stay here.
 
 #include <ATen/Parallel.h>
 
@@ -181,12 +181,12 @@ Layer make_layer(const Tensor& xp, const Tensor& h0, const Tensor& c0, const Ten
   return l;
 }
 
-// Whether the backward runs on the rows kernel (backward_kept): float32, a cell without layer
-// norm, and no regulariser's mask or probability (the layers lstmkit::training_forward runs;
-// this file's forward keeps the same gates and c_t for them).
+// Whether the backward runs on the rows kernel (backward_kept): float32 and no regulariser's
+// mask or probability (the layers lstmkit::training_forward runs; this file's forward keeps the
+// same values for them).
 bool by_rows(const Layer& l, at::ScalarType dtype) {
-  return dtype == at::kFloat && l.kind != Kind::kLayerNorm && !l.recurrent.defined() &&
-         !l.zone_h.defined() && !l.zone_c.defined() && l.zone_h_p == 0.0 && l.zone_c_p == 0.0;
+  return dtype == at::kFloat && !l.recurrent.defined() && !l.zone_h.defined() &&
+         !l.zone_c.defined() && l.zone_h_p == 0.0 && l.zone_c_p == 0.0;
 }
 
 template <typename T>
@@ -413,10 +413,17 @@ Backward recurrence_backward(
   Tensor dh_seq = projected ? buffer({steps, batch, proj}, ragged, options) : Tensor();
   Tensor m_seq = projected ? buffer({steps, batch, hidden}, ragged, options) : Tensor();
   Tensor dgain_c = layernorm ? at::zeros({hidden}, options) : at::empty({0}, options);
+  Tensor dln_hh_weight, dln_hh_bias;  // LN_hh's gain and shift gradients
   Tensor dshift_c = layernorm ? at::zeros({hidden}, options) : at::empty({0}, options);
 
   if (by_rows(l, gates.scalar_type())) {
-    backward_kept(dout, dh, dc, c0, l.w_hh, l.w_hr, l.peephole,
+    if (layernorm) {
+      dln_hh_weight = at::zeros({rows}, options);
+      dln_hh_bias = at::zeros({rows}, options);
+    }
+    const LayerNormKept ln{l.ln_hh_weight, l.ln_c_weight, l.ln_c_bias, hhat,    chat,    rstd,
+                           drec,           dln_hh_weight, dln_hh_bias, dgain_c, dshift_c};
+    backward_kept(dout, dh, dc, c0, l.w_hh, l.w_hr, l.peephole, ln,
                   std::string_view(kind.data(), kind.size()), gates, cells, batch_sizes, dz, dh_seq,
                   m_seq);
   } else {
@@ -536,8 +543,10 @@ Backward recurrence_backward(
     dpeephole = at::cat({(block(0) * c_before).sum({0, 1}), (block(1) * c_before).sum({0, 1}),
                          (block(3) * cells_new).sum({0, 1})});
   }
-  Tensor dln_hh_weight = none(), dln_hh_bias = none();
-  if (layernorm) {
+  if (!layernorm) {
+    dln_hh_weight = none();
+    dln_hh_bias = none();
+  } else if (!dln_hh_weight.defined()) {  // (the rows kernel added them up in its loop)
     dln_hh_weight = (dz * hhat).sum({0, 1});
     dln_hh_bias = dz.sum({0, 1});
   }
