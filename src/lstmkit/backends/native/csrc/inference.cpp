@@ -548,24 +548,26 @@ TrainingForward run(
     return ragged ? at::zeros(shape, options) : at::empty(shape, options);
   };
   Tensor cells = keep ? buffer({steps, batch, hidden}) : at::empty({2, batch, hidden}, options);
-  Tensor kept_gates = keep ? buffer({steps, batch, gates}) : at::empty({0}, options);
+  // what training keeps (see training_forward): empty tensors where it keeps nothing, nothing in
+  // inference (an allocation costs as much as a tenth of a one-step call's gate pass)
+  const auto kept = [&](bool wanted, at::IntArrayRef shape) {
+    return wanted ? buffer(shape) : keep ? at::empty({0}, options) : Tensor();
+  };
+  Tensor kept_gates = kept(keep, {steps, batch, gates});
   // layernorm in training: LN_hh's and LN_c's normalised inputs and their 1 / std (as
   // lstmkit::recurrence keeps them), and x W_ih^T with its mean and 1 / std
   const bool kept_ln = keep && layernorm;
-  const auto kept_or_none = [&](at::IntArrayRef shape) {
-    return kept_ln ? buffer(shape) : at::empty({0}, options);
-  };
-  Tensor hhat = kept_or_none({steps, batch, gates}), chat = kept_or_none({steps, batch, hidden});
-  Tensor rstd = kept_or_none({steps, batch, 2});
-  Tensor products_ih = kept_or_none({steps, batch, gates});
-  Tensor stats_ih = kept_or_none({2, steps, batch, 1});
+  Tensor hhat = kept(kept_ln, {steps, batch, gates}), chat = kept(kept_ln, {steps, batch, hidden});
+  Tensor rstd = kept(kept_ln, {steps, batch, 2});
+  Tensor products_ih = kept(kept_ln, {steps, batch, gates});
+  Tensor stats_ih = kept(kept_ln, {2, steps, batch, 1});
   float* const hhat_p = kept_ln ? hhat.data_ptr<float>() : nullptr;
   float* const chat_p = kept_ln ? chat.data_ptr<float>() : nullptr;
   float* const rstd_p = kept_ln ? rstd.data_ptr<float>() : nullptr;
   float* const products_ih_p = kept_ln ? products_ih.data_ptr<float>() : nullptr;
   float* const stats_ih_p = kept_ln ? stats_ih.data_ptr<float>() : nullptr;
   const auto slot = [keep](int64_t t) { return keep ? t : t % 2; };
-  float* const gates_p = kept_gates.data_ptr<float>();
+  float* const gates_p = keep ? kept_gates.data_ptr<float>() : nullptr;
   float* const out_p = output.data_ptr<float>();
   float* const cells_p = cells.data_ptr<float>();
   const float* const x_p = xs.const_data_ptr<float>();
