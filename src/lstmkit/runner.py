@@ -236,7 +236,8 @@ def infer_stack(
         return None
     if not native.supports(cell, NO_MASKS) or torch.compiler.is_compiling():
         return None
-    if needs_backward((x, h0, c0, *(t for params in layers for t in params.values()))):
+    grad = torch.is_grad_enabled()  # else nothing to gather: needs_backward would say no
+    if grad and needs_backward((x, h0, c0, *(t for params in layers for t in params.values()))):
         return None
     if native.refusal(cell, x, layers[0]) is not None:
         return None

@@ -306,7 +306,7 @@ def supports(cell: cells.Cell, masks: Masks) -> bool:
 
 def refusal(cell: cells.Cell, x: Tensor, params: cells.Params) -> str | None:
     """Why this backend cannot run a layer on ``x`` with ``params`` now, or ``None``."""
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return f"it runs on the CPU, got a {x.device.type} input"
     if x.dtype not in DTYPES:
         return f"it runs float32 and float64, got {x.dtype}"
