@@ -50,7 +50,7 @@ def compare_compiled(model, x, hx=None, **compile_options) -> None:
 
 
 @pytest.mark.parametrize("cell", ["lstm", "layernorm"])
-@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("backend", ["reference", "fused", "native"])
 def test_compiled_equals_eager(backend, cell):
     torch._dynamo.reset()
     model = lstmkit.LSTM(4, 6, cell=cell, backend=backend)

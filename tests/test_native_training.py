@@ -11,6 +11,7 @@ import torch
 from test_native import needs_native
 
 import lstmkit
+from lstmkit import cells
 from lstmkit.backends import native
 
 # float32 sums over T steps and 4H products against float64; H <= 40, T <= 11
@@ -180,3 +181,39 @@ def test_opcheck_training_forward(cell):
         *(params.get(n) for n in native.LAYER_NAMES), cell, [3, 3, 2, 1, 1],
     )  # fmt: skip
     torch.library.opcheck(torch.ops.lstmkit.training_forward.default, args)
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_layer_norm_backward_in_place_equals_autograd(threads, rows):
+    """lstmkit::layer_norm_backward_ (layernorm training's input half) turns the gradient of
+    gain LN(v) + shift into v's in place and returns the gain's, as autograd through
+    F.layer_norm gives them in float64; rows of a finished sequence (zero gradient, zero
+    statistics) stay zero."""
+    torch.manual_seed(rows)
+    width = 37
+    v = torch.randn(rows, width) * 3 + 1
+    gain = torch.randn(width)
+    upstream = torch.randn(rows, width)
+    upstream[-1] = 0  # a finished row: its statistics were never written
+    mean = v.mean(-1, keepdim=True)
+    rstd = (v.var(-1, unbiased=False, keepdim=True) + cells.LAYER_NORM_EPS).rsqrt()
+    mean[-1], rstd[-1] = 0, 0
+    v64, gain64 = v.double().requires_grad_(), gain.double().requires_grad_()
+    out = torch.nn.functional.layer_norm(v64, (width,), gain64, None, cells.LAYER_NORM_EPS)
+    want_v, want_gain = torch.autograd.grad(out, (v64, gain64), upstream.double())
+    want_v[-1] = 0  # the kernel's finished row, whatever v holds there
+    grad = upstream.clone()
+    got_gain = torch.ops.lstmkit.layer_norm_backward_(grad, v, torch.stack([mean, rstd]), gain)
+    torch.testing.assert_close(grad.double(), want_v, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_gain.double(), want_gain, atol=1e-4, rtol=1e-5)
+
+
+@needs_native
+def test_opcheck_layer_norm_backward():
+    torch.manual_seed(0)
+    v = torch.randn(3, 4, 10)
+    stats = torch.stack([v.mean(-1, keepdim=True), (v.var(-1, unbiased=False, keepdim=True)
+                                                    + 1e-5).rsqrt()])  # fmt: skip
+    args = (torch.randn(3, 4, 10), v, stats, torch.randn(10))
+    torch.library.opcheck(torch.ops.lstmkit.layer_norm_backward_.default, args)

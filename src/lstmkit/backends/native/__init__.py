@@ -111,6 +111,7 @@ def _register() -> None:
         "lstmkit::training_forward", _training_backward, setup_context=_training_setup_context
     )
     torch.library.register_fake("lstmkit::linear", _linear_fake)
+    torch.library.register_fake("lstmkit::layer_norm_backward_", _layer_norm_backward_fake)
     torch.library.register_autograd(
         "lstmkit::linear", _linear_backward, setup_context=_linear_setup_context
     )
@@ -150,6 +151,10 @@ def _inference_stack_fake(x, h0, c0, *_rest):
 
 def _linear_fake(a, weight, bias):
     return a.new_empty(*a.shape[:-1], weight.shape[0])
+
+
+def _layer_norm_backward_fake(grad, input, stats, weight):
+    return torch.empty_like(weight)
 
 
 def _linear_setup_context(ctx, inputs, output) -> None:
@@ -208,7 +213,7 @@ def _training_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_kept):
     input's layer norm backward first); with ``create_graph=True``, the reference equations'
     (as lstmkit::recurrence's)."""
     inputs, saved = ctx.saved_tensors[:15], ctx.saved_tensors[15:]
-    x, h0, c0, w_ih, w_hh, b_ih, _, w_hr, w_ch, ln_ih_w, ln_ih_b, *ln_step = inputs
+    x, h0, c0, w_ih, w_hh, b_ih, _, w_hr, w_ch, ln_ih_w, _, *ln_step = inputs
     output, gates, kept_cells, hhat, chat, rstd, products_ih, stats_ih = saved
     needs = ctx.needs_input_grad[:15]
     if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
@@ -225,16 +230,11 @@ def _training_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_kept):
         )
     )  # fmt: skip
     if ctx.kind == "layernorm":  # xp = LN(x W_ih^T) + b_ih + b_hh: LN_ih's backward first
-        mean, rstd_ih = stats_ih
-        dproducts, dln_ih_w, _ = torch.ops.aten.native_layer_norm_backward(
-            dxp, products_ih, [dxp.shape[-1]], mean, rstd_ih, ln_ih_w, ln_ih_b,
-            [needs[0] or needs[3], needs[9], False],
-        )  # fmt: skip
         # every shift and bias added to the pre-activations has the gradient sum(dL/dz)
         db = dln_ih_b = dln_hh_b
-        dx = dw_ih = None
-        if dproducts is not None:
-            dx, dw_ih, _ = _linear_gradients(dproducts, x, w_ih, False, (needs[0], needs[3], False))
+        # dxp (this backward's own buffer) becomes the gradient of x W_ih^T
+        dln_ih_w = torch.ops.lstmkit.layer_norm_backward_(dxp, products_ih, stats_ih, ln_ih_w)
+        dx, dw_ih, _ = _linear_gradients(dxp, x, w_ih, False, (needs[0], needs[3], False))
     else:
         dln_ih_w = dln_ih_b = None
         biases = needs[5] or needs[6]

@@ -1080,4 +1080,52 @@ Tensor linear(const Tensor& a_in, const Tensor& weight, const std::optional<Tens
   return (width == n ? out : out.narrow(1, 0, n).contiguous()).view(shape);
 }
 
+// Rows per task of layer_norm_backward_.
+constexpr int64_t kNormRows = 16;
+
+Tensor layer_norm_backward_(Tensor& grad, const Tensor& input, const Tensor& stats,
+                            const Tensor& weight) {
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && input.scalar_type() == at::kFloat &&
+                  stats.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
+                  grad.is_contiguous() && weight.dim() == 1 && grad.dim() >= 1 &&
+                  grad.size(-1) == weight.size(0) && input.sizes() == grad.sizes() &&
+                  stats.numel() == 2 * (grad.numel() / std::max<int64_t>(weight.size(0), 1)),
+              "lstmkit::layer_norm_backward_ takes contiguous float32 grad and input (..., G), "
+              "stats (2, ...) and weight (G), got grad ",
+              grad.scalar_type(), " ", grad.sizes(), ", input ", input.sizes(), ", stats ",
+              stats.sizes(), " and weight ", weight.scalar_type(), " ", weight.sizes());
+  const int64_t width = weight.size(0), rows = width == 0 ? 0 : grad.numel() / width;
+  const Tensor x = input.contiguous(), moments = stats.contiguous(), gain = weight.contiguous();
+  float* const d = grad.data_ptr<float>();
+  const float* const x_p = x.const_data_ptr<float>();
+  const float* const mean = moments.const_data_ptr<float>();
+  const float* const rstd = mean + rows;
+  const float* const w = gain.const_data_ptr<float>();
+  // each thread's share of the gain's gradient, and its normalised row
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> partial(threads * width, 0.0f), normalised(threads * width);
+  at::parallel_for(0, rows, kNormRows, [&](int64_t begin, int64_t end) {
+    const int64_t thread = at::get_thread_num();
+    float* const dw = partial.data() + thread * width;
+    float* const xhat = normalised.data() + thread * width;
+    for (int64_t r = begin; r < end; ++r) {
+      float* const dr = d + r * width;
+      const float* const xr = x_p + r * width;
+      const float m = mean[r], s = rstd[r];
+      for (int64_t j = 0; j < width; ++j) {
+        xhat[j] = (xr[j] - m) * s;
+        dw[j] += dr[j] * xhat[j];
+        dr[j] *= w[j];
+      }
+      normalise_backward(dr, xhat, s, width);
+    }
+  });
+  Tensor dweight = at::zeros({width}, weight.options());
+  float* const out = dweight.data_ptr<float>();
+  for (int64_t t = 0; t < threads; ++t) {
+    for (int64_t j = 0; j < width; ++j) out[j] += partial[t * width + j];
+  }
+  return dweight;
+}
+
 }  // namespace lstmkit

@@ -43,6 +43,9 @@ TORCH_LIBRARY(lstmkit, m) {
       "Tensor rstd, Tensor products_ih, Tensor stats_ih)");
   m.def("linear(Tensor a, Tensor weight, Tensor? bias) -> Tensor");
   m.def(
+      "layer_norm_backward_(Tensor(a!) grad, Tensor input, Tensor stats, Tensor weight) -> "
+      "Tensor");
+  m.def(
       "product_route(ScalarType dtype, int rows, int in_features, int out_features, "
       "bool transposed, int uses) "
       "-> str");
@@ -55,6 +58,7 @@ TORCH_LIBRARY_IMPL(lstmkit, CPU, m) {
   m.impl("inference_stack", &inference_stack);
   m.impl("training_forward", &training_forward);
   m.impl("linear", &linear);
+  m.impl("layer_norm_backward_", &layer_norm_backward_);
 }
 
 TORCH_LIBRARY_IMPL(lstmkit, CompositeExplicitAutograd, m) {

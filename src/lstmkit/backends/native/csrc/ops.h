@@ -103,4 +103,12 @@ void backward_kept(const Tensor& grad_output, Tensor& dh, Tensor& dc, const Tens
 // between threads. The input half of training and its gradient by the input.
 Tensor linear(const Tensor& a, const Tensor& weight, const std::optional<Tensor>& bias);
 
+// Layer norm's backward in place, float32: grad (..., G), the gradient of gain LN(input) + shift,
+// becomes that of `input` (same shape), from the input, its mean and 1 / std (stats: (2, ...),
+// the means then the 1 / std, one per row) and the gain `weight` (G). Returns the gain's
+// gradient. Training's input half for layernorm (its input x W_ih^T), without the new (T, B, 4H)
+// buffer that ATen's native_layer_norm_backward allocates.
+Tensor layer_norm_backward_(Tensor& grad, const Tensor& input, const Tensor& stats,
+                            const Tensor& weight);
+
 }  // namespace lstmkit
