@@ -32,6 +32,7 @@ biases.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,7 @@ DTYPES = (torch.float32, torch.float64)
 LINEAR_MIN_ROWS = 256
 
 _status: tuple[bool, str] | None = None  # (available, how it was loaded or why not)
+_loading = threading.Lock()  # one thread loads and registers; the others wait for its answer
 
 
 # Under torch.compile the answer is taken as a constant: dynamo calls the function instead of
@@ -89,13 +91,16 @@ _status: tuple[bool, str] | None = None  # (available, how it was loaded or why 
 def available() -> tuple[bool, str]:
     """``(True, how the operators were loaded)`` or ``(False, why not)``. The first call in a
     process loads the compiled operators, building them if this machine has no cached build
-    (``LSTMKIT_NATIVE=0`` in the environment forces ``False``)."""
+    (``LSTMKIT_NATIVE=0`` in the environment forces ``False``); threads calling at once wait for
+    that one load."""
     global _status
     if _status is None:
-        ok, what = build.load()
-        if ok:
-            _register()
-        _status = ok, what
+        with _loading:
+            if _status is None:
+                ok, what = build.load()
+                if ok:
+                    _register()
+                _status = ok, what
     return _status
 
 

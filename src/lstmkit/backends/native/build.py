@@ -5,7 +5,11 @@ compiler, :data:`FLAGS`) into a cache directory keyed by everything the binary
 depends on: the C++ sources, torch's version, Python's, and the CPU's model and instruction-set
 flags (``-march=native`` code must never run on another CPU). The first process on a machine
 builds it (``python -m lstmkit.backends.native``, which ``make`` runs after installing); every
-later one only loads the ``.so``.
+later one only loads the ``.so``. Processes that find no library at once take turns on a lock
+file beside it: one compiles while the others wait, then load what it built. The lock is the
+kernel's (``flock``), released when its holder exits however it exits, so a killed builder's
+lock passes to the next process; a process that waits longer than :data:`LOCK_TIMEOUT_S` gives
+up with a message naming the lock.
 
 The cache is ``$LSTMKIT_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/lstmkit`` or
 ``~/.cache/lstmkit``. ``LSTMKIT_NATIVE=0`` in the environment makes the backend unavailable
@@ -14,6 +18,8 @@ without trying to build or load it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import platform
@@ -21,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,6 +38,8 @@ NAME = "lstmkit_native"
 # template compiled here) run on torch's OpenMP threads: without it the pragma is dropped and
 # every parallel_for runs on one thread
 FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp")
+LOCK = "build.lock"  # beside the library: whoever holds it is building that library
+LOCK_TIMEOUT_S = 900.0  # a build takes 30-60 s on two cores; ten times that is a stuck one
 
 
 def _cpu() -> str:
@@ -87,19 +96,46 @@ def _compile(target: Path) -> None:
         os.replace(Path(build) / f"{NAME}.so", target)
 
 
+@contextlib.contextmanager
+def exclusive(path: Path, timeout: float) -> Iterator[None]:
+    """Hold the lock file ``path`` (created if absent) for the block, waiting up to ``timeout``
+    seconds for another process to let go of it (TimeoutError past that)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"another process has held the build lock {path} for over {timeout:.0f}"
+                        " s; if no build is running, delete the lock file"
+                    ) from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def load() -> tuple[bool, str]:
     """Load the operators into ``torch.ops.lstmkit``, building them first if no cached library
-    fits this machine. Returns ``(True, what happened)`` or ``(False, why not)``; never raises."""
+    fits this machine (one process at a time: see the top of the module). Returns ``(True, what
+    happened)`` or ``(False, why not)``; never raises."""
     if os.environ.get("LSTMKIT_NATIVE", "1") == "0":
         return False, "LSTMKIT_NATIVE=0 is set in the environment"
     try:
         target = library_path()
         start = time.perf_counter()
-        if target.exists():
-            torch.ops.load_library(str(target))
-            return True, f"loaded {target} in {1e3 * (time.perf_counter() - start):.0f} ms"
-        _compile(target)  # loads it into this process too
-        return True, f"built {target} in {time.perf_counter() - start:.1f} s"
+        if not target.exists():
+            with exclusive(target.parent / LOCK, LOCK_TIMEOUT_S):
+                if not target.exists():  # else another process built it while this one waited
+                    _compile(target)  # loads it into this process too
+                    return True, f"built {target} in {time.perf_counter() - start:.1f} s"
+        torch.ops.load_library(str(target))
+        return True, f"loaded {target} in {1e3 * (time.perf_counter() - start):.0f} ms"
     except Exception as error:  # a missing compiler, a build error, an unwritable cache
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         errors = [line for line in lines if "error:" in line]  # the compiler's first

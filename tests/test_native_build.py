@@ -1,0 +1,105 @@
+"""Loading the native backend under concurrency: threads making a fresh process's first calls
+at once load and register the operators once (no warning, the same outputs as serial calls);
+processes finding no library take turns on a lock file, so one compiles and the others load
+its build; a killed builder's lock passes on, and a process that waits too long gives up with a
+message naming the lock."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from test_native import needs_native
+
+from lstmkit.backends.native import build
+
+FIRST_CALLS = textwrap.dedent(
+    """
+    import threading
+    import torch, lstmkit
+    torch.manual_seed(0)
+    model = lstmkit.LSTM(8, 16, 2).eval()
+    xs = [torch.randn(5, batch, 8) for batch in range(1, 9)]
+    got = [None] * len(xs)
+    start = threading.Barrier(len(xs))
+
+    def first_call(i):
+        start.wait()
+        with torch.no_grad():
+            got[i] = model(xs[i])[0]
+
+    threads = [threading.Thread(target=first_call, args=(i,)) for i in range(len(xs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with torch.no_grad():
+        serial = [model(x)[0] for x in xs]
+    print(lstmkit.native_available()[0], all(torch.equal(a, b) for a, b in zip(got, serial)))
+    """
+)
+
+
+@needs_native
+def test_first_calls_from_many_threads_load_once():
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_CALLS], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no "Overriding a previously registered kernel" warning
+    assert done.stdout.split() == ["True", "True"]
+
+
+@needs_native
+def test_processes_on_an_empty_cache_compile_once(tmp_path):
+    """Three processes starting at once on an empty cache: one builds, two load its build."""
+    env = {**os.environ, "LSTMKIT_CACHE_DIR": str(tmp_path)}
+    code = "import lstmkit; print(lstmkit.native_available())"
+    runs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    answers = [run.communicate(timeout=900)[0] for run in runs]
+    assert all(run.returncode == 0 for run in runs)
+    assert all(answer.startswith("(True,") for answer in answers), answers
+    assert sum("built" in answer for answer in answers) == 1, answers
+    assert sum("loaded" in answer for answer in answers) == 2, answers
+
+
+HOLD = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from lstmkit.backends.native import build
+    with build.exclusive(Path(sys.argv[1]), 10):
+        print("held", flush=True)
+        time.sleep(120)
+    """
+)
+
+
+def test_a_held_lock_times_out_and_a_killed_holders_lock_passes_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("LSTMKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("LSTMKIT_NATIVE", raising=False)
+    lock = build.library_path().parent / build.LOCK
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(lock)], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TimeoutError, match="build lock"), build.exclusive(lock, 0.5):
+            pass
+        monkeypatch.setattr(build, "LOCK_TIMEOUT_S", 0.5)
+        ok, why = build.load()  # nothing built here, and the builder never finishes
+        assert not ok
+        assert str(lock) in why
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        with build.exclusive(lock, 5):  # the kernel let go of the dead holder's lock
+            pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
