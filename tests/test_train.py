@@ -31,6 +31,7 @@ from lstmkit.train.tasks import (
     CharModel,
     DigitsConfig,
     adding_problem,
+    sample_chars,
 )
 
 TINY = {
@@ -790,3 +791,48 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         assert weights.keys() == one.keys()
         for name in one:
             torch.testing.assert_close(weights[name], one[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_a_step_clips_the_global_gradient_norm(clip):
+    """The optimizer sees gradients whose global norm is at most grad_clip (0: untouched),
+    against the norm of the same step's gradients computed here without the loop."""
+    config = AddingConfig(steps=1, batch_size=8, seq_len=6, hidden_size=8, grad_clip=clip)
+    task = TASKS["adding"](config)
+    run = loop.setup(task, loop.start_processes("cpu"))
+    inputs, targets = task.batch(torch.Generator().manual_seed(5), slice(0, 8))
+    run.model.zero_grad()
+    task.loss(run.model, inputs, targets).backward()
+    want = torch.nn.utils.get_total_norm([p.grad for p in run.model.parameters()]).item()
+    seen = []
+    step = run.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+        seen.append(torch.nn.utils.get_total_norm(grads).item())
+        return step(*args, **kwargs)
+
+    run.optimizer.step = recording_step
+    run.data = torch.Generator().manual_seed(5)  # the same batch as above
+    loop._step(run, run.model, slice(0, 8))
+    assert want > 1e-2  # so that the clipped case clips
+    assert seen == [pytest.approx(min(want, clip) if clip else want, rel=1e-5)]
+
+
+def test_sampling_carries_the_state_from_character_to_character():
+    """Near temperature 0 the sampler picks the likeliest next character each time; the
+    oracle runs the model on the whole text so far, from no state, for every character: the
+    two agree only if the sampler carries its state across characters."""
+    torch.manual_seed(0)
+    config = CharLMConfig(vocab="\nabcdefgh", hidden_size=16, num_layers=2, embedding_size=8)
+    model = CharModel(config).eval()
+    with torch.no_grad():  # sharper logits than at initialisation: fewer near-ties
+        for p in model.parameters():
+            p.mul_(4)
+    got = sample_chars(model, config.vocab, "abc", 30, 1e-3, torch.Generator().manual_seed(0))
+    text = "abc"
+    with torch.no_grad():
+        for _ in range(30):
+            ids = torch.tensor([[config.vocab.index(ch) for ch in text]])
+            text += config.vocab[model(ids)[0][0, -1].argmax().item()]
+    assert got == text[3:]
