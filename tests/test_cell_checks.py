@@ -212,8 +212,25 @@ def test_good_cells_are_accepted_and_initialised_as_declared():
     assert model.weight_ih_l0.shape == (3 * H, IN)
     assert (model.a_l0 == 1).all() and (model.b_l0 == 0).all() and model.b_l0.shape == (2, H)
     assert model.c_l0.abs().max() <= 1 / H**0.5 and model.c_l0.std() > 0
-    output, (h_n, _) = model(torch.randn(T, B, IN, dtype=F64))
-    assert output.shape == (T, B, H) and torch.equal(output[-1], h_n[0])
+    with torch.no_grad():  # extras away from their identity values, so that their use shows
+        model.a_l0.uniform_(0.5, 1.5)
+        model.b_l0.normal_()
+    x = torch.randn(T, B, IN, dtype=F64)
+    output, (h_n, c_n) = model(x)
+    # the oracle: Coupled's equations written out
+    w_ih, w_hh = model.weight_ih_l0.detach(), model.weight_hh_l0.detach()
+    bias = (model.bias_ih_l0 + model.bias_hh_l0).detach()
+    h = c = torch.zeros(B, H, dtype=F64)
+    want = []
+    for x_t in x:
+        f, g, o = (x_t @ w_ih.T + bias + h @ w_hh.T).chunk(3, dim=1)
+        forget = torch.sigmoid(f)
+        c = (forget * c + (1 - forget) * torch.tanh(g)) * model.a_l0 + model.b_l0.sum(0)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        want.append(h)
+    torch.testing.assert_close(output, torch.stack(want), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(h_n[0], h, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(c_n[0], c, atol=1e-12, rtol=1e-12)
 
 
 # ------------------------------------------------------------------ what step returns
