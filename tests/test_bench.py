@@ -15,7 +15,7 @@ from torch import nn
 
 import lstmkit
 from lstmkit.__main__ import main
-from lstmkit.bench import ort, report, suite
+from lstmkit.bench import ort, report, serve, suite
 from lstmkit.bench.measure import saved_bytes, time_interleaved
 from lstmkit.bench.naive import NaiveLSTM
 from lstmkit.bench.suite import (
@@ -259,3 +259,34 @@ def test_reports_of_configs_with_different_implementations(tmp_path):
         row = next(line for line in tables.splitlines() if line.startswith("| two | B=2"))
         assert "—" in row
         assert (tmp_path / "bench.md").read_text(encoding="utf-8").count(PEER) >= 3
+
+
+def test_bench_serve_measures_each_client_count_in_fresh_processes(tmp_path, monkeypatch):
+    """--serve: for each client count, lstmkit and nn.LSTM each serve the same drawn requests
+    in a fresh process; every concurrent output equals the same request run serially after,
+    nothing is printed to standard error, and the ratios are those of the rows."""
+    monkeypatch.setattr(serve, "MODELS", {"tiny": 12})
+    monkeypatch.setattr(serve, "CLIENTS", (1, 3))
+    args = ["bench", "--serve", "--requests", "7", "--threads", "2", "--out", str(tmp_path)]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "serve.json").read_text())["results"]
+    assert [(r["clients"], r["implementation"]) for r in rows] == [
+        (1, serve.LSTMKIT), (1, suite.BASELINE), (3, serve.LSTMKIT), (3, suite.BASELINE),
+    ]  # fmt: skip
+    for row in rows:
+        assert row["max_abs_diff_vs_serial"] <= 1e-6
+        assert row["stderr"] == ""
+        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+    ours, theirs = rows[2], rows[3]
+    text = (tmp_path / "serve.md").read_text()
+    assert f"| tiny | 3 | {ours['p99_ms'] / theirs['p99_ms']:.2f} |" in text
+
+
+def test_requests_are_drawn_within_their_ranges_and_repeat_with_the_seed():
+    shapes = serve.draw_requests(5000, 3)
+    assert shapes == serve.draw_requests(5000, 3)
+    lengths, batches = zip(*shapes, strict=True)
+    assert (min(lengths), max(lengths)) == serve.LENGTHS
+    assert (min(batches), max(batches)) == serve.BATCHES
+    assert serve.percentile([4.0, 1.0, 3.0, 2.0], 0.5) == 2.0
+    assert serve.percentile(list(range(1, 101)), 0.99) == 99

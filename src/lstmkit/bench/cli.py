@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from lstmkit.bench import ort, stream
+from lstmkit.bench import ort, serve, stream
 from lstmkit.bench.report import machine_info, write_reports
 from lstmkit.bench.stream import run_stream, write_stream_reports
 from lstmkit.bench.suite import GRID, Config, run_suite
@@ -105,6 +105,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and carried hx (B=1, H in {128, 512}, 2 layers) instead of the suite",
     )
     parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="serve one model (the suite's M and T1 sizes) from 1, 2 and 4 client threads, "
+        "lstmkit and nn.LSTM each in a fresh process: throughput, p50 / p99 / max latency, "
+        "the first request's latency, outputs against a serial run (serve.json, serve.md in "
+        "benchmarks/serve)",
+    )
+    parser.add_argument(
+        "--requests",
+        type=_count(1),
+        default=200,
+        help="with --serve: requests per run, B 1-64 and T 10-200 drawn with a fixed seed "
+        "(default 200)",
+    )
+    parser.add_argument(
         "--steps",
         type=_count(1),
         default=200,
@@ -119,6 +134,8 @@ def main(args: argparse.Namespace) -> int:
     warmup = runs["warmup"] if args.warmup is None else args.warmup
     if args.stream:
         return stream_main(args, repeats, warmup)
+    if args.serve:
+        return serve_main(args)
     backends = list(dict.fromkeys(args.backend or ["auto"]))
     peers = _peers(args.peers, args.cell)
     for threads, out in _runs(args, Path("benchmarks/cpu")):
@@ -182,4 +199,23 @@ def stream_main(args: argparse.Namespace, repeats: int, warmup: int) -> int:
         table = write_stream_reports(out, rows, machine, settings)
         print(f"\n{threads} thread(s):\n{table}")
         print(f"wrote {out / 'stream.json'}, stream.md")
+    return 0
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    """``--serve``: one model behind client threads; write ``serve.json`` / ``serve.md``."""
+    for threads, out in _runs(args, Path("benchmarks/serve")):
+        machine = machine_info(threads)
+        rows = serve.run_serve(list(serve.MODELS), serve.CLIENTS, args.requests, threads)
+        settings = {
+            "requests": args.requests,
+            "batch_sizes": serve.BATCHES,
+            "lengths": serve.LENGTHS,
+            "seed": serve.SEED,
+            "dtype": "float32",
+            "mode": "eval, torch.no_grad()",
+        }
+        table = serve.write_serve_reports(out, rows, machine, settings)
+        print(f"\n{threads} thread(s):\n{table}")
+        print(f"wrote {out / 'serve.json'}, serve.md")
     return 0
