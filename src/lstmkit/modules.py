@@ -17,7 +17,6 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from lstmkit import cells, runner
 from lstmkit import validation as check
-from lstmkit.backends import native
 from lstmkit.state import LSTMState, detach_state
 
 # the constructor arguments of torch.nn.LSTM after its two sizes, which lstmkit.LSTM shares
@@ -301,11 +300,7 @@ class LSTM(nn.Module):
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
         self.reset_parameters()
-        # where forward would run the native backend, load it now (once per process): a
-        # server's first request then pays no loading (~5 ms; the build where none is cached)
-        on_cpu = self.weight_ih_l0.device.type == "cpu"
-        if on_cpu and self.backend in ("auto", "native") and self.cell.kind in native.KINDS:
-            native.available()
+        runner.prepare(self.backend, self.cell, self.weight_ih_l0.device)
 
     def reset_parameters(self) -> None:
         """nn.LSTM's initialisation (U(-1/sqrt(H), 1/sqrt(H)), drawn in registration order),

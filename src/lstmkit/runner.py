@@ -113,6 +113,14 @@ def _native_loads() -> bool:
     return ok
 
 
+def prepare(name: str, cell: cells.Cell, device: torch.device) -> None:
+    """Load now what the first forward of a layer of ``cell`` on ``device`` with backend
+    ``name`` would load: the native backend's operators (~5 ms; the build where none is
+    cached), so that a server's first request does not pay for them."""
+    if device.type == "cpu" and name in ("auto", "native") and native.supports(cell, NO_MASKS):
+        native.available()
+
+
 def _refusal(name, cell: cells.Cell, masks: Masks, x: Tensor | None, params) -> str | None:
     """Why backend ``name`` cannot run this layer, or ``None``."""
     backend = BACKENDS[name]

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lstmkit.bench.suite import BASELINE
+from lstmkit.modules import LSTM
 
 LSTMKIT = "lstmkit"
 IMPLEMENTATIONS = (LSTMKIT, BASELINE)
@@ -44,8 +45,6 @@ def _model(implementation: str, hidden: int) -> torch.nn.Module:
     torch.manual_seed(SEED)
     model = torch.nn.LSTM(hidden, hidden)
     if implementation == LSTMKIT:
-        from lstmkit.modules import LSTM
-
         model = LSTM.from_torch(model)
     return model.eval()
 

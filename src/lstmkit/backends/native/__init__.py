@@ -345,7 +345,7 @@ def run(
     if not training and x.dtype == torch.float32 and all(m is None for m in drawn):
         return _infer(cell, x, h, c, params, (zone_h_p, zone_c_p), batch_sizes)
     masked = any(m is not None for m in drawn) or zone_h_p or zone_c_p
-    if x.dtype == torch.float32 and not masked and _built_in_input_half(cell):
+    if x.dtype == torch.float32 and not masked:
         weights = [params.get(name) for name in LAYER_NAMES]
         output, h_n, c_n, *_ = torch.ops.lstmkit.training_forward(
             x, h, c, *weights, cell.kind, batch_sizes or []
@@ -388,23 +388,13 @@ def _input_half(cell: cells.Cell, x: Tensor, params: cells.Params) -> Tensor:
     MKL's GEMM took 1.2-1.6x as long on an AMD EPYC Zen 4 at 1 thread, 1.07-1.18x at 2 (6400 x
     512 x 2048 and 3200 x 256 x 1024, and the shapes of their gradient by the input)."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if x.dtype != torch.float32 or not _plain_input_half(cell) or rows < LINEAR_MIN_ROWS:
+    # a cell's kind names its equations, input half included (lstmkit.cells.Cell): every kind
+    # but layernorm has the plain one
+    if x.dtype != torch.float32 or cell.kind == "layernorm" or rows < LINEAR_MIN_ROWS:
         return cell.project_input(x, params)
     b_ih, b_hh = params["bias_ih"], params["bias_hh"]
     bias = None if b_ih is None else b_ih + b_hh
     return torch.ops.lstmkit.linear(x, params["weight_ih"], bias)
-
-
-def _built_in_input_half(cell: cells.Cell) -> bool:
-    """Whether the cell's input half is its kind's built-in one (the kernels compute it
-    themselves): ``project_input`` not overridden beyond the built-in cell of its kind."""
-    return type(cell).project_input is type(cells.CELLS[cell.kind]).project_input
-
-
-def _plain_input_half(cell: cells.Cell) -> bool:
-    """Whether the cell's input half is the plain ``x W_ih^T + b_ih + b_hh`` (its
-    ``project_input`` not overridden, as layer norm's is)."""
-    return type(cell).project_input is cells.Cell.project_input
 
 
 def _zone(zone: Tensor | float | None, like: Tensor) -> tuple[Tensor | None, float]:
