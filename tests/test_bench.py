@@ -290,3 +290,14 @@ def test_requests_are_drawn_within_their_ranges_and_repeat_with_the_seed():
     assert (min(batches), max(batches)) == serve.BATCHES
     assert serve.percentile([4.0, 1.0, 3.0, 2.0], 0.5) == 2.0
     assert serve.percentile(list(range(1, 101)), 0.99) == 99
+
+
+def test_bench_serve_reports_a_failed_process_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(serve, "MODELS", {"broken": 0})  # an LSTM of hidden size 0 is refused
+    monkeypatch.setattr(serve, "CLIENTS", (1,))
+    args = ["bench", "--serve", "--requests", "2", "--out", str(tmp_path)]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("lstmkit bench --serve: the lstmkit process serving broken to 1")
+    assert "ValueError: input_size must be greater than zero" in err[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -206,7 +207,11 @@ def serve_main(args: argparse.Namespace) -> int:
     """``--serve``: one model behind client threads; write ``serve.json`` / ``serve.md``."""
     for threads, out in _runs(args, Path("benchmarks/serve")):
         machine = machine_info(threads)
-        rows = serve.run_serve(list(serve.MODELS), serve.CLIENTS, args.requests, threads)
+        try:
+            rows = serve.run_serve(list(serve.MODELS), serve.CLIENTS, args.requests, threads)
+        except serve.ServeError as error:
+            print(f"lstmkit bench --serve: {error}", file=sys.stderr)
+            return 1
         settings = {
             "requests": args.requests,
             "batch_sizes": serve.BATCHES,

@@ -35,6 +35,10 @@ LENGTHS = (10, 200)  # and its length
 SEED = 0
 
 
+class ServeError(RuntimeError):
+    """A measuring process failed; the message names it and its last line of error output."""
+
+
 def draw_requests(count: int, seed: int) -> list[tuple[int, int]]:
     """``count`` request shapes ``(T, B)``, the same for every process given the seed."""
     rng = random.Random(seed)
@@ -120,8 +124,13 @@ def run_serve(models: Sequence[str], clients: Sequence[int], count: int, threads
                     [sys.executable, "-m", "lstmkit.bench.serve", *args],
                     capture_output=True,
                     text=True,
-                    check=True,
                 )
+                if done.returncode != 0:
+                    last = (done.stderr.strip().splitlines() or ["no error output"])[-1]
+                    raise ServeError(
+                        f"the {implementation} process serving {name} to {n} client(s) exited "
+                        f"with status {done.returncode}: {last}"
+                    )
                 result = json.loads(done.stdout.splitlines()[-1])
                 latencies = result["latencies_s"]
                 rows.append(
