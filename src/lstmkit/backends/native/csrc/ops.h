@@ -1,6 +1,7 @@
 // The operators of the native backend, as C++ functions: registered in ops.cpp, defined in
 // recurrence.cpp (the recurrence forward and backward, every dtype, training and inference),
-// inference.cpp (float32 inference, the whole layer in one kernel) and products.cpp.
+// inference.cpp (float32 inference and training's forward, the whole layer in one kernel),
+// backward_rows.cpp (that forward's backward; layer_norm_backward_) and panels.cpp (linear).
 #pragma once
 
 #include <ATen/ATen.h>

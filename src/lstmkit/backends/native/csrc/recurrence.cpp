@@ -25,9 +25,9 @@
 // gates gives dz and dL/dc_{t-1}, then dL/dh_{t-1} = (dz W_hh) r (layernorm: LN_hh's
 // backward of dz first) plus the zoneout share. dz is the gradient of xp; after the loop
 // every weight gradient is one product or reduction over all steps. In float32 without masks,
-// the backward loop runs on inference.cpp's row-split kernel instead (backward_kept; the forward
-// of those layers is lstmkit::training_forward, whose kept values are this forward's, and for
-// layernorm it also adds up LN_hh's gain and shift gradients); the weight gradients stay here.
+// the backward loop runs on backward_rows.cpp's row-split kernel instead (backward_kept; the
+// forward of those layers is lstmkit::training_forward, whose kept values are this forward's, and
+// for layernorm it also adds up LN_hh's gain and shift gradients); the weight gradients stay here.
 
 #include <ATen/Parallel.h>
 

@@ -1,0 +1,342 @@
+// The register-blocked product kernel of the float32 kernels (declared in panels.h): packing a
+// weight into panels, the row tiles that accumulate A times a panel in vector registers over K,
+// `product`, which picks the tiles for a number of rows, the dot products of a weight read plain
+// (a one-step call), and lstmkit::linear, one large product with blocks of rows shared between
+// threads.
+
+#include "panels.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <string_view>
+
+#include "layer.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace lstmkit {
+namespace {
+
+#if defined(__AVX2__)
+// dst[i * ld] (8 floats) = column i of the 8 x 8 block whose rows are src[j * ld_src], j < 8.
+void transpose8(const float* src, int64_t ld_src, float* dst, int64_t ld) {
+  __m256 r[8], t[8];
+  for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(src + j * ld_src);
+  for (int j = 0; j < 8; j += 2) {
+    t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
+    t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
+  }
+  for (int j = 0; j < 8; j += 4) {
+    r[j] = _mm256_shuffle_ps(t[j], t[j + 2], 0x44);
+    r[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], 0xEE);
+    r[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0x44);
+    r[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(dst + j * ld, _mm256_permute2f128_ps(r[j], r[j + 4], 0x20));
+    _mm256_storeu_ps(dst + (j + 4) * ld, _mm256_permute2f128_ps(r[j], r[j + 4], 0x31));
+  }
+}
+#endif
+
+// sums[q] = a . w[q] over k values, for kCols weight rows at once.
+template <int kCols>
+void dots(const float* a, const float* const* w, int64_t k, float* sums) {
+  Vec acc[kCols];
+  for (int q = 0; q < kCols; ++q) acc[q] = broadcast(0.0f);
+  int64_t e = 0;
+  for (; e + kLanes <= k; e += kLanes) {
+    const Vec x = load(a + e);
+#pragma GCC unroll 8
+    for (int q = 0; q < kCols; ++q) acc[q] = fma(x, load(w[q] + e), acc[q]);
+  }
+  if constexpr (kCols == 8) {
+    lane_sums8(acc, sums);
+  } else {
+    for (int q = 0; q < kCols; ++q) {
+      float lanes[kLanes];
+      store(lanes, acc[q]);
+      sums[q] = 0.0f;
+      for (const float lane : lanes) sums[q] += lane;
+    }
+  }
+  for (int q = 0; q < kCols; ++q) {
+    for (int64_t i = e; i < k; ++i) sums[q] += a[i] * w[q][i];
+  }
+}
+
+// out[r][c] for the n rows and a plain operand's columns: `init` (or zero; or, with
+// `accumulate`, out itself) plus A[r] . W[c], eight columns at a time: one vector of A feeds
+// eight independent sums.
+void plain_product(const Operand& op, int64_t n, const float* init, bool accumulate,
+                   float* const* out) {
+  constexpr int kCols = 8;
+  for (int64_t c = 0; c < op.columns; c += kCols) {
+    const int64_t count = std::min<int64_t>(kCols, op.columns - c);
+    for (int64_t r = 0; r < n; ++r) {
+      float sums[kCols];
+      if (count == kCols) {
+        dots<kCols>(op.rows[r], op.plain + c, op.k, sums);
+      } else {
+        for (int64_t q = 0; q < count; ++q) dots<1>(op.rows[r], op.plain + c + q, op.k, sums + q);
+      }
+      for (int64_t q = 0; q < count; ++q) {
+        const float base = accumulate ? out[r][c + q] : init != nullptr ? init[c + q] : 0.0f;
+        out[r][c + q] = base + sums[q];
+      }
+    }
+  }
+}
+
+// The depth of one pass over a panel: each row tile reads that slice of it (with AVX2, 256 x
+// kPanel floats, 16 KB, which stays in the level-1 cache; tuned on a Zen 3) and loads and stores
+// its sums once per pass. With AVX-512, 1024: the two panels of a tile (256 KB) come from the
+// level-2 cache, and the sums of K <= 1024 are loaded and stored once. Measured on an AMD EPYC
+// Zen 4 (family 25 model 17, 32 KB level-1), time at 1024 / at 128 (16 KB a panel): inference
+// at 2 threads L 0.92, D 0.93, M 0.95, D2 0.98, S and T1 1.00; training L 0.95, D 0.96; at 1
+// thread 256 / 128 0.96 and 512 / 256 0.97-1.00. On the Intel Xeon (48 KB level-1) 64 to 1024
+// made no difference beyond noise.
+constexpr int64_t kDepth = kLanes == 16 ? 1024 : 4096 / kPanel;
+
+// out[r][columns of panels p .. p + kPanels) for kRows rows, r0 on: `init` (a bias padded to
+// whole panels, or null for zero; or, with `accumulate`, out itself) plus A[r][k0, k1) times
+// the weight's rows k0 .. k1. The weight's vectors are forced into registers (the empty asm):
+// GCC would otherwise fold each load into every row's multiply-add and run out of loads.
+template <int kRows, int kPanels>
+void tile(const Operand& op, int64_t k0, int64_t k1, int64_t p, int64_t r0, const float* init,
+          bool accumulate, float* const* out) {
+  constexpr int kVecs = 2 * kPanels;
+  Vec acc[kRows][kVecs];
+#pragma GCC unroll 12
+  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < kVecs; ++v) {
+      const int64_t column = p * kPanel + v * kLanes;
+      acc[r][v] = accumulate        ? load(out[r0 + r] + column)
+                  : init != nullptr ? load(init + column)
+                                    : broadcast(0.0f);
+    }
+  }
+  const float* a[kRows];
+#pragma GCC unroll 12
+  for (int r = 0; r < kRows; ++r) a[r] = op.rows[r0 + r];
+  const float* b = op.packed + (p * op.k + k0) * kPanel;
+  for (int64_t e = k0; e < k1; ++e, b += kPanel) {
+#pragma GCC unroll 4
+    for (int q = 0; q < kPanels; ++q) {
+      Vec w0 = load(b + q * op.k * kPanel), w1 = load(b + q * op.k * kPanel + kLanes);
+      asm("" : "+x"(w0), "+x"(w1));
+#pragma GCC unroll 12
+      for (int r = 0; r < kRows; ++r) {
+        const Vec x = broadcast(a[r][e]);
+        acc[r][2 * q] = fma(x, w0, acc[r][2 * q]);
+        acc[r][2 * q + 1] = fma(x, w1, acc[r][2 * q + 1]);
+      }
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < kVecs; ++v) store(out[r0 + r] + p * kPanel + v * kLanes, acc[r][v]);
+  }
+}
+
+// A tile of `rows` (at most kRows) rows of kPanels panels.
+template <int kRows, int kPanels = 1>
+void row_tile(int rows, const Operand& op, int64_t k0, int64_t k1, int64_t p, int64_t r0,
+              const float* init, bool accumulate, float* const* out) {
+  if constexpr (kRows > 1) {
+    if (rows < kRows)
+      return row_tile<kRows - 1, kPanels>(rows, op, k0, k1, p, r0, init, accumulate, out);
+  }
+  tile<kRows, kPanels>(op, k0, k1, p, r0, init, accumulate, out);
+}
+
+// Row tiles of kPanels panels, from panel p while kPanels of them remain, each of at most
+// kMaxRows / kPanels of the n rows (so as many sums in flight), their heights as even as they
+// go (8 = 4 + 4); the first panel left.
+template <int kPanels>
+int64_t row_tiles(const Operand& op, int64_t k0, int64_t k1, int64_t p, int64_t n,
+                  int64_t count_panels, const float* init, bool accumulate, float* const* out) {
+  constexpr int kRows = kMaxRows / kPanels;
+  const int64_t tiles = (n + kRows - 1) / kRows;
+  for (; p + kPanels <= count_panels; p += kPanels) {
+    for (int64_t t = 0, r = 0; t < tiles; ++t) {
+      const int rows = static_cast<int>((n - r) / (tiles - t));
+      row_tile<kRows, kPanels>(rows, op, k0, k1, p, r, init, accumulate, out);
+      r += rows;
+    }
+  }
+  return p;
+}
+
+}  // namespace
+
+Tensor pack(const Tensor& weight) {
+  const int64_t n = weight.size(0), k = weight.size(1);
+  if (weight.stride(0) == 1 && weight.stride(1) == n && n > 1) {
+    Tensor packed = at::empty({panels(n) * k * kPanel}, weight.options());
+    const float* src = weight.const_data_ptr<float>();
+    float* const out = packed.data_ptr<float>();
+    at::parallel_for(0, panels(n), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t width = std::min(kPanel, n - p * kPanel);
+        for (int64_t e = 0; e < k; ++e) {
+          float* row = out + (p * k + e) * kPanel;
+          std::memcpy(row, src + e * n + p * kPanel, width * sizeof(float));
+          std::fill(row + width, row + kPanel, 0.0f);
+        }
+      }
+    });
+    return packed;
+  }
+  const Tensor w = weight.contiguous();
+  Tensor packed = at::empty({panels(n) * k * kPanel}, w.options());
+  const float* src = w.const_data_ptr<float>();
+  float* const out = packed.data_ptr<float>();
+  at::parallel_for(0, panels(n), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      float* dst = out + p * k * kPanel;
+      const float* rows = src + p * kPanel * k;
+      const int64_t width = std::min(kPanel, n - p * kPanel);
+      int64_t e = 0;
+#if defined(__AVX2__)
+      if (width == kPanel) {  // 8 x 8 blocks
+        for (; e + 8 <= k; e += 8) {
+          for (int64_t j = 0; j < kPanel; j += 8) {
+            transpose8(rows + j * k + e, k, dst + e * kPanel + j, kPanel);
+          }
+        }
+      }
+#endif
+      for (; e < k; ++e) {
+        for (int64_t j = 0; j < kPanel; ++j)
+          dst[e * kPanel + j] = j < width ? rows[j * k + e] : 0.0f;
+      }
+    }
+  });
+  return packed;
+}
+
+Tensor unit_rows(const Tensor& t, int64_t block, int64_t j0, int64_t width) {
+  if (width == block) return t;
+  std::vector<Tensor> parts;
+  for (int64_t g = 0; g < t.size(0) / block; ++g)
+    parts.push_back(t.narrow(0, g * block + j0, width));
+  return at::cat(parts);
+}
+
+Weight prepare(const Tensor& weight, int64_t block, int64_t j0, int64_t width, bool plain) {
+  const Tensor w = weight.contiguous();
+  if (!plain) return {pack(unit_rows(w, block, j0, width)), Tensor(), {}};
+  Weight out{Tensor(), w, {}};
+  const float* const data = w.const_data_ptr<float>();
+  const int64_t k = w.size(1);
+  out.plain.reserve(w.size(0) / block * width);
+  for (int64_t g = 0; g < w.size(0) / block; ++g) {
+    for (int64_t j = 0; j < width; ++j) out.plain.push_back(data + (g * block + j0 + j) * k);
+  }
+  return out;
+}
+
+Operand operand(const float* const* rows, const Weight& weight, int64_t k) {
+  return {rows, pointer<float>(weight.packed), k,
+          weight.plain.empty() ? nullptr : weight.plain.data(),
+          static_cast<int64_t>(weight.plain.size())};
+}
+
+int tile_panels() {
+  const std::string_view choice = forced("LSTMKIT_NATIVE_TILE");
+  if (choice == "1") return 1;
+  if (choice == "2") return 2;
+  return kMaxRows == 12 ? 2 : 1;
+}
+
+void product(const Operand* ops, int count, int64_t n, int64_t count_panels, const float* bias,
+             float* const* out, int panels_per_tile, bool onto_out) {
+  bool accumulate = onto_out;
+  for (int o = 0; o < count; ++o) {
+    const Operand& op = ops[o];
+    if (op.plain != nullptr) {
+      plain_product(op, n, bias, accumulate, out);
+      accumulate = true;
+      continue;
+    }
+    for (int64_t k0 = 0; k0 < op.k; k0 += kDepth, accumulate = true) {
+      const int64_t k1 = std::min(op.k, k0 + kDepth);
+      int64_t p = 0;
+      if (n <= 2) {
+        for (; p + 4 / n <= count_panels; p += 4 / n) {
+          if (n == 1) {
+            tile<1, 4>(op, k0, k1, p, 0, bias, accumulate, out);
+          } else {
+            tile<2, 2>(op, k0, k1, p, 0, bias, accumulate, out);
+          }
+        }
+      } else if (panels_per_tile == 2) {
+        p = row_tiles<2>(op, k0, k1, p, n, count_panels, bias, accumulate, out);
+      }
+      row_tiles<1>(op, k0, k1, p, n, count_panels, bias, accumulate, out);
+    }
+  }
+}
+
+// Rows of `a` per block that one thread takes at a time in linear, at most: the block's
+// products keep their rows in the level-2 cache while the weight's panels stream past. Measured
+// on an AMD EPYC Zen 4 (family 25 model 17) at 6400 x 512 x 2048 and 3200 x 256 x 1024 and
+// their backward shapes: 24 and 48 rows the same, 96 and 192 up to 5% slower. Fewer rows give
+// each thread four blocks or more, so that the threads finish together.
+constexpr int64_t kLinearRows = 48;
+constexpr int64_t kLinearBlocksPerThread = 4;
+
+Tensor linear(const Tensor& a_in, const Tensor& weight, const std::optional<Tensor>& bias) {
+  TORCH_CHECK(a_in.device().is_cpu() && a_in.scalar_type() == at::kFloat && a_in.dim() >= 1 &&
+                  weight.scalar_type() == at::kFloat && weight.dim() == 2 &&
+                  weight.size(1) == a_in.size(-1),
+              "lstmkit::linear takes float32 CPU a (..., K) and weight (N, K), got a ",
+              a_in.scalar_type(), " ", a_in.sizes(), " and weight ", weight.scalar_type(), " ",
+              weight.sizes());
+  const int64_t k = weight.size(1), n = weight.size(0);
+  TORCH_CHECK(!bias.has_value() ||
+                  (bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == n),
+              "lstmkit::linear: bias must be float32 (", n, "), got ",
+              bias.has_value() ? bias->sizes() : at::IntArrayRef{});
+  std::vector<int64_t> shape(a_in.sizes().begin(), a_in.sizes().end());
+  shape.back() = n;
+  if (a_in.numel() == 0 || n == 0) {  // no rows, no columns, or no sum: the bias alone
+    const Tensor zero = at::zeros(shape, a_in.options());
+    return bias.has_value() ? zero + *bias : zero;
+  }
+  const Tensor a = a_in.reshape({-1, k}).contiguous();
+  const int64_t m = a.size(0), count_panels = panels(n), width = count_panels * kPanel;
+  const Tensor packed = pack(weight);
+  Tensor init = at::zeros({width}, a.options());
+  if (bias.has_value()) init.narrow(0, 0, n).copy_(*bias);
+  Tensor out = at::empty({m, width}, a.options());  // rows padded to whole panels
+  const float* const a_p = a.const_data_ptr<float>();
+  float* const out_p = out.data_ptr<float>();
+  const int tiling = tile_panels();
+  const int64_t least = kLinearBlocksPerThread * at::get_num_threads();
+  const int64_t height = std::clamp<int64_t>((m + least - 1) / least, 1, kLinearRows);
+  at::parallel_for(0, (m + height - 1) / height, 1, [&](int64_t begin, int64_t end) {
+    const float* rows[kLinearRows];
+    float* outs[kLinearRows];
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t r0 = block * height, count = std::min(height, m - r0);
+      for (int64_t r = 0; r < count; ++r) {
+        rows[r] = a_p + (r0 + r) * k;
+        outs[r] = out_p + (r0 + r) * width;
+      }
+      const Operand op{rows, packed.const_data_ptr<float>(), k};
+      product(&op, 1, count, count_panels, init.const_data_ptr<float>(), outs, tiling);
+    }
+  });
+  return (width == n ? out : out.narrow(1, 0, n).contiguous()).view(shape);
+}
+
+}  // namespace lstmkit

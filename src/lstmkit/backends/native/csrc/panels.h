@@ -1,0 +1,70 @@
+// The packed products that every float32 kernel of inference.cpp and backward_rows.cpp runs on,
+// defined in panels.cpp: a weight packed into panels of kPanel columns, or read plain, and
+// `product`, which adds rows of A times it into rows of out.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "simd.h"
+
+namespace lstmkit {
+
+using at::Tensor;
+
+constexpr int64_t kPanel = 2 * kLanes;  // columns per packed panel: two vectors
+
+inline int64_t panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
+
+// A weight (n, k), packed: panel p holds columns [p kPanel, (p + 1) kPanel) of its transpose
+// as k rows of kPanel floats (zeros past n), so that a tile reads it in order. A transposed
+// view (of a (k, n) row-major tensor) is copied slice by slice, its rows being those panels'.
+Tensor pack(const Tensor& weight);
+
+// A weight as the products read it: packed, or (`plain`) its rows where they lie, one pointer
+// per output column (k floats each). A call of one step takes the weights plain: packing them
+// would cost more than the one product each serves (4 ms at H = 512).
+struct Weight {
+  Tensor packed, source;            // source: what `plain` points into, held alive
+  std::vector<const float*> plain;  // empty when packed
+};
+
+// Rows [g block + j0, g block + j0 + width) of every block of `block` rows of t, the blocks in
+// order (a worker's units in each gate's block): t itself where width == block.
+Tensor unit_rows(const Tensor& t, int64_t block, int64_t j0, int64_t width);
+
+// unit_rows of a weight (n, k), packed, or plain.
+Weight prepare(const Tensor& weight, int64_t block, int64_t j0, int64_t width, bool plain);
+
+// One operand of a product: rows of A by row pointers (each k floats) and a weight, packed or
+// (`plain`, `columns` of them) as row pointers.
+struct Operand {
+  const float* const* rows;
+  const float* packed;
+  int64_t k;
+  const float* const* plain = nullptr;
+  int64_t columns = 0;
+};
+
+Operand operand(const float* const* rows, const Weight& weight, int64_t k);
+
+// Panels per row tile where a product has more than two rows: two with AVX-512's 32 registers
+// (6 rows x 4 vectors, a weight vector feeding 6 sums and a broadcast 4, against 12 x 2: 2
+// weight loads and 12 broadcasts for 24 multiply-adds). Measured on an Intel Xeon (family 6,
+// model 167), inference time / nn.LSTM's with one panel and with two: L 1.20 -> 1.01 at 2
+// threads and 1.14 -> 1.03 at 1, M 1.07 -> 0.99, D2 1.14 -> 1.04, S 0.54 -> 0.49. One with 16
+// registers (6 rows x 2 vectors, the tile tuned on a Zen 3; two panels there, 3 rows x 4,
+// are not measured).
+// LSTMKIT_NATIVE_TILE=1 or =2 forces either (tests).
+int tile_panels();
+
+// out rows (n of them, each padded to whole panels, `count_panels` of them) = bias (or zero;
+// or, `onto_out`, out itself) + the sum of the operands' products, kDepth of an operand's K at a
+// time. One or two rows take several panels per tile, so that enough independent sums are in
+// flight; more rows take `panels_per_tile` (tile_panels) panels per tile, then one.
+void product(const Operand* ops, int count, int64_t n, int64_t count_panels, const float* bias,
+             float* const* out, int panels_per_tile, bool onto_out = false);
+
+}  // namespace lstmkit
