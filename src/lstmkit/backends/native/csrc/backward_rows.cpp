@@ -108,13 +108,9 @@ void backward_kept(const Tensor& grad_output, Tensor& dh, Tensor& dc, const Tens
           dz_read[r] = dz_p + at_t * rows;
           if (layernorm) {  // drec = LN_hh's backward of dz (gain g_hh)
             float* dr = drec_p + at_t * rows;
-            const float* dzr = dz_p + at_t * rows;
             const float* hh = hhat_p + at_t * rows;
-            for (int64_t j = 0; j < rows; ++j) {
-              dgain_hh[j] += dzr[j] * hh[j];
-              dshift_hh[j] += dzr[j];
-              dr[j] = dzr[j] * cell.ln_hh_weight[j];
-            }
+            affine_backward(dz_p + at_t * rows, hh, cell.ln_hh_weight, dgain_hh.data(),
+                            dshift_hh.data(), dr, rows);
             normalise_backward(dr, hh, rstd_p[2 * at_t], rows);
             dz_read[r] = dr;
           }

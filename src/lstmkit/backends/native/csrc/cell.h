@@ -328,6 +328,20 @@ void layernorm_output_backward(const T* __restrict__ go, const T* __restrict__ c
   }
 }
 
+// The backward of y = gain xhat + shift for one row of n values, from dy: the gain's and the
+// shift's gradients added to dgain and dshift, and dxhat = dy gain (restrict-qualified: GCC
+// left the loop scalar where it could not rule out that the outputs overlap).
+template <typename T>
+void affine_backward(const T* __restrict__ dy, const T* __restrict__ xhat,
+                     const T* __restrict__ gain, T* __restrict__ dgain, T* __restrict__ dshift,
+                     T* __restrict__ dxhat, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    dgain[j] += dy[j] * xhat[j];
+    dshift[j] += dy[j];
+    dxhat[j] = dy[j] * gain[j];
+  }
+}
+
 // layernorm, the gates i, f, g backward given dL/dc' = dc + dcell (dcell from LN_c's
 // backward); dc becomes c_{t-1}'s share.
 template <typename T>
