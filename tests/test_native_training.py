@@ -6,6 +6,8 @@ threads, batches smaller and larger than the thread count and around the kernel'
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from test_native import needs_native
@@ -168,6 +170,36 @@ def test_second_derivatives_through_training_forward_equal_reference(cell):
     for a, b in zip(second(ours, x), second(reference, x.double()), strict=True):
         scale = b.abs().max().item() if cell == "layernorm" else 1.0
         torch.testing.assert_close(a.double(), b, atol=1e-4 * max(scale, 1.0), rtol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cell", ["lstm", "peephole", "cifg", "layernorm"])
+def test_direct_functions_equal_the_operators_registration(monkeypatch, cell, dtype):
+    """Training calls the operators through autograd.Functions of their own formula
+    (native._direct: training_forward in float32, recurrence in float64), and under
+    torch.compile through the operators' torch.library registration: the same outputs and
+    gradients, bit for bit, with lengths and a projection."""
+    torch.manual_seed(0)
+    model = lstmkit.LSTM(5, 6, 2, cell=cell, proj_size=4 if cell == "lstm" else 0, dtype=dtype)
+    x = torch.randn(7, 3, 5, dtype=dtype)
+    out_size = model.proj_size or 6
+    hx = (torch.randn(2, 3, out_size, dtype=dtype), torch.randn(2, 3, 6, dtype=dtype))
+    weights = (torch.randn(7, 3, out_size, dtype=dtype), *(torch.randn_like(s) for s in hx))
+    operator = "lstmkit::training_forward" if dtype == torch.float32 else "lstmkit::recurrence"
+
+    def run():
+        return gradients(model, x, hx, [7, 5, 2], weights)
+
+    assert operator in operators_run(run)
+    direct = run()
+    for function, name in (("_TrainingForward", "training_forward"), ("_Recurrence", "recurrence")):
+        monkeypatch.setattr(
+            native, function, SimpleNamespace(apply=getattr(torch.ops.lstmkit, name))
+        )
+    assert operator in operators_run(run)
+    for a, b in zip(direct, run(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 @needs_native
