@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: train test lint
+.PHONY: train test lint docs
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,3 +28,8 @@ lint: $(VENV)/.installed-test
 
 test: lint
 	$(PY) -m pytest -q
+
+# the benchmark tables of README.md and docs/ from the committed results (tests/test_render.py
+# fails while one is stale)
+docs: $(VENV)/.installed
+	$(PY) -m lstmkit.bench.render

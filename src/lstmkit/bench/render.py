@@ -1,0 +1,268 @@
+"""Render the documentation's benchmark tables from the committed results, never by hand.
+
+A Markdown file holds each rendered region between two markers::
+
+    <!-- render KIND PATH -->
+    ...what render_region(KIND, PATH) writes...
+    <!-- /render -->
+
+PATH is relative to the repository root. ``python -m lstmkit.bench.render`` rewrites every
+region of the README and ``docs/*.md``; with ``--check`` it changes nothing and exits 1 naming
+each file whose regions differ from what it would write (the test suite runs that check). Each
+rendered table names the CPU, torch version, repeats and date of its result file, and a result
+file that does not name its CPU (model name, family, model number, vector flags) is refused.
+
+Kinds:
+
+- ``suite DIR``: ``lstmkit bench`` run at 2 and 1 threads (``DIR/threads-2/bench.json`` and
+  ``DIR/threads-1/bench.json``): each configuration's inference and training time ÷
+  nn.LSTM's, inference ÷ the faster of nn.LSTM and ONNX Runtime where ONNX Runtime ran, and
+  the bytes saved for backward ÷ nn.LSTM's.
+- ``variant DIR``: the same for a variant cell (``--cell``) against the plain nn.LSTM, with its
+  TorchScript peer where the run had one.
+- ``stream FILE``: ``lstmkit bench --stream``: each hidden size's time per ``step()`` against
+  nn.LSTM's one-step sequences and ONNX Runtime's one-step runs.
+- ``train FILE``: ``benchmarks/train/throughput.py``: the charlm model's training step, tokens
+  a second with lstmkit and with nn.LSTM, and the time ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+BEGIN = re.compile(r"<!-- render (\w+) (\S+) -->\n")
+END = "<!-- /render -->"
+CPU_FIELDS = ("cpu", "cpu_family", "cpu_model", "cpu_vector_flags")
+BASELINE = "nn.LSTM"
+ORT = "onnxruntime"
+SCRIPTED = "TorchScript layernorm"
+DOCS = ("README.md", "docs/*.md")
+
+
+class RenderError(ValueError):
+    """A region that cannot be rendered: unknown kind, missing or CPU-less result, no end."""
+
+
+def load_result(path: Path) -> dict:
+    """A result file's JSON, refused unless its ``machine`` names the CPU."""
+    if not path.is_file():
+        raise RenderError(f"result file {path} does not exist")
+    result = json.loads(path.read_text())
+    machine = result.get("machine", {})
+    missing = [field for field in CPU_FIELDS if not machine.get(field)]
+    if missing:
+        raise RenderError(f"result file {path} does not name its CPU: no {', '.join(missing)}")
+    return result
+
+
+def describe(result: dict) -> str:
+    """Where and how a result was measured: CPU, vector width, torch, repeats and date where
+    the result records them."""
+    machine, settings = result["machine"], result.get("settings", {})
+    flags = machine["cpu_vector_flags"].split()
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    parts = [
+        f"{machine['cpu']}, CPU family {machine['cpu_family']}, model {machine['cpu_model']} "
+        f"({vector})",
+        f"torch {machine['torch']}",
+    ]
+    if "repeats" in settings:
+        parts.append(f"{settings['repeats']} repeats")
+    if "date" in machine:
+        parts.append(machine["date"][:10])
+    return "; ".join(parts)
+
+
+def sources(runs: Sequence[tuple[str, dict]]) -> str:
+    """The line under a table: each result file with where it was measured, said once where
+    they all agree."""
+    heads = [describe(result) for _, result in runs]
+    if len(set(heads)) == 1:
+        return f"{heads[0]}: " + ", ".join(f"`{path}`" for path, _ in runs) + "."
+    pairs = zip(heads, runs, strict=True)
+    return "; ".join(f"{head}: `{path}`" for head, (path, _) in pairs) + "."
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|--:" * (len(header) - 1) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _shape(config: dict) -> str:
+    shape = f"{config['batch']}, {config['seq_len']}, {config['hidden_size']}, "
+    shape += str(config["num_layers"])
+    return f"{config['name']} ({shape}{', bidirectional' if config['bidirectional'] else ''})"
+
+
+def _median(config: dict, mode: str, name: str) -> float | None:
+    timing = config["timings_ms"][mode].get(name)
+    return None if timing is None else timing["median"]
+
+
+def _ratio(value: float | None, by: float | None) -> str:
+    return "—" if value is None or by is None else f"{value / by:.2f}"
+
+
+def _ours(result: dict) -> str:
+    return next(n for n in result["settings"]["implementations"] if n.startswith("lstmkit"))
+
+
+def _two_runs(directory: str, root: Path) -> list[tuple[str, dict]]:
+    """The 2-thread and the 1-thread run of ``directory``, which must time the same
+    configurations in the same order."""
+    runs = [
+        (
+            f"{directory}/threads-{n}/bench.json",
+            load_result(root / directory / f"threads-{n}" / "bench.json"),
+        )
+        for n in (2, 1)
+    ]
+    names = [[config["name"] for config in result["configs"]] for _, result in runs]
+    if names[0] != names[1]:
+        raise RenderError(f"{directory}: the two runs time different configurations: {names}")
+    return runs
+
+
+def render_suite(directory: str, root: Path) -> str:
+    runs = _two_runs(directory, root)
+    header = ["config (B, T, I=H, layers)"]
+    for threads in (2, 1):
+        header += [f"{threads} thr: inference ÷ nn.LSTM", "÷ fastest peer", "training ÷ nn.LSTM"]
+    header.append("saved for backward ÷ nn.LSTM")
+    rows = []
+    for index, config in enumerate(runs[0][1]["configs"]):
+        row = [_shape(config)]
+        for _, result in runs:
+            ours, run = _ours(result), result["configs"][index]
+            row.append(_ratio(_median(run, "inference", ours), _median(run, "inference", BASELINE)))
+            peers = [_median(run, "inference", n) for n in (BASELINE, ORT)]
+            fastest = min(p for p in peers if p is not None) if peers[1] is not None else None
+            row.append(_ratio(_median(run, "inference", ours), fastest))
+            row.append(_ratio(_median(run, "training", ours), _median(run, "training", BASELINE)))
+        row.append(f"{config['saved_bytes_ratio_vs_baseline'][_ours(runs[0][1])]:.2f}")
+        rows.append(row)
+    return _table(header, rows) + "\n\n" + sources(runs)
+
+
+def render_variant(directory: str, root: Path) -> str:
+    runs = _two_runs(directory, root)
+    cell = runs[0][1]["settings"]["cell"]
+    scripted = all(SCRIPTED in result["settings"]["implementations"] for _, result in runs)
+    peers = (BASELINE, SCRIPTED) if scripted else (BASELINE,)
+    header = ["config (B, T, I=H, layers)"]
+    for threads in (2, 1):
+        header += [f"{threads} thr: {cell} inference ÷ nn.LSTM", "training ÷ nn.LSTM"]
+        if scripted:
+            header += ["inference ÷ TorchScript LN-LSTM", "training ÷ TorchScript LN-LSTM"]
+    rows = []
+    for index, config in enumerate(runs[0][1]["configs"]):
+        row = [_shape(config)]
+        for _, result in runs:
+            ours, run = _ours(result), result["configs"][index]
+            for peer in peers:
+                for mode in ("inference", "training"):
+                    row.append(_ratio(_median(run, mode, ours), _median(run, mode, peer)))
+        rows.append(row)
+    return _table(header, rows) + "\n\n" + sources(runs)
+
+
+def render_stream(path: str, root: Path) -> str:
+    result = load_result(root / path)
+    header = ["H (B = 1, 2 layers)", "lstmkit step() µs", "nn.LSTM µs", "ONNX Runtime µs"]
+    header += ["÷ nn.LSTM", "÷ ONNX Runtime"]
+    rows = []
+    for entry in result["results"]:
+        times = entry["per_step_us"]
+        ours = times["lstmkit.step"]
+        rows.append(
+            [
+                str(entry["hidden_size"]),
+                f"{ours:.0f}",
+                f"{times[BASELINE]:.0f}",
+                f"{times[ORT]:.0f}" if ORT in times else "—",
+                _ratio(ours, times[BASELINE]),
+                _ratio(ours, times.get(ORT)),
+            ]
+        )
+    return _table(header, rows) + "\n\n" + sources([(path, result)])
+
+
+def render_train(path: str, root: Path) -> str:
+    result = load_result(root / path)
+    header = ["batch (T, H, layers)", "lstmkit tokens/s", "nn.LSTM tokens/s", "step time ÷ nn.LSTM"]
+    rows = [
+        [
+            f"{row['batch_size']} ({row['seq_len']}, {row['hidden_size']}, {row['num_layers']})",
+            f"{row['lstmkit_tok_per_s']:.0f}",
+            f"{row['nn_tok_per_s']:.0f}",
+            f"{row['time_ratio']:.2f}",
+        ]
+        for row in result["rows"]
+    ]
+    return _table(header, rows) + "\n\n" + sources([(path, result)])
+
+
+RENDERERS: dict[str, Callable[[str, Path], str]] = {
+    "suite": render_suite,
+    "variant": render_variant,
+    "stream": render_stream,
+    "train": render_train,
+}
+
+
+def render_region(kind: str, path: str, root: Path) -> str:
+    if kind not in RENDERERS:
+        raise RenderError(f"unknown render kind {kind!r}; expected one of {sorted(RENDERERS)}")
+    return RENDERERS[kind](path, root)
+
+
+def render_text(text: str, root: Path, name: str = "<text>") -> str:
+    """``text`` with every region between markers replaced by what its marker renders."""
+    out, position = [], 0
+    for match in BEGIN.finditer(text):
+        end = text.find(END, match.end())
+        if end < 0:
+            raise RenderError(f"{name}: the region opened by {match.group(0).strip()} has no {END}")
+        out += [text[position : match.end()], render_region(match[1], match[2], root), "\n"]
+        position = end
+    return "".join(out) + text[position:]
+
+
+def documents(root: Path) -> list[Path]:
+    """The README and every Markdown file under ``docs/``."""
+    return sorted(path for pattern in DOCS for path in root.glob(pattern))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lstmkit.bench.render", description=__doc__)
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if stale")
+    parser.add_argument("--root", type=Path, default=Path.cwd(), help="the repository root")
+    args = parser.parse_args(argv)
+    try:  # every file rendered before any is written: a broken region changes nothing
+        rendered = [(path, path.read_text()) for path in documents(args.root)]
+        rendered = [
+            (path, text, render_text(text, args.root, str(path))) for path, text in rendered
+        ]
+    except RenderError as error:
+        print(f"render: {error}", file=sys.stderr)
+        return 1
+    stale = [(path, new) for path, text, new in rendered if new != text]
+    if args.check and stale:
+        names = ", ".join(str(path.relative_to(args.root)) for path, _ in stale)
+        print(
+            f"render: stale regions in {names}: run python -m lstmkit.bench.render", file=sys.stderr
+        )
+        return 1
+    for path, new in stale:
+        path.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
