@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import lstmkit
+from lstmkit import machine
 from lstmkit.__main__ import main
 from lstmkit.bench import ort, report, serve, suite
 from lstmkit.bench.measure import saved_bytes, time_interleaved
@@ -227,7 +228,7 @@ def test_cpu_info_agrees_with_lscpu():
     text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
     rows = (line.partition(":") for line in text.splitlines())
     lscpu = {key.strip(): value.strip() for key, _, value in rows}
-    info = report.cpu_info()
+    info = machine.cpu_info()
     assert info["cpu"] == lscpu["Model name"]
     assert info["cpu_family"] == lscpu["CPU family"]
     assert info["cpu_model"] == lscpu["Model"]
@@ -241,7 +242,7 @@ def test_reports_without_matplotlib_skip_only_the_chart(tmp_path, monkeypatch, c
     tiny = Config("tiny", batch=2, seq_len=3, input_size=4, hidden_size=5)
     result = run_config(tiny, ["auto"], repeats=1, warmup=0)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    report.write_reports(tmp_path, [result], report.machine_info(1), {})
+    report.write_reports(tmp_path, [result], machine.machine_info(1), {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md"]
     assert "bench.png not drawn: matplotlib is not installed" in capsys.readouterr().out
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lstmkit import machine
 from lstmkit.__main__ import main
 from lstmkit.train import checkpoint, loop, metrics
 from lstmkit.train.config import ConfigError, field_types, from_mapping, help_texts
@@ -196,6 +197,21 @@ def test_resume_is_bit_exact(task, tmp_path, corpus):
         state.pop("train_seconds"), state.pop("elapsed")
     _assert_bit_equal(straight[1], split[1])
     assert records(tmp_path / "straight", "eval_loss") == records(tmp_path / "split", "eval_loss")
+
+
+def test_each_start_records_its_machine(tmp_path):
+    """machine.jsonl: one line per start (fresh, then each resume) with the step it started
+    from and the CPU /proc/cpuinfo names; a fresh run starts the file anew."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "machine.jsonl").write_text('{"step": 99, "cpu": "an older run"}\n')
+    assert train("adding", run, "--steps", "20", "--stop-at", "10", "--eval-every", "5") == 0
+    assert cli("train", "--resume", run, "--quiet") == 0
+    starts = [json.loads(line) for line in (run / "machine.jsonl").read_text().splitlines()]
+    assert [start["step"] for start in starts] == [0, 10]
+    for start in starts:
+        assert {k: start[k] for k in machine.cpu_info()} == machine.cpu_info()
+        assert start["threads"] == torch.get_num_threads() and start["torch"] == torch.__version__
 
 
 def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path, capsys):

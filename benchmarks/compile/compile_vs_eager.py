@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import lstmkit
-from lstmkit.bench.report import cpu_info
+from lstmkit.machine import cpu_info
 
 CONFIGS = {"S": (8, 50, 64), "M": (32, 100, 256)}  # batch, steps, input = hidden
 CELLS = ("lstm", "layernorm")

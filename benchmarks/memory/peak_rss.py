@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lstmkit.bench.report import machine_info
+from lstmkit.machine import machine_info
 
 STEPS, BATCH, SIZE, THREADS = 100_000, 8, 256, 2
 CHILD = """

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lstmkit.bench.report import cpu_info
+from lstmkit.machine import cpu_info
 from lstmkit.train.config import from_mapping
 from lstmkit.train.loop import keep_freed_memory, learning_rate
 from lstmkit.train.tasks import CharLM, CharLMConfig

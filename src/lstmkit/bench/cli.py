@@ -8,10 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lstmkit.bench import ort, serve, stream
-from lstmkit.bench.report import machine_info, write_reports
+from lstmkit.bench.report import write_reports
 from lstmkit.bench.stream import run_stream, write_stream_reports
 from lstmkit.bench.suite import GRID, Config, run_suite
 from lstmkit.cells import CELLS
+from lstmkit.machine import machine_info
 from lstmkit.runner import BACKEND_NAMES
 
 DEFAULT_RUNS = {"repeats": 7, "warmup": 2}

@@ -567,6 +567,8 @@ def train(
             log = metrics.Log(run_dir, processes.main)
             if resume:
                 log.truncate(run.clock.step)
+            if processes.main:
+                metrics.record_machine(run_dir, run.clock.step, resumed=resume)
             return _loop(run, run_dir, log, quiet, stop_at or task.config.steps, resume)
     finally:
         if processes.world > 1:

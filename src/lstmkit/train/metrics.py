@@ -5,6 +5,11 @@ and ``lstmkit plot`` read them back.
 
 A damaged line (cut short by a crash, not UTF-8, not a JSON object with an integer ``step``
 and numbers for values) is skipped wherever the log is read, with one warning line on stderr.
+
+``RUN_DIR/machine.jsonl``: the machine of each start of the run (a fresh one, then each
+``--resume``), one JSON object per line with the ``step`` it started from and the CPU, torch
+version, thread count and date (:func:`lstmkit.machine.machine_info`): a run's results name
+the CPU they came from, and every one where a resumed run moved.
 """
 
 from __future__ import annotations
@@ -13,10 +18,23 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from lstmkit.machine import machine_info
 from lstmkit.train.checkpoint import atomic_write, writing
 from lstmkit.train.config import TrainError
 
 METRICS = "metrics.jsonl"
+MACHINES = "machine.jsonl"
+
+
+def record_machine(run_dir: Path, step: int, *, resumed: bool) -> None:
+    """Record the machine this run starts on at ``step``: a new ``machine.jsonl`` for a fresh
+    run, one more line for a resumed one."""
+    path = run_dir / MACHINES
+    line = json.dumps({"step": step, **machine_info(torch.get_num_threads())}) + "\n"
+    with writing(path), open(path, "a" if resumed else "w", encoding="utf-8") as f:
+        f.write(line)
 
 
 def _parse(line: bytes) -> dict | None:
