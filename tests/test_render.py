@@ -138,3 +138,56 @@ def test_runs_of_different_configurations_are_refused(tmp_path):
     path.write_text(json.dumps(result))
     with pytest.raises(render.RenderError, match="time different configurations"):
         render.render_region("suite", "run", tmp_path)
+
+
+def _run_dir(tmp_path, starts):
+    run = tmp_path / "runs" / "charlm"
+    run.mkdir(parents=True)
+    config = {"task": "charlm", "num_layers": 2, "hidden_size": 256, "batch_size": 32}
+    run.joinpath("config.json").write_text(json.dumps({**config, "time_budget": 100.0}))
+    records = [{"step": 10, "train_loss": 2.0}, {"step": 200, "eval_loss": 1.5, "eval_bpc": 2.1}]
+    records += [{"step": 467, "eval_loss": 1.2, "eval_bpc": 1.7845}]
+    run.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if starts is not None:
+        lines = [json.dumps({"step": step, **machine}) for step, machine in starts]
+        run.joinpath("machine.jsonl").write_text("\n".join(lines) + "\n")
+    return "runs/charlm"
+
+
+def test_a_run_is_its_last_evaluation_and_every_machine_it_ran_on(tmp_path):
+    other = {**MACHINE, "cpu": "Other CPU", "cpu_model": "1", "cpu_vector_flags": "avx2"}
+    path = _run_dir(tmp_path, [(0, MACHINE), (200, other)])
+    assert render.render_region("run", path, tmp_path) == (
+        "Validation **1.78 bits per character** after 467 steps (charlm, 2 layers of 256, "
+        "batch 32, 100 s of training); Test CPU, CPU family 25, model 17 (AVX-512); torch "
+        "2.13.0+cpu; 2026-12-03; Other CPU, CPU family 25, model 1 (AVX2); torch 2.13.0+cpu; "
+        "2026-12-03: `runs/charlm/`."
+    )
+
+
+def test_a_run_without_its_machine_is_refused(tmp_path):
+    with pytest.raises(render.RenderError, match="records no machine"):
+        render.render_region("run", _run_dir(tmp_path, None), tmp_path)
+    cpuless = {k: v for k, v in MACHINE.items() if k != "cpu_model"}
+    path = _run_dir(tmp_path / "again", [(0, cpuless)])
+    with pytest.raises(render.RenderError, match="does not name its CPU: no cpu_model"):
+        render.render_region("run", path, tmp_path / "again")
+
+
+def test_curves_are_each_runs_evaluations_at_the_steps_they_share(tmp_path):
+    first = _run_dir(tmp_path / "a", [(0, MACHINE)])
+    second = _run_dir(tmp_path / "b", [(0, MACHINE)])
+    (tmp_path / "b" / second / "metrics.jsonl").write_text(
+        json.dumps({"step": 200, "eval_loss": 1.4, "eval_bpc": 2.0}) + "\n"
+    )
+    (tmp_path / "a" / "b").symlink_to(tmp_path / "b" / "runs")
+    table = render.render_region("curves", f"{first},b/charlm", tmp_path / "a")
+    assert table.splitlines()[:4] == [
+        "| step | 200 |",
+        "|---|--:|",
+        "| `runs/charlm` bpc | 2.1000 |",
+        "| `b/charlm` bpc | 2.0000 |",
+    ]
+    assert table.endswith(
+        "Test CPU, CPU family 25, model 17 (AVX-512); torch 2.13.0+cpu; 2026-12-03."
+    )

@@ -24,6 +24,10 @@ Kinds:
   nn.LSTM's one-step sequences and ONNX Runtime's one-step runs.
 - ``train FILE``: ``benchmarks/train/throughput.py``: the charlm model's training step, tokens
   a second with lstmkit and with nn.LSTM, and the time ratio.
+- ``run DIR``: a training run directory (``lstmkit train --run-dir DIR``): one sentence with its
+  last evaluation, its size and the machine(s) it ran on (``machine.jsonl``).
+- ``curves DIR,DIR,...``: those runs' validation bits per character (else loss) at every
+  evaluation step they share, one row a run.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from lstmkit.train import checkpoint, metrics
 
 BEGIN = re.compile(r"<!-- render (\w+) (\S+) -->\n")
 END = "<!-- /render -->"
@@ -53,11 +59,14 @@ def load_result(path: Path) -> dict:
     if not path.is_file():
         raise RenderError(f"result file {path} does not exist")
     result = json.loads(path.read_text())
-    machine = result.get("machine", {})
+    _check_cpu(result.get("machine", {}), path)
+    return result
+
+
+def _check_cpu(machine: dict, path: Path) -> None:
     missing = [field for field in CPU_FIELDS if not machine.get(field)]
     if missing:
         raise RenderError(f"result file {path} does not name its CPU: no {', '.join(missing)}")
-    return result
 
 
 def describe(result: dict) -> str:
@@ -208,11 +217,72 @@ def render_train(path: str, root: Path) -> str:
     return _table(header, rows) + "\n\n" + sources([(path, result)])
 
 
+def _starts(run: Path) -> list[dict]:
+    """The machines a training run started on (its ``machine.jsonl``), each naming its CPU."""
+    path = run / metrics.MACHINES
+    if not path.is_file():
+        raise RenderError(f"run {run} records no machine ({metrics.MACHINES}): train it again")
+    starts = [json.loads(line) for line in path.read_text().splitlines()]
+    for start in starts:
+        _check_cpu(start, path)
+    return starts
+
+
+def render_run(directory: str, root: Path) -> str:
+    """One sentence: a training run's last evaluation, its size and where it ran."""
+    run = root / directory
+    starts = _starts(run)
+    # a committed run keeps its configuration beside its metrics; a live one in its checkpoint
+    saved = run / "config.json"
+    config = json.loads(saved.read_text()) if saved.is_file() else checkpoint.read_config(run)
+    if config is None:
+        raise RenderError(f"run {run} has no config.json and no checkpoint")
+    evaluations = [r for r in metrics.read(run) if any(k.startswith("eval_") for k in r)]
+    if not evaluations:
+        raise RenderError(f"run {run} has no evaluation in its metrics")
+    last = evaluations[-1]
+    if "eval_bpc" in last:
+        result = f"Validation **{last['eval_bpc']:.2f} bits per character**"
+    else:
+        result = ", ".join(f"{k[5:]} {v:.4g}" for k, v in last.items() if k.startswith("eval_"))
+    budget = config["time_budget"]
+    length = f"{budget:.0f} s of training" if budget else f"{config['steps']} steps"
+    heads = dict.fromkeys(describe({"machine": start}) for start in starts)
+    return (
+        f"{result} after {last['step']} steps ({config['task']}, {config['num_layers']} layers of "
+        f"{config['hidden_size']}, batch {config['batch_size']}, {length}); "
+        f"{'; '.join(heads)}: `{directory}/`."
+    )
+
+
+def render_curves(directories: str, root: Path) -> str:
+    """Comma-separated run directories' validation bits per character (else loss) at each
+    evaluation step, one row a run."""
+    runs = directories.split(",")
+    evaluations, heads = [], []
+    for directory in runs:
+        run = root / directory
+        heads += [describe({"machine": start}) for start in _starts(run)]
+        evaluations.append({r["step"]: r for r in metrics.read(run) if "eval_loss" in r})
+    steps = sorted(set.intersection(*(set(e) for e in evaluations)))
+    if not steps:
+        raise RenderError(f"runs {directories} have no evaluation step in common")
+    key = "eval_bpc" if all("eval_bpc" in e[steps[0]] for e in evaluations) else "eval_loss"
+    rows = [
+        [f"`{directory}` {key[5:]}", *(f"{e[step][key]:.4f}" for step in steps)]
+        for directory, e in zip(runs, evaluations, strict=True)
+    ]
+    table = _table(["step", *map(str, steps)], rows)
+    return table + "\n\n" + "; ".join(dict.fromkeys(heads)) + "."
+
+
 RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "suite": render_suite,
     "variant": render_variant,
     "stream": render_stream,
     "train": render_train,
+    "run": render_run,
+    "curves": render_curves,
 }
 
 
