@@ -191,3 +191,28 @@ def test_curves_are_each_runs_evaluations_at_the_steps_they_share(tmp_path):
     assert table.endswith(
         "Test CPU, CPU family 25, model 17 (AVX-512); torch 2.13.0+cpu; 2026-12-03."
     )
+
+
+def test_compile_table_holds_each_rows_ratio(tmp_path):
+    rows = [{"cell": "lstm", "config": "S", "mode": "inference", "eager_ms": 2.0}]
+    rows[0] |= {"compiled_ms": 1.5, "ratio": 0.75}
+    settings = {"repeats": 15, "configs": {"S": [8, 50, 64]}}
+    (tmp_path / "compile.json").write_text(
+        json.dumps({"machine": MACHINE, "settings": settings, "rows": rows})
+    )
+    table = render.render_region("compile", "compile.json", tmp_path).splitlines()
+    assert table[2] == "| lstm | S (8, 50, 64) | inference | 2.00 | 1.50 | 0.75 |"
+    assert table[-1].endswith("15 repeats; 2026-12-03: `compile.json`.")
+
+
+def test_a_run_without_bits_per_character_lists_its_evaluation(tmp_path):
+    path = _run_dir(tmp_path, [(0, MACHINE)])
+    run = tmp_path / path
+    config = {"task": "adding", "num_layers": 1, "hidden_size": 128, "batch_size": 50}
+    run.joinpath("config.json").write_text(json.dumps({**config, "time_budget": 0, "steps": 6000}))
+    record = {"step": 6000, "eval_loss": 0.000119, "eval_solved": 0.996}
+    run.joinpath("metrics.jsonl").write_text(json.dumps(record) + "\n")
+    assert render.render_region("run", path, tmp_path).startswith(
+        "Validation loss 0.000119, solved 0.996 after 6000 steps (adding, 1 layer of 128, "
+        "batch 50, 6000 steps); Test CPU"
+    )

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import lstmkit
-from lstmkit.machine import cpu_info
+from lstmkit.machine import machine_info
 
 CONFIGS = {"S": (8, 50, 64), "M": (32, 100, 256)}  # batch, steps, input = hidden
 CELLS = ("lstm", "layernorm")
@@ -62,13 +62,16 @@ def main() -> None:
                 rows.append({**row, "compiled_ms": compiled, "ratio": compiled / eager})
                 print(rows[-1], flush=True)
     here = Path(__file__).parent
-    info = cpu_info()
-    (here / "compile.json").write_text(json.dumps({"cpu": info, "rows": rows}, indent=2) + "\n")
+    info = machine_info(torch.get_num_threads())
+    settings = {"repeats": REPEATS, "warmup": WARMUP, "configs": CONFIGS}
+    result = {"machine": info, "settings": settings, "rows": rows}
+    (here / "compile.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# torch.compile(fullgraph=True) against eager, default backend",
         "",
         f"torch {torch.__version__}, 2 threads, float32, batch-first, 1 layer; medians of "
-        f"{REPEATS} interleaved calls after {WARMUP} warm-up rounds; CPU {info}.",
+        f"{REPEATS} interleaved calls after {WARMUP} warm-up rounds; CPU {info['cpu']}, family "
+        f"{info['cpu_family']}, model {info['cpu_model']} ({info['cpu_vector_flags']}).",
         "",
         "| cell | config (B, T, I=H) | mode | eager ms | compiled ms | compiled / eager |",
         "|---|---|---|--:|--:|--:|",

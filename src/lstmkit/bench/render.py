@@ -28,6 +28,8 @@ Kinds:
   last evaluation, its size and the machine(s) it ran on (``machine.jsonl``).
 - ``curves DIR,DIR,...``: those runs' validation bits per character (else loss) at every
   evaluation step they share, one row a run.
+- ``compile FILE``: ``benchmarks/compile/compile_vs_eager.py``: compiled ÷ eager per cell,
+  configuration and mode.
 """
 
 from __future__ import annotations
@@ -244,12 +246,14 @@ def render_run(directory: str, root: Path) -> str:
     if "eval_bpc" in last:
         result = f"Validation **{last['eval_bpc']:.2f} bits per character**"
     else:
-        result = ", ".join(f"{k[5:]} {v:.4g}" for k, v in last.items() if k.startswith("eval_"))
+        values = (f"{k[5:]} {v:.4g}" for k, v in last.items() if k.startswith("eval_"))
+        result = "Validation " + ", ".join(values)
     budget = config["time_budget"]
     length = f"{budget:.0f} s of training" if budget else f"{config['steps']} steps"
     heads = dict.fromkeys(describe({"machine": start}) for start in starts)
+    layers = f"{config['num_layers']} layer" + ("s" if config["num_layers"] != 1 else "")
     return (
-        f"{result} after {last['step']} steps ({config['task']}, {config['num_layers']} layers of "
+        f"{result} after {last['step']} steps ({config['task']}, {layers} of "
         f"{config['hidden_size']}, batch {config['batch_size']}, {length}); "
         f"{'; '.join(heads)}: `{directory}/`."
     )
@@ -276,6 +280,24 @@ def render_curves(directories: str, root: Path) -> str:
     return table + "\n\n" + "; ".join(dict.fromkeys(heads)) + "."
 
 
+def render_compile(path: str, root: Path) -> str:
+    result = load_result(root / path)
+    configs = result["settings"]["configs"]
+    header = ["cell", "config (B, T, I=H)", "mode", "eager ms", "compiled ms", "compiled ÷ eager"]
+    rows = [
+        [
+            row["cell"],
+            f"{row['config']} ({', '.join(map(str, configs[row['config']]))})",
+            row["mode"],
+            f"{row['eager_ms']:.2f}",
+            f"{row['compiled_ms']:.2f}",
+            f"{row['ratio']:.2f}",
+        ]
+        for row in result["rows"]
+    ]
+    return _table(header, rows) + "\n\n" + sources([(path, result)])
+
+
 RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "suite": render_suite,
     "variant": render_variant,
@@ -283,6 +305,7 @@ RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "train": render_train,
     "run": render_run,
     "curves": render_curves,
+    "compile": render_compile,
 }
 
 
