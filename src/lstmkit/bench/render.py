@@ -41,6 +41,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from lstmkit.bench.report import markdown_table
 from lstmkit.train import checkpoint, metrics
 
 BEGIN = re.compile(r"<!-- render (\w+) (\S+) -->\n")
@@ -99,12 +100,6 @@ def sources(runs: Sequence[tuple[str, dict]]) -> str:
     return "; ".join(f"{head}: `{path}`" for head, (path, _) in pairs) + "."
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|---" + "|--:" * (len(header) - 1) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _shape(config: dict) -> str:
     shape = f"{config['batch']}, {config['seq_len']}, {config['hidden_size']}, "
     shape += str(config["num_layers"])
@@ -158,7 +153,7 @@ def render_suite(directory: str, root: Path) -> str:
             row.append(_ratio(_median(run, "training", ours), _median(run, "training", BASELINE)))
         row.append(f"{config['saved_bytes_ratio_vs_baseline'][_ours(runs[0][1])]:.2f}")
         rows.append(row)
-    return _table(header, rows) + "\n\n" + sources(runs)
+    return markdown_table(header, rows, 1) + "\n\n" + sources(runs)
 
 
 def render_variant(directory: str, root: Path) -> str:
@@ -180,7 +175,7 @@ def render_variant(directory: str, root: Path) -> str:
                 for mode in ("inference", "training"):
                     row.append(_ratio(_median(run, mode, ours), _median(run, mode, peer)))
         rows.append(row)
-    return _table(header, rows) + "\n\n" + sources(runs)
+    return markdown_table(header, rows, 1) + "\n\n" + sources(runs)
 
 
 def render_stream(path: str, root: Path) -> str:
@@ -201,7 +196,7 @@ def render_stream(path: str, root: Path) -> str:
                 _ratio(ours, times.get(ORT)),
             ]
         )
-    return _table(header, rows) + "\n\n" + sources([(path, result)])
+    return markdown_table(header, rows, 1) + "\n\n" + sources([(path, result)])
 
 
 def render_train(path: str, root: Path) -> str:
@@ -216,7 +211,7 @@ def render_train(path: str, root: Path) -> str:
         ]
         for row in result["rows"]
     ]
-    return _table(header, rows) + "\n\n" + sources([(path, result)])
+    return markdown_table(header, rows, 1) + "\n\n" + sources([(path, result)])
 
 
 def _starts(run: Path) -> list[dict]:
@@ -276,7 +271,7 @@ def render_curves(directories: str, root: Path) -> str:
         [f"`{directory}` {key[5:]}", *(f"{e[step][key]:.4f}" for step in steps)]
         for directory, e in zip(runs, evaluations, strict=True)
     ]
-    table = _table(["step", *map(str, steps)], rows)
+    table = markdown_table(["step", *map(str, steps)], rows, 1)
     return table + "\n\n" + "; ".join(dict.fromkeys(heads)) + "."
 
 
@@ -295,7 +290,7 @@ def render_compile(path: str, root: Path) -> str:
         ]
         for row in result["rows"]
     ]
-    return _table(header, rows) + "\n\n" + sources([(path, result)])
+    return markdown_table(header, rows, 3) + "\n\n" + sources([(path, result)])
 
 
 RENDERERS: dict[str, Callable[[str, Path], str]] = {

@@ -77,10 +77,14 @@ def to_json(
     return {"baseline": BASELINE, "machine": machine, "settings": settings, "configs": configs}
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 2
+) -> str:
+    """A Markdown table, its first ``text_columns`` columns left-aligned, the numbers after
+    them right-aligned."""
     lines = [
         "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] * 2 + ["--:"] * (len(header) - 2)) + "|",
+        "|" + "|".join(["---"] * text_columns + ["--:"] * (len(header) - text_columns)) + "|",
     ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -156,16 +160,16 @@ def markdown_tables(results: Sequence[ConfigResult]) -> str:
         ]
         for result in results
     ]
-    times = _markdown_table(
+    times = markdown_table(
         ["config", "mode", *(f"{name} ms" for name in names), *ratio_header, *peer_header],
         time_rows,
     )
-    saved = _markdown_table(
+    saved = markdown_table(
         ["config", "shape", *(f"{name} MiB" for name in modules)]
         + [f"{name} ÷ {BASELINE}" for name in modules if name != BASELINE],
         saved_rows,
     )
-    errors = _markdown_table(["config", "shape", *names], error_rows)
+    errors = markdown_table(["config", "shape", *names], error_rows)
     return (
         f"Median time (ms) and ratio to {BASELINE}:\n\n{times}\n\n"
         f"Saved for backward, MiB excluding parameters (total), and ratio of the former:\n\n"
