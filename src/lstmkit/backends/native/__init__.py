@@ -373,7 +373,8 @@ def run(
     if not training and x.dtype == torch.float32 and all(m is None for m in drawn):
         return _infer(cell, x, h, c, params, (zone_h_p, zone_c_p), batch_sizes)
     masked = any(m is not None for m in drawn) or zone_h_p or zone_c_p
-    direct = training and not torch.compiler.is_compiling()
+    # as runner.choose_backend sees tracing: the tracer takes the registered operators
+    direct = training and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
     if x.dtype == torch.float32 and not masked:
         weights = [params.get(name) for name in LAYER_NAMES]
         forward = _TrainingForward.apply if direct else torch.ops.lstmkit.training_forward
