@@ -305,26 +305,30 @@ def _rerun(kind: str, batch_sizes: list[int], recurrent, zones, zone_p):
 
 
 def _direct(name: str, setup_context, backward) -> type[torch.autograd.Function]:
-    """An ``autograd.Function`` that calls ``torch.ops.lstmkit.<name>`` with the autograd
-    formula :func:`_register` gives that operator (its ``setup_context`` and ``backward``): what
-    :func:`run` calls to train outside ``torch.compile``. Through the operator's own autograd
-    registration, torch.library's wrapper rebuilds the schema's argument list once per argument
-    at every call (``torch._library.utils.fill_defaults``; torch 2.13): 62 us for
-    ``training_forward``'s 17 arguments and 70 us for ``recurrence``'s 18, measured on an AMD
-    EPYC Zen 4, a twentieth of a small layer's training step (B = 8, T = 50, H = 64). Inside
-    the function autograd is off, and the operator runs its kernel without that wrapper."""
+    """An ``autograd.Function`` that calls ``torch.ops.lstmkit.<name>``'s kernel with the
+    autograd formula :func:`_register` gives that operator (its ``setup_context`` and
+    ``backward``): what :func:`run` calls to train outside ``torch.compile`` and
+    ``torch.export``. Above the kernel's own time (training_forward, B = 8, T = 50, H = 64; AMD
+    EPYC Zen 4, 1 thread, medians of 1000 interleaved calls), a call through the operator's
+    registration costs 245 us: torch.library's wrapper rebuilds the schema's argument list once
+    per argument (``torch._library.utils.fill_defaults``, torch 2.13) and passes through Python
+    on its way to the kernel even with autograd off. This function calls the kernel below the
+    autograd dispatch keys, as that wrapper does in the end, in the ``forward(ctx, ...)`` form:
+    45 us. With a separate ``setup_context`` it cost 110 us (``torch.autograd.Function.apply``
+    binds the arguments to ``forward``'s signature by ``inspect`` at every call). That form is
+    what ``torch.func``'s transforms need; :func:`refusal` keeps this backend out of them."""
 
-    def forward(*args):
-        return getattr(torch.ops.lstmkit, name)(*args)
+    def forward(ctx, *args):
+        # the dispatcher's guard for "autograd is handled": the call goes to the kernel
+        with torch._C._AutoDispatchBelowAutograd():
+            result = getattr(torch.ops.lstmkit, name)(*args)
+        setup_context(ctx, args, result)
+        return result
 
     return type(
         f"Direct_{name}",
         (torch.autograd.Function,),
-        {
-            "forward": staticmethod(forward),
-            "setup_context": staticmethod(setup_context),
-            "backward": staticmethod(backward),
-        },
+        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
     )
 
 
