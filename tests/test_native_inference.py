@@ -77,6 +77,26 @@ def test_one_step_on_large_weights(monkeypatch, cell, split):
 
 
 @needs_native
+@pytest.mark.parametrize("route", ["plain", "packed"])
+@pytest.mark.parametrize("split", ["rows", "units"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_one_row_a_worker_reads_w_hh_either_way(monkeypatch, threads, cell, split, route):
+    """Where each worker has one row (B = 1, or a row per thread), W_hh is read as it lies or
+    packed by its size (LSTMKIT_NATIVE_ONE_ROW forces either): both against the reference, with
+    lengths, a given state, zoneout and a projection."""
+    monkeypatch.setenv("LSTMKIT_NATIVE_SPLIT", split)
+    monkeypatch.setenv("LSTMKIT_NATIVE_ONE_ROW", route)
+    for batch in (1, threads):
+        torch.manual_seed(batch)
+        ours, reference = twins(cell, num_layers=2, bidirectional=True, zoneout=(0.2, 0.1))
+        hx = (torch.randn(4, batch, 40), torch.randn(4, batch, 40))
+        lengths = torch.randint(1, 10, (batch,))
+        assert_close_to_reference(ours, reference, torch.randn(9, batch, 5), hx, lengths)
+        ours, reference = twins(cell, hidden=33, proj_size=7)
+        assert_close_to_reference(ours, reference, torch.randn(9, batch, 5))
+
+
+@needs_native
 @pytest.mark.parametrize("split", ["rows", "units"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_projection_and_no_bias(monkeypatch, threads, cell, split):

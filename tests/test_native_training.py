@@ -90,6 +90,19 @@ def test_every_cell_equals_reference(threads, input_half, cell, batch):
 
 
 @needs_native
+@pytest.mark.parametrize("route", ["plain", "packed"])
+@pytest.mark.parametrize("cell", ["lstm", "peephole", "cifg", "layernorm"])
+def test_one_row_a_worker_reads_w_hh_either_way(monkeypatch, threads, cell, route):
+    """The forward kept for training, where each worker has one row, with W_hh read as it lies
+    or packed (LSTMKIT_NATIVE_ONE_ROW forced), with and without lengths and a projection."""
+    monkeypatch.setenv("LSTMKIT_NATIVE_ONE_ROW", route)
+    for batch in (1, threads):
+        assert_gradients_close(cell, batch)
+        assert_gradients_close(cell, batch, lengths=[11] + [4] * (batch - 1))
+    assert_gradients_close(cell, 1, hidden=33, proj_size=7)
+
+
+@needs_native
 @pytest.mark.parametrize("cell", ["lstm", "peephole", "cifg", "layernorm"])
 def test_projection(threads, input_half, cell):
     """dL/dm = dL/dh' W_hr on the rows kernel, and m again for dW_hr."""

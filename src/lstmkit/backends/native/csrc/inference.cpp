@@ -280,11 +280,26 @@ TrainingForward run(
   // shares rounded up to whole vectors can leave the last workers no units (H = 64 in shares of
   // 32 at three threads, with 16 lanes): those do not run
   const int64_t workers = split == Split::kUnits ? (hidden + unit_share - 1) / unit_share : wanted;
+  // One row a worker whose share of W_hh outgrows its level-2 cache: each step's recurrent
+  // product streams that share from the shared cache or memory, one vector times it, which the
+  // dot products of one step (reading W_hh where it lies, one stream) do faster than the panels
+  // (one stream a panel) and without packing it. Measured on an AMD EPYC Zen 4 (1 MB level-2),
+  // B = 1, time plain / packed: H = 512 (4 MB) T = 50 0.83 at 1 thread, 0.74 at 2; H = 256
+  // (1 MB) 1.01-1.03; H = 128 1.12-1.23 and H = 64 1.11-1.28 (the dots' sums across lanes cost
+  // more than the panels' broadcasts where K is small and the weight comes from the level-2
+  // cache anyway). LSTMKIT_NATIVE_ONE_ROW=plain or =packed forces either (tests).
+  const int64_t hh_share = (split == Split::kUnits ? unit_share : hidden) * blocks * proj;
+  const bool one_row = (split == Split::kUnits ? batch : (batch + workers - 1) / workers) == 1;
+  const std::string_view one_row_choice = forced("LSTMKIT_NATIVE_ONE_ROW");
+  const bool plain_hh =
+      plain || (one_row && (one_row_choice.empty()
+                                ? hh_share * static_cast<int64_t>(sizeof(float)) > level2_bytes()
+                                : one_row_choice == "plain"));
   // The weights, for one worker (split by units) or for all.
   const auto packed = [&](int64_t j0, int64_t width) {
     const Tensor padded = joint_bias(bias_ih, bias_hh, hidden, j0, width, blocks);
     Weight ih = prepare(w_ih, hidden, j0, width, plain);
-    return std::make_tuple(std::move(ih), prepare(w_hh, hidden, j0, width, plain), padded,
+    return std::make_tuple(std::move(ih), prepare(w_hh, hidden, j0, width, plain_hh), padded,
                            ch.defined() ? unit_rows(ch, hidden, j0, width).contiguous() : Tensor());
   };
   const auto shared =
