@@ -54,20 +54,50 @@ def test_first_calls_from_many_threads_load_once():
     assert done.stdout.split() == ["True", "True"]
 
 
+# build.load() of a source directory of one small file: the same lock, compile, rename and load
+# as the operators' build, in seconds instead of a minute (every fresh clone's first process,
+# .ci/run's included, compiles the operators themselves)
+LOAD_PROBE = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from lstmkit.backends.native import build
+    build.CSRC = Path(sys.argv[1])
+    print("ready", flush=True)
+    while not Path(sys.argv[2]).exists():  # every process imported: all start the load at once
+        time.sleep(0.01)
+    print(build.load())
+    """
+)
+
+
 @needs_native
 def test_processes_on_an_empty_cache_compile_once(tmp_path):
-    """Three processes starting at once on an empty cache: one builds, two load its build."""
-    env = {**os.environ, "LSTMKIT_CACHE_DIR": str(tmp_path)}
-    code = "import lstmkit; print(lstmkit.native_available())"
+    """Three processes starting their load at once on an empty cache: one builds, two load its
+    build (without the lock all three built, checked by removing it)."""
+    sources = tmp_path / "csrc"
+    sources.mkdir()
+    (sources / "probe.cpp").write_text('extern "C" int lstmkit_probe() { return 1; }\n')
+    env = {**os.environ, "LSTMKIT_CACHE_DIR": str(tmp_path / "cache")}
+    go = tmp_path / "go"
     runs = [
-        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", LOAD_PROBE, str(sources), str(go)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(3)
     ]
+    for run in runs:
+        assert run.stdout.readline().strip() == "ready"
+    go.touch()
     answers = [run.communicate(timeout=900)[0] for run in runs]
     assert all(run.returncode == 0 for run in runs)
     assert all(answer.startswith("(True,") for answer in answers), answers
     assert sum("built" in answer for answer in answers) == 1, answers
     assert sum("loaded" in answer for answer in answers) == 2, answers
+    assert len(list((tmp_path / "cache").glob("native-*/lstmkit_native.so"))) == 1
 
 
 HOLD = textwrap.dedent(
