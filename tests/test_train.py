@@ -785,28 +785,21 @@ def _torchrun(*argv: str | Path) -> None:
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    """``lstmkit train`` under torchrun (one launch: tests/ddp_worker.py runs the command
+    line's entry point in each process and saves that rank's weights): both ranks end with the
+    same weights, rank 0's checkpoint holds them, and one process with the same global batch
+    gets the same."""
     settings = [*TINY["adding"], "--steps", "12", "--batch-size", "16"]
     worker = Path(__file__).with_name("ddp_worker.py")
-    _torchrun(worker, "--task", "adding", "--run-dir", tmp_path / "ddp", *settings)
+    _torchrun(worker, "--task", "adding", "--run-dir", tmp_path / "ddp", "--quiet", *settings)
     per_rank = [torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     _assert_bit_equal(per_rank[0], per_rank[1], "rank 1")
-    _torchrun(
-        "-m",
-        "lstmkit",
-        "train",
-        "--task",
-        "adding",
-        "--run-dir",
-        tmp_path / "cli",
-        "--quiet",
-        *settings,
-    )
+    _assert_bit_equal(checkpoint.load(tmp_path / "ddp").model, per_rank[0], "checkpoint")
     assert train("adding", tmp_path / "one", "--steps", "12", "--batch-size", "16") == 0
     one = checkpoint.load(tmp_path / "one").model
-    for weights in (per_rank[0], checkpoint.load(tmp_path / "cli").model):
-        assert weights.keys() == one.keys()
-        for name in one:
-            torch.testing.assert_close(weights[name], one[name], rtol=1e-5, atol=1e-6)
+    assert per_rank[0].keys() == one.keys()
+    for name in one:
+        torch.testing.assert_close(per_rank[0][name], one[name], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("clip", [0.0, 1e-3])
