@@ -692,25 +692,28 @@ def _resume(run_dir: Path) -> subprocess.Popen:
 
 
 def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(tmp_path):
-    """A checkpoint every step; SIGKILL at random instants; each time the last checkpoint
-    loads, and the resumed run trains on from it."""
-    run = tmp_path / "run"
+    """A checkpoint every step; SIGKILL at random instants, six times; each time the last
+    checkpoint loads, and the resumed run trains on from it. Two runs, three kills each, side
+    by side (a process's start-up is most of the time)."""
+    runs = [tmp_path / "a", tmp_path / "b"]
     generator = torch.Generator().manual_seed(0)
-    process, step = _launch(run), 0
-    for attempt in range(6):
-        _wait_for_a_checkpoint(process, run)
-        time.sleep(0.5 * torch.rand((), generator=generator).item())
-        process.send_signal(signal.SIGKILL)
+    processes, steps = [_launch(run) for run in runs], [0, 0]
+    for attempt in range(3):
+        for i, run in enumerate(runs):
+            _wait_for_a_checkpoint(processes[i], run)
+            time.sleep(0.5 * torch.rand((), generator=generator).item())
+            processes[i].send_signal(signal.SIGKILL)
+            processes[i].wait()
+            saved = checkpoint.load(run)  # raises on a damaged checkpoint
+            assert saved.state["step"] >= steps[i], (run.name, attempt)
+            steps[i] = saved.state["step"]
+            processes[i] = _resume(run)
+    for process in processes:
+        process.kill()
         process.wait()
-        saved = checkpoint.load(run)  # raises on a damaged checkpoint
-        assert saved.state["step"] >= step, attempt
-        step = saved.state["step"]
-        process = _resume(run)
-    process.kill()
-    process.wait()
-    step = checkpoint.load(run).state["step"]
-    assert cli("train", "--resume", run, "--steps", str(step + 2), "--quiet") == 0
-    assert checkpoint.load(run).state["step"] == step + 2
+    step = checkpoint.load(runs[0]).state["step"]
+    assert cli("train", "--resume", runs[0], "--steps", str(step + 2), "--quiet") == 0
+    assert checkpoint.load(runs[0]).state["step"] == step + 2
 
 
 def test_a_crash_between_the_renames_falls_back_to_the_previous_checkpoint(tmp_path):
@@ -739,23 +742,27 @@ def test_a_signal_before_anything_was_logged(tmp_path, monkeypatch, capsys):
     assert cli("train", "--resume", tmp_path / "run", "--steps", "2", "--quiet") == 0
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=str)
-def test_a_signal_saves_a_checkpoint_and_exits_with_128_plus_its_number(signum, tmp_path):
+def test_a_signal_saves_a_checkpoint_and_exits_with_128_plus_its_number(tmp_path):
     """Ctrl-C, and what job schedulers, timeout and a closed terminal send: the step is
-    finished, a checkpoint saved at the step printed, exit status 130, 143 and 129."""
-    run = tmp_path / "run"
-    process = _launch(run, "--eval-every", "100000")  # no checkpoint until the signal
-    while not (run / "metrics.jsonl").exists():  # it trains
-        assert process.poll() is None, process.stderr.read().decode()
-        time.sleep(0.05)
-    process.send_signal(signum)
-    out, err = process.communicate(timeout=60)
-    assert process.returncode == 128 + signum, err.decode()
-    assert b"Traceback" not in err
-    step = checkpoint.load(run).state["step"]
-    assert f"interrupted by {signum.name} at step {step}; checkpoint saved".encode() in out
-    assert cli("train", "--resume", run, "--steps", str(step + 3), "--quiet") == 0
-    assert checkpoint.load(run).state["step"] == step + 3
+    finished, a checkpoint saved at the step printed, exit status 130, 143 and 129. One
+    process a signal, the three at once (their start-up is most of the time)."""
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    runs = {signum: tmp_path / signum.name for signum in signums}
+    # no checkpoint until the signal
+    processes = {signum: _launch(run, "--eval-every", "100000") for signum, run in runs.items()}
+    for signum, process in processes.items():
+        while not (runs[signum] / "metrics.jsonl").exists():  # it trains
+            assert process.poll() is None, process.stderr.read().decode()
+            time.sleep(0.05)
+        process.send_signal(signum)
+    for signum, process in processes.items():
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 128 + signum, (signum.name, err.decode())
+        assert b"Traceback" not in err, signum.name
+        step = checkpoint.load(runs[signum]).state["step"]
+        assert f"interrupted by {signum.name} at step {step}; checkpoint saved".encode() in out
+        assert cli("train", "--resume", runs[signum], "--steps", str(step + 3), "--quiet") == 0
+        assert checkpoint.load(runs[signum]).state["step"] == step + 3
 
 
 def test_one_trainer_at_a_time_and_no_stale_lock_after_kill_9(tmp_path, capsys):
