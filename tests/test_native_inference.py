@@ -97,6 +97,51 @@ def test_one_row_a_worker_reads_w_hh_either_way(monkeypatch, threads, cell, spli
 
 
 @needs_native
+@pytest.mark.parametrize("route", ["plain", "packed"])
+@pytest.mark.parametrize("split", ["rows", "units"])
+def test_an_empty_batch_equals_nn_lstm(monkeypatch, threads, split, route):
+    """B = 0 (no worker has a row): the output and states of nn.LSTM's shapes, and in training
+    the input's (empty) gradient and the parameters' zero ones."""
+    monkeypatch.setenv("LSTMKIT_NATIVE_SPLIT", split)
+    monkeypatch.setenv("LSTMKIT_NATIVE_ONE_ROW", route)
+    oracle = torch.nn.LSTM(5, 40, num_layers=2)
+    ours = lstmkit.LSTM.from_torch(oracle)
+    x = torch.randn(6, 0, 5, requires_grad=True)
+    with torch.no_grad():
+        got, want = ours.eval()(x), oracle(x)
+    for a, b in zip((got[0], *got[1]), (want[0], *want[1]), strict=True):
+        torch.testing.assert_close(a, b)
+    ours.train()(x)[0].sum().backward()
+    assert x.grad.shape == x.shape
+    for parameter in ours.parameters():
+        torch.testing.assert_close(parameter.grad, torch.zeros_like(parameter))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cell", CELLS)
+def test_an_empty_batch_runs_every_cell(threads, cell, dtype):
+    """B = 0 (it once stopped the process with SIGFPE: a division by the number of workers)
+    for every cell, bidirectional, with zoneout and recurrent dropout in training, and lengths:
+    the reference backend's outputs and zero gradients."""
+    ours = lstmkit.LSTM(5, 40, 2, cell=cell, bidirectional=True, zoneout=(0.2, 0.1),
+                        recurrent_dropout=0.2, dtype=dtype)  # fmt: skip
+    reference = lstmkit.LSTM(5, 40, 2, cell=cell, bidirectional=True, zoneout=(0.2, 0.1),
+                             recurrent_dropout=0.2, dtype=dtype, backend="reference")  # fmt: skip
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(6, 0, 5, dtype=dtype, requires_grad=True)
+    for lengths in (None, torch.zeros(0, dtype=torch.long)):
+        with torch.no_grad():
+            got, want = ours.eval()(x, lengths=lengths), reference.eval()(x, lengths=lengths)
+        for a, b in zip((got[0], *got[1]), (want[0], *want[1]), strict=True):
+            torch.testing.assert_close(a, b)
+        output, (h_n, c_n) = ours.train()(x, lengths=lengths)
+        (output.sum() + h_n.sum() + c_n.sum()).backward()
+        for parameter in ours.parameters():
+            torch.testing.assert_close(parameter.grad, torch.zeros_like(parameter))
+
+
+@needs_native
 @pytest.mark.parametrize("split", ["rows", "units"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_projection_and_no_bias(monkeypatch, threads, cell, split):

@@ -257,6 +257,18 @@ TrainingForward run(
   const float zh = static_cast<float>(zone_h_p), zc = static_cast<float>(zone_c_p);
   const int64_t sx0 = xs.stride(0), sx1 = xs.stride(1);
   const int64_t hr_panels = panels(proj);
+  if (batch == 0) {  // nothing to run, and no worker to share it between
+    return {output,
+            at::empty({0, proj}, options),
+            at::empty({0, hidden}, options),
+            kept_gates,
+            cells,
+            hhat,
+            chat,
+            rstd,
+            products_ih,
+            stats_ih};
+  }
   const int64_t blocks = gates / hidden;
 
   // Who computes what: every worker the rows of its share of the batch with all the weights,
