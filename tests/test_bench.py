@@ -16,7 +16,7 @@ from torch import nn
 import lstmkit
 from lstmkit import machine
 from lstmkit.__main__ import main
-from lstmkit.bench import ort, report, serve, suite
+from lstmkit.bench import cli, ort, report, serve, suite
 from lstmkit.bench.measure import saved_bytes, time_interleaved
 from lstmkit.bench.naive import NaiveLSTM
 from lstmkit.bench.suite import (
@@ -113,6 +113,40 @@ def test_time_interleaved_shuffles_each_round_and_takes_medians():
     assert timings["b"].runs_s == (2.0, 8.0, 4.0, 6.0)
     assert timings["a"].median_s == statistics.median([1.0, 5.0, 3.0, 2.0])
     assert timings["b"].median_s == statistics.median([2.0, 8.0, 4.0, 6.0])
+
+
+@pytest.mark.parametrize("mode", [[], ["--stream"], ["--serve"]], ids=["suite", "stream", "serve"])
+def test_an_unwritable_out_is_one_line_before_any_run(tmp_path, monkeypatch, capsys, mode):
+    """--out under a regular file: one line naming the path, exit status 1, and nothing timed
+    (every mode's runner fails the test if called)."""
+    (tmp_path / "file").write_text("")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("ran before checking --out")
+
+    for module, name in ((cli, "run_suite"), (cli, "run_stream"), (serve, "run_serve")):
+        monkeypatch.setattr(module, name, must_not_run)
+    out = tmp_path / "file" / "reports"
+    assert main(["bench", *mode, "--quick", "--threads", "2", "1", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith("lstmkit bench: cannot write the reports: ")
+    assert str(out) in captured.err
+
+
+def test_a_failed_report_write_is_one_line(tmp_path, monkeypatch, capsys):
+    """A write that fails after the runs (a full disk): one line, exit status 1."""
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "bench.json"))
+
+    monkeypatch.setattr(cli, "write_reports", full_disk)
+    assert main(["bench", "--configs", "S", "--quick", "--out", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "lstmkit bench: cannot write the reports: [Errno 28] No space left on device: "
+        f"'{tmp_path / 'bench.json'}'\n"
+    )
 
 
 def test_bench_cli_writes_reports(tmp_path, capsys):

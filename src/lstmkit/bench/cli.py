@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -130,7 +131,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the suite the parsed ``args`` describe, print the tables and write the reports."""
+    """Run what the parsed ``args`` describe, print the tables and write the reports; an
+    ``--out`` that cannot be written is one line on stderr and exit status 1 (checked before any
+    timing, and again when the reports are written)."""
+    try:
+        return _run(args)
+    except OSError as error:
+        print(f"lstmkit bench: cannot write the reports: {error}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     runs = QUICK_RUNS if args.quick else DEFAULT_RUNS
     repeats = runs["repeats"] if args.repeats is None else args.repeats
     warmup = runs["warmup"] if args.warmup is None else args.warmup
@@ -174,12 +185,17 @@ def _peers(names: list[str], cell: str) -> list[str]:
 
 def _runs(args: argparse.Namespace, default_out: Path) -> list[tuple[int, Path]]:
     """``(threads, directory)`` of each run: ``--out`` itself for one thread count, a
-    ``threads-N`` directory inside it for each of several."""
+    ``threads-N`` directory inside it for each of several. Each directory is made here, and a
+    file created and removed in it, so that one that cannot be written fails (OSError) before
+    the runs rather than after."""
     out = args.out or default_out
     counts = list(dict.fromkeys(args.threads))
-    if len(counts) == 1:
-        return [(counts[0], out)]
-    return [(n, out / f"threads-{n}") for n in counts]
+    runs = [(counts[0], out)] if len(counts) == 1 else [(n, out / f"threads-{n}") for n in counts]
+    for _, directory in runs:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    return runs
 
 
 def stream_main(args: argparse.Namespace, repeats: int, warmup: int) -> int:
