@@ -130,14 +130,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class UnwritableOut(Exception):
+    """An ``--out`` directory that cannot be made or written to."""
+
+
 def main(args: argparse.Namespace) -> int:
-    """Run what the parsed ``args`` describe, print the tables and write the reports; an
-    ``--out`` that cannot be written is one line on stderr and exit status 1 (checked before any
-    timing, and again when the reports are written)."""
+    """Run what the parsed ``args`` describe, print the tables and write the reports. An
+    ``--out`` that cannot be written, found before any timing, or a failed write of the reports
+    (a full disk) is one line on stderr and exit status 1."""
     try:
         return _run(args)
-    except OSError as error:
-        print(f"lstmkit bench: cannot write the reports: {error}", file=sys.stderr)
+    except (UnwritableOut, OSError) as error:
+        print(f"lstmkit bench: {error}", file=sys.stderr)
         return 1
 
 
@@ -186,15 +190,21 @@ def _peers(names: list[str], cell: str) -> list[str]:
 def _runs(args: argparse.Namespace, default_out: Path) -> list[tuple[int, Path]]:
     """``(threads, directory)`` of each run: ``--out`` itself for one thread count, a
     ``threads-N`` directory inside it for each of several. Each directory is made here, and a
-    file created and removed in it, so that one that cannot be written fails (OSError) before
-    the runs rather than after."""
+    file created and removed in it, so that one that cannot be written fails
+    (:class:`UnwritableOut`) before the runs rather than after them."""
     out = args.out or default_out
     counts = list(dict.fromkeys(args.threads))
     runs = [(counts[0], out)] if len(counts) == 1 else [(n, out / f"threads-{n}") for n in counts]
     for _, directory in runs:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as error:
+            raise UnwritableOut(
+                f"--out must be a directory it can write to, got {out} ({directory}: "
+                f"{error.strerror or error})"
+            ) from error
     return runs
 
 
