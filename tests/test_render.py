@@ -130,6 +130,22 @@ def test_a_broken_region_is_one_line_and_changes_nothing(tmp_path, capsys, text,
     assert doc.read_text() == text
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("{cut short", "is not JSON: "), ("[1, 2]", "must hold a JSON object, got list")],
+)
+def test_a_damaged_result_file_is_one_line_and_changes_nothing(tmp_path, capsys, content, message):
+    _suite(tmp_path)
+    path = tmp_path / "run" / "threads-1" / "bench.json"
+    path.write_text(content)
+    doc = tmp_path / "README.md"
+    doc.write_text("<!-- render suite run -->\n| typed |\n<!-- /render -->\n")
+    assert render.main(["--root", str(tmp_path)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"render: {path} {message}") and error.count("\n") == 1, error
+    assert doc.read_text() == "<!-- render suite run -->\n| typed |\n<!-- /render -->\n"
+
+
 def test_runs_of_different_configurations_are_refused(tmp_path):
     _suite(tmp_path)
     path = tmp_path / "run" / "threads-1" / "bench.json"

@@ -41,15 +41,15 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from lstmkit.bench.ort import NAME as ORT
 from lstmkit.bench.report import markdown_table
+from lstmkit.bench.suite import BASELINE
+from lstmkit.bench.suite import PEER as SCRIPTED
 from lstmkit.train import checkpoint, metrics
 
 BEGIN = re.compile(r"<!-- render (\w+) (\S+) -->\n")
 END = "<!-- /render -->"
 CPU_FIELDS = ("cpu", "cpu_family", "cpu_model", "cpu_vector_flags")
-BASELINE = "nn.LSTM"
-ORT = "onnxruntime"
-SCRIPTED = "TorchScript layernorm"
 DOCS = ("README.md", "docs/*.md")
 
 
@@ -61,9 +61,20 @@ def load_result(path: Path) -> dict:
     """A result file's JSON, refused unless its ``machine`` names the CPU."""
     if not path.is_file():
         raise RenderError(f"result file {path} does not exist")
-    result = json.loads(path.read_text())
+    result = _json(path.read_text(), path)
     _check_cpu(result.get("machine", {}), path)
     return result
+
+
+def _json(text: str, path: Path) -> dict:
+    """One JSON object read from ``path``; anything else is a RenderError naming the file."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RenderError(f"{path} is not JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise RenderError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _check_cpu(machine: dict, path: Path) -> None:
@@ -219,7 +230,7 @@ def _starts(run: Path) -> list[dict]:
     path = run / metrics.MACHINES
     if not path.is_file():
         raise RenderError(f"run {run} records no machine ({metrics.MACHINES}): train it again")
-    starts = [json.loads(line) for line in path.read_text().splitlines()]
+    starts = [_json(line, path) for line in path.read_text().splitlines()]
     for start in starts:
         _check_cpu(start, path)
     return starts
@@ -231,7 +242,7 @@ def render_run(directory: str, root: Path) -> str:
     starts = _starts(run)
     # a committed run keeps its configuration beside its metrics; a live one in its checkpoint
     saved = run / "config.json"
-    config = json.loads(saved.read_text()) if saved.is_file() else checkpoint.read_config(run)
+    config = _json(saved.read_text(), saved) if saved.is_file() else checkpoint.read_config(run)
     if config is None:
         raise RenderError(f"run {run} has no config.json and no checkpoint")
     evaluations = [r for r in metrics.read(run) if any(k.startswith("eval_") for k in r)]
@@ -337,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rendered = [
             (path, text, render_text(text, args.root, str(path))) for path, text in rendered
         ]
-    except RenderError as error:
+    except (RenderError, OSError) as error:
         print(f"render: {error}", file=sys.stderr)
         return 1
     stale = [(path, new) for path, text, new in rendered if new != text]
@@ -347,8 +358,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"render: stale regions in {names}: run python -m lstmkit.bench.render", file=sys.stderr
         )
         return 1
-    for path, new in stale:
-        path.write_text(new)
+    try:
+        for path, new in stale:
+            path.write_text(new)
+    except OSError as error:
+        print(f"render: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
