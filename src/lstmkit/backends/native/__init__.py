@@ -31,6 +31,7 @@ biases.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 
@@ -183,13 +184,12 @@ def _linear_gradients(grad, a, weight, has_bias: bool, needs):
     da = None
     if needs[0] and count < LINEAR_MIN_ROWS:
         da = F.linear(grad, weight.t(), None)
-    elif needs[0] and torch.is_grad_enabled():  # create_graph=True: the differentiable operator
-        da = torch.ops.lstmkit.linear(grad, weight.t(), None)
     elif needs[0]:
-        # the kernel below the autograd keys (see _direct): through the operator's registered
-        # autograd, its Python wrapper made S's training step (B = 8, T = 50, H = 64; 1 thread,
-        # AMD EPYC Zen 4) 2-3.5% slower, alternated per call
-        with torch._C._AutoDispatchBelowAutograd():
+        # create_graph=True needs the differentiable operator; otherwise its kernel below the
+        # autograd keys (see _direct): through the registered autograd, its Python wrapper made
+        # S's training step (B = 8, T = 50, H = 64; 1 thread, AMD EPYC Zen 4) 2-3.5% slower
+        below = contextlib.nullcontext() if torch.is_grad_enabled() else _below_autograd()
+        with below:
             da = torch.ops.lstmkit.linear(grad, weight.t(), None)
     dw = rows.t().mm(a.reshape(count, a.shape[-1])) if needs[1] else None
     db = rows.sum(0) if has_bias and needs[2] else None
@@ -311,6 +311,12 @@ def _rerun(kind: str, batch_sizes: list[int], recurrent, zones, zone_p):
     return rerun_reference(cells.CELLS[kind], NAMES, batch_sizes or None, masks, reference.recur)
 
 
+def _below_autograd():
+    """The dispatcher's guard for "autograd is handled": a custom operator called inside it
+    runs its kernel, skipping its registered autograd (what torch.library's wrapper does)."""
+    return torch._C._AutoDispatchBelowAutograd()
+
+
 def _direct(name: str, setup_context, backward) -> type[torch.autograd.Function]:
     """An ``autograd.Function`` that calls ``torch.ops.lstmkit.<name>``'s kernel with the
     autograd formula :func:`_register` gives that operator (its ``setup_context`` and
@@ -326,8 +332,7 @@ def _direct(name: str, setup_context, backward) -> type[torch.autograd.Function]
     what ``torch.func``'s transforms need; :func:`refusal` keeps this backend out of them."""
 
     def forward(ctx, *args):
-        # the dispatcher's guard for "autograd is handled": the call goes to the kernel
-        with torch._C._AutoDispatchBelowAutograd():
+        with _below_autograd():
             result = getattr(torch.ops.lstmkit, name)(*args)
         setup_context(ctx, args, result)
         return result
