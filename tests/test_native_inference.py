@@ -357,6 +357,32 @@ def test_opcheck_stack(cell):
         cell, 0.1, 0.2,
     )  # fmt: skip
     torch.library.opcheck(torch.ops.lstmkit.inference_stack.default, args)
+    torch.library.opcheck(
+        torch.ops.lstmkit.inference_stack.default, (args[0], None, None, *args[3:])
+    )
+
+
+@needs_native
+@pytest.mark.parametrize("cell", CELLS)
+def test_stack_without_states_starts_from_zeros(cell):
+    """inference_stack without h0 and c0 makes zero states of the layers' sizes (P and H from
+    W_hh: cifg's has 3H rows) and gives bit for bit what explicit zeros give; one of the two
+    alone is refused by name."""
+    ours, _ = twins(cell, hidden=6, num_layers=2, proj_size=4 if cell == "lstm" else 0)
+    names = lstmkit.backends.native.LAYER_NAMES
+    weights = [ours._layer_params(layer, 0).get(n) for layer in range(2) for n in names]
+    out = ours.proj_size or 6
+    x = torch.randn(5, 3, 5)
+    stack = torch.ops.lstmkit.inference_stack.default
+    with torch.no_grad():
+        want = stack(x, torch.zeros(2, 3, out), torch.zeros(2, 3, 6), weights, cell, 0.0, 0.0)
+        got = stack(x, None, None, weights, cell, 0.0, 0.0)
+        for a, b in zip(got, want, strict=True):
+            assert a.shape == b.shape
+            assert torch.equal(a, b)
+        torch.testing.assert_close(got[0], ours(x)[0], atol=0, rtol=0)
+        with pytest.raises(RuntimeError, match="h0 and c0 or neither, got h0 alone"):
+            stack(x, torch.zeros(2, 3, out), None, weights, cell, 0.0, 0.0)
 
 
 @needs_native

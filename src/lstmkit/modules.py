@@ -425,16 +425,24 @@ class LSTM(nn.Module):
     def _layer_params(self, layer: int, direction: int) -> dict[str, Tensor | None]:
         """The parameters of one layer-direction by name without suffix, ``None`` where
         absent."""
-        suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
         # registered parameters straight from the registry; anything else (a parametrization's
         # property, a plain tensor attribute, or nothing) as attribute lookup finds it.
         # Module.__getattr__ alone costs ~1 us a name, and raises for every absent one.
         registered = self._parameters
-        params = {}
-        for kind in (*cells.NN_PARAMETERS, *self.cell.extra):
-            name = kind + suffix
-            params[kind] = registered[name] if name in registered else self._attribute(name)
-        return params
+        return {
+            kind: registered[name] if name in registered else self._attribute(name)
+            for kind, name in self._param_names(layer, direction)
+        }
+
+    def _param_names(self, layer: int, direction: int) -> tuple[tuple[str, str], ...]:
+        """``(kind, name)`` of every parameter a layer-direction's cell can have: names, made
+        once (from the layer and the cell, which do not change), not parameters."""
+        names = self.__dict__.setdefault("_param_name_table", {})
+        if (layer, direction) not in names:
+            suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+            kinds = (*cells.NN_PARAMETERS, *self.cell.extra)
+            names[layer, direction] = tuple((kind, kind + suffix) for kind in kinds)
+        return names[layer, direction]
 
     def _attribute(self, name: str) -> Tensor | None:
         """The attribute ``name`` or ``None``, looked for where one can live (the instance,
@@ -485,7 +493,8 @@ class LSTM(nn.Module):
                         f"{type(lengths).__name__}"
                     )
                 lengths = check.check_lengths(lengths, x.size(1), x.size(0), x.device)
-        h0, c0 = self._initial_state(hx, x, batched)
+        # no hx: zeros, which the stack operator makes itself (two calls fewer, ~10 us cold)
+        h0, c0 = (None, None) if hx is None else self._initial_state(hx, x, batched)
 
         directions = 2 if self.bidirectional else 1
         layers = [
@@ -498,6 +507,8 @@ class LSTM(nn.Module):
         if stack is not None:
             output, h_n, c_n = stack
         else:
+            if h0 is None:
+                h0, c0 = self._initial_state(None, x, batched)
             h_n, c_n = [], []
             layer_input = x  # (L, N, features)
             for layer in range(self.num_layers):

@@ -150,8 +150,13 @@ def _inference_fake(x, h0, c0, w_ih, w_hh, *_rest):
     return x.new_empty(steps, batch, w_hh.shape[1]), torch.empty_like(h0), torch.empty_like(c0)
 
 
-def _inference_stack_fake(x, h0, c0, *_rest):
+def _inference_stack_fake(x, h0, c0, params, kind, *_rest):
     steps, batch, _ = x.shape
+    if h0 is None:  # zeros (L, B, P) and (L, B, H), from W_hh (4H or 3H, P)
+        w_hh, layers = params[1], len(params) // len(LAYER_NAMES)
+        blocks = 3 if kind == "cifg" else 4
+        h0 = x.new_empty(layers, batch, w_hh.shape[1])
+        c0 = x.new_empty(layers, batch, w_hh.shape[0] // blocks)
     return x.new_empty(steps, batch, h0.shape[-1]), torch.empty_like(h0), torch.empty_like(c0)
 
 
@@ -409,17 +414,19 @@ def run(
 def infer_stack(
     cell: cells.Cell,
     x: Tensor,
-    h0: Tensor,
-    c0: Tensor,
+    h0: Tensor | None,
+    c0: Tensor | None,
     layers: list[cells.Params],
     zoneout: tuple[float, float],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """float32 inference of a unidirectional stack (:func:`lstmkit.runner.infer_stack` decides
     where) in one call of ``lstmkit::inference_stack``: each layer on the output of the one
-    below, from its state ``h0[k]``, ``c0[k]``, with zoneout's evaluation probabilities
-    ``zoneout``. Returns the top layer's output and the final states ``(L, B, *)``."""
+    below, from its state ``h0[k]``, ``c0[k]`` (zeros where both are ``None``), with zoneout's
+    evaluation probabilities ``zoneout``. Returns the top layer's output and the final states
+    ``(L, B, *)``."""
     weights = [params.get(name) for params in layers for name in LAYER_NAMES]
-    return torch.ops.lstmkit.inference_stack(x, h0, c0, weights, cell.kind, *zoneout)
+    # the overload itself: the packet's Python __call__ is one more frame (~4 us when cold)
+    return torch.ops.lstmkit.inference_stack.default(x, h0, c0, weights, cell.kind, *zoneout)
 
 
 def _infer(cell, x, h, c, params, zoneout: tuple[float, float], batch_sizes: list[int] | None):

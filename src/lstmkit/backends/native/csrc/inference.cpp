@@ -562,24 +562,44 @@ std::tuple<Tensor, Tensor, Tensor> inference(
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
 
-std::tuple<Tensor, Tensor, Tensor> inference_stack(const Tensor& x, const Tensor& h0,
-                                                   const Tensor& c0,
+std::tuple<Tensor, Tensor, Tensor> inference_stack(const Tensor& x,
+                                                   const std::optional<Tensor>& h0,
+                                                   const std::optional<Tensor>& c0,
                                                    const c10::List<std::optional<Tensor>>& params,
                                                    c10::string_view kind_name, double zone_h_p,
                                                    double zone_c_p) {
   constexpr int64_t kPerLayer = 12;  // inference's parameters, weight_ih to ln_c_bias
   const int64_t layers = static_cast<int64_t>(params.size()) / kPerLayer;
-  TORCH_CHECK(h0.dim() == 3 && c0.dim() == 3 && h0.size(0) == c0.size(0) && layers >= 1 &&
-                  static_cast<int64_t>(params.size()) == layers * kPerLayer && h0.size(0) == layers,
-              "lstmkit::inference_stack takes h0 (L, B, P), c0 (L, B, H) and 12 parameters a "
-              "layer, got h0 ",
-              h0.sizes(), ", c0 ", c0.sizes(), " and ", params.size(), " parameters");
-  TORCH_CHECK(h0.scalar_type() == at::kFloat && c0.scalar_type() == at::kFloat,
-              "lstmkit::inference_stack takes float32 states, got ", h0.scalar_type(), " and ",
-              c0.scalar_type());
+  TORCH_CHECK(layers >= 1 && static_cast<int64_t>(params.size()) == layers * kPerLayer &&
+                  params.get(1).has_value() && params.get(1)->dim() == 2 && x.dim() == 3,
+              "lstmkit::inference_stack takes an input (T, B, I) and 12 parameters a layer, "
+              "a 2-D weight_hh among them, got an input of ",
+              x.sizes(), " and ", params.size(), " parameters");
+  TORCH_CHECK(h0.has_value() == c0.has_value(),
+              "lstmkit::inference_stack takes h0 and c0 or neither, got ",
+              h0.has_value() ? "h0 alone" : "c0 alone");
+  // Without states, zeros: (L, B, P) and (L, B, H), P and H from the top layer's W_hh (all
+  // layers' are alike), made here rather than by two more calls from Python (~7 us of a call).
+  const Tensor& w_hh = *params.get(1);
+  const int64_t proj = w_hh.size(1);
+  const Kind kind = parse_kind(std::string_view(kind_name.data(), kind_name.size()));
+  const int64_t hidden = w_hh.size(0) / (kind == Kind::kCifg ? 3 : 4);
+  const auto zeros = [&](int64_t size) {
+    Tensor out = at::empty({layers, x.size(1), size}, x.options());
+    std::memset(out.data_ptr(), 0, out.nbytes());
+    return out;
+  };
+  const Tensor h_in = h0.has_value() ? h0->contiguous() : zeros(proj);
+  const Tensor c_in = c0.has_value() ? c0->contiguous() : zeros(hidden);
+  TORCH_CHECK(h_in.dim() == 3 && c_in.dim() == 3 && h_in.size(0) == layers &&
+                  c_in.size(0) == layers,
+              "lstmkit::inference_stack takes h0 (L, B, P) and c0 (L, B, H) for its ", layers,
+              " layers, got h0 ", h_in.sizes(), " and c0 ", c_in.sizes());
+  TORCH_CHECK(h_in.scalar_type() == at::kFloat && c_in.scalar_type() == at::kFloat,
+              "lstmkit::inference_stack takes float32 states, got ", h_in.scalar_type(), " and ",
+              c_in.scalar_type());
   // Each layer's states as views made without the dispatcher (a select costs ~1 us, as much
   // as a fifth of a small layer's step), its final ones copied into the stacked outputs.
-  const Tensor h_in = h0.contiguous(), c_in = c0.contiguous();
   Tensor h_n = at::empty(h_in.sizes(), h_in.options());
   Tensor c_n = at::empty(c_in.sizes(), c_in.options());
   const auto layer_of = [](const Tensor& states, int64_t layer) {

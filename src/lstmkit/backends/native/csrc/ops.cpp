@@ -32,7 +32,7 @@ TORCH_LIBRARY(lstmkit, m) {
       "Tensor? ln_c_weight, Tensor? ln_c_bias, str kind, float zone_h_p, float zone_c_p, "
       "int[] batch_sizes) -> (Tensor output, Tensor h_n, Tensor c_n)");
   m.def(
-      "inference_stack(Tensor x, Tensor h0, Tensor c0, Tensor?[] params, str kind, "
+      "inference_stack(Tensor x, Tensor? h0, Tensor? c0, Tensor?[] params, str kind, "
       "float zone_h_p, float zone_c_p) -> (Tensor output, Tensor h_n, Tensor c_n)");
   m.def(
       "training_forward(Tensor x, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "

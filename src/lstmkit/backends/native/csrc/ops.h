@@ -49,11 +49,12 @@ std::tuple<Tensor, Tensor, Tensor> inference(
     c10::string_view kind_name, double zone_h_p, double zone_c_p, at::IntArrayRef batch_sizes);
 
 // inference of a unidirectional stack of layers, each on the output of the one below from its
-// state h0[k], c0[k] ((L, B, P) and (L, B, H)), `params` holding each layer's twelve parameters
-// in inference's order: one operator call for the whole stack (streaming calls it once a step).
-// (output of the top layer, h_n, c_n), the states (L, B, *).
-std::tuple<Tensor, Tensor, Tensor> inference_stack(const Tensor& x, const Tensor& h0,
-                                                   const Tensor& c0,
+// state h0[k], c0[k] ((L, B, P) and (L, B, H); zeros where neither is given), `params` holding
+// each layer's twelve parameters in inference's order: one operator call for the whole stack
+// (streaming calls it once a step). (output of the top layer, h_n, c_n), the states (L, B, *).
+std::tuple<Tensor, Tensor, Tensor> inference_stack(const Tensor& x,
+                                                   const std::optional<Tensor>& h0,
+                                                   const std::optional<Tensor>& c0,
                                                    const c10::List<std::optional<Tensor>>& params,
                                                    c10::string_view kind_name, double zone_h_p,
                                                    double zone_c_p);
