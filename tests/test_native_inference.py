@@ -97,6 +97,47 @@ def test_one_row_a_worker_reads_w_hh_either_way(monkeypatch, threads, cell, spli
 
 
 @needs_native
+@pytest.mark.parametrize("split", ["rows", "units"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_input_half_beside_the_one_row_product_or_ahead_in_blocks(
+    monkeypatch, threads, cell, split
+):
+    """A worker of one row computes the next block's input half beside each step's recurrent
+    product or all of it at the block's start (LSTMKIT_NATIVE_AHEAD forces either): the same
+    sums in the same order, so the same bits, in inference and training's forward, and both
+    equal the reference. T = 150 runs blocks of 1, 2, 4, ..., 64 and a short last one; H = 40
+    and 33 have short panel groups; I = 5 and I = 50 give the input a K shorter and longer than
+    W_hh's; lengths, a given state, zoneout and a projection."""
+    monkeypatch.setenv("LSTMKIT_NATIVE_SPLIT", split)
+    shapes = [(1, 5, 40, 0), (threads, 50, 33, 7 if cell != "layernorm" else 0)]
+    for batch, size, hidden, proj_size in shapes:
+        torch.manual_seed(batch)
+        options = {"cell": cell, "proj_size": proj_size, "zoneout": (0.2, 0.1)}
+        ours = lstmkit.LSTM(size, hidden, 2, **options)
+        reference = lstmkit.LSTM(size, hidden, 2, backend="reference", dtype=torch.float64,
+                                 **options)  # fmt: skip
+        reference.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+        plain = lstmkit.LSTM(size, hidden, 2, cell=cell, proj_size=proj_size)  # training's
+        plain.load_state_dict(ours.state_dict())
+        x = torch.randn(150, batch, size)
+        hx = (torch.randn(2, batch, proj_size or hidden), torch.randn(2, batch, hidden))
+        lengths = torch.randint(100, 151, (batch,))
+        runs = {}
+        for route in ("beside", "block"):
+            monkeypatch.setenv("LSTMKIT_NATIVE_AHEAD", route)
+            assert_close_to_reference(ours.eval(), reference.eval(), x, hx, lengths)
+            with torch.no_grad():
+                inference = ours(x, hx, lengths=lengths), ours(x)
+            x_grad = x.clone().requires_grad_()
+            output, (h_n, c_n) = plain(x_grad, hx)
+            (output.sum() + h_n.sum() + c_n.sum()).backward()
+            runs[route] = (inference, output, h_n, c_n, x_grad.grad)
+        leaves = torch.utils._pytree.tree_leaves
+        for a, b in zip(leaves(runs["beside"]), leaves(runs["block"]), strict=True):
+            assert torch.equal(a, b)
+
+
+@needs_native
 @pytest.mark.parametrize("route", ["plain", "packed"])
 @pytest.mark.parametrize("split", ["rows", "units"])
 def test_an_empty_batch_equals_nn_lstm(monkeypatch, threads, split, route):

@@ -117,6 +117,22 @@ int64_t level2_bytes() {
   return bytes;
 }
 
+// Whether a worker of one row whose input half goes ahead in blocks computes the next block's
+// beside each step's recurrent product (panels.h's product_beside) rather than all of it at the
+// block's first step, its packed weights (W_ih and W_hh) being `weights_bytes`: where they stay
+// in the level-2 cache (the row's product waits on it, and the side's tiles fill the wait), with
+// AVX-512. Measured on an AMD EPYC Zen 4 (1 MB level-2), B = 1, inference time beside / at the
+// block's start, 1 thread: H = I = 64 0.94, 128 (T1, 512 KB) 0.91-0.93, 192 (1.15 MB) 0.96,
+// 256 (2 MB) 1.01, 32 1.01; 2 threads (each half the units): 128 0.95, 256 0.94. With AVX2
+// (16 registers, smaller tiles beside) not measured, so not chosen. LSTMKIT_NATIVE_AHEAD=beside
+// or =block forces either (tests).
+bool ahead_beside(int64_t weights_bytes) {
+  const std::string_view choice = forced("LSTMKIT_NATIVE_AHEAD");
+  if (choice == "beside") return true;
+  if (choice == "block") return false;
+  return kLanes == 16 && 2 * weights_bytes <= 3 * level2_bytes();
+}
+
 // Weights larger than this many level-2 caches are split by units where units can run.
 constexpr int64_t kUnitsWeightsL2 = 4;
 
@@ -180,11 +196,25 @@ struct Worker {
   std::vector<const float*> xr, hr, mr;
   // Few rows (short tiles): the input half of `block` steps at once, into `ahead` (rows `ab`,
   // from the inputs `xb`; layernorm: each row normalised there), each step's z then being its
-  // block row; 0: every step its own.
-  int64_t block = 0;
+  // block row; 0: every step its own. The block now running: steps [start, start + span).
+  int64_t block = 0, start = 0, span = 0;
   std::vector<float> ahead;
   std::vector<const float*> xb;
   std::vector<float*> ab;
+  // One row (ahead_beside): the next block's input half, computed beside this block's steps'
+  // recurrent products into `next` (rows `an`, from `xn`), then swapped with `ahead`'s. Blocks
+  // of 1, 2, 4, ... steps up to `block`: a block's steps have room beside them for the tiles of
+  // one twice as long, and the first, computed on its own, is one step.
+  bool beside = false;
+  std::vector<float> next;
+  std::vector<const float*> xn;
+  std::vector<float*> an;
+  Side side{};
+
+  // The length of the block after one of `span` steps (from none: the first).
+  int64_t after(int64_t span_now) const {
+    return beside ? std::min(block, std::max<int64_t>(1, 2 * span_now)) : block;
+  }
   std::vector<float*> zr, er, mw, hw;  // mw: the same rows as mr, written
 };
 
@@ -362,6 +392,20 @@ TrainingForward run(
         for (int64_t i = 0; i < worker.block * count; ++i) {
           worker.ab[i] = worker.ahead.data() + i * padded;
         }
+        const int64_t packed_bytes =  // W_ih and W_hh packed, as the worker reads them
+            panels(blocks * width) * kPanel * (in + proj) * static_cast<int64_t>(sizeof(float));
+        worker.beside =
+            count == 1 && !layernorm &&
+            runs_beside(operand(nullptr, worker.hh, proj), operand(nullptr, worker.ih, in)) &&
+            ahead_beside(packed_bytes);
+        if (worker.beside) {
+          worker.next.resize(worker.ahead.size());
+          worker.xn.resize(worker.block * count);
+          worker.an.resize(worker.block * count);
+          for (int64_t i = 0; i < worker.block * count; ++i) {
+            worker.an[i] = worker.next.data() + i * padded;
+          }
+        }
       }
       for (int64_t r = 0; r < count; ++r) {
         worker.zr[r] = worker.z.data() + r * padded;
@@ -391,7 +435,14 @@ TrainingForward run(
         const Operand input = operand(worker.xr.data(), worker.ih, in);
         const Operand recurrent = operand(worker.hr.data(), worker.hh, proj);
         float* const hat = worker.hat.data();
-        const int64_t ahead_at = worker.block > 0 ? t % worker.block : 0;
+        if (worker.block > 0 && t == worker.start + worker.span) {  // a block begins
+          worker.start = t;
+          worker.span = std::min(worker.after(worker.span), steps - t);
+        }
+        const int64_t ahead_at = t - worker.start, span = worker.span;
+        // a block after the first, its input half computed beside the last one's steps
+        const bool ready = worker.beside && ahead_at == 0 && t > 0;
+        if (ready) std::swap(worker.ab, worker.an);
         float* const* const z =
             worker.block > 0 ? worker.ab.data() + ahead_at * count : worker.zr.data();
         // layernorm: z = LN(v; g_ih, b_ih) + b, v = x W_ih^T of step `step` and row b (z and v
@@ -415,8 +466,17 @@ TrainingForward run(
           }
         };
         if (worker.block > 0) {  // z = (its block's input half) + the recurrent half
-          if (ahead_at == 0) {
-            const int64_t span = std::min(worker.block, steps - t);
+          if (ahead_at == 0 && worker.beside) {  // the next block's beside this one's steps
+            const int64_t later = std::min(worker.after(span), steps - t - span);
+            for (int64_t q = 0; q < later; ++q) {
+              for (int64_t r = 0; r < count; ++r) {
+                worker.xn[q * count + r] = x_p + (t + span + q) * sx0 + worker.rows[r] * sx1;
+              }
+            }
+            worker.side = {operand(worker.xn.data(), worker.ih, in), later * count, columns, bias_p,
+                           worker.an.data()};
+          }
+          if (ahead_at == 0 && !ready) {
             for (int64_t q = 0; q < span; ++q) {
               for (int64_t r = 0; r < count; ++r) {
                 worker.xb[q * count + r] = x_p + (t + q) * sx0 + worker.rows[r] * sx1;
@@ -435,6 +495,10 @@ TrainingForward run(
           }
           if (layernorm) {
             recurrent_norm(z);
+          } else if (worker.beside) {  // an even share of the side's tiles left at each step
+            const int64_t left = span - ahead_at;
+            const int64_t quota = (side_tiles(worker.side) - worker.side.done + left - 1) / left;
+            product_beside(recurrent, columns, z, worker.side, quota);
           } else {
             product(&recurrent, 1, n, columns, nullptr, z, tiling, true);
           }
@@ -562,8 +626,7 @@ std::tuple<Tensor, Tensor, Tensor> inference(
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
 
-std::tuple<Tensor, Tensor, Tensor> inference_stack(const Tensor& x,
-                                                   const std::optional<Tensor>& h0,
+std::tuple<Tensor, Tensor, Tensor> inference_stack(const Tensor& x, const std::optional<Tensor>& h0,
                                                    const std::optional<Tensor>& c0,
                                                    const c10::List<std::optional<Tensor>>& params,
                                                    c10::string_view kind_name, double zone_h_p,
@@ -591,10 +654,10 @@ std::tuple<Tensor, Tensor, Tensor> inference_stack(const Tensor& x,
   };
   const Tensor h_in = h0.has_value() ? h0->contiguous() : zeros(proj);
   const Tensor c_in = c0.has_value() ? c0->contiguous() : zeros(hidden);
-  TORCH_CHECK(h_in.dim() == 3 && c_in.dim() == 3 && h_in.size(0) == layers &&
-                  c_in.size(0) == layers,
-              "lstmkit::inference_stack takes h0 (L, B, P) and c0 (L, B, H) for its ", layers,
-              " layers, got h0 ", h_in.sizes(), " and c0 ", c_in.sizes());
+  TORCH_CHECK(
+      h_in.dim() == 3 && c_in.dim() == 3 && h_in.size(0) == layers && c_in.size(0) == layers,
+      "lstmkit::inference_stack takes h0 (L, B, P) and c0 (L, B, H) for its ", layers,
+      " layers, got h0 ", h_in.sizes(), " and c0 ", c_in.sizes());
   TORCH_CHECK(h_in.scalar_type() == at::kFloat && c_in.scalar_type() == at::kFloat,
               "lstmkit::inference_stack takes float32 states, got ", h_in.scalar_type(), " and ",
               c_in.scalar_type());

@@ -52,8 +52,7 @@ std::tuple<Tensor, Tensor, Tensor> inference(
 // state h0[k], c0[k] ((L, B, P) and (L, B, H); zeros where neither is given), `params` holding
 // each layer's twelve parameters in inference's order: one operator call for the whole stack
 // (streaming calls it once a step). (output of the top layer, h_n, c_n), the states (L, B, *).
-std::tuple<Tensor, Tensor, Tensor> inference_stack(const Tensor& x,
-                                                   const std::optional<Tensor>& h0,
+std::tuple<Tensor, Tensor, Tensor> inference_stack(const Tensor& x, const std::optional<Tensor>& h0,
                                                    const std::optional<Tensor>& c0,
                                                    const c10::List<std::optional<Tensor>>& params,
                                                    c10::string_view kind_name, double zone_h_p,

@@ -105,8 +105,7 @@ constexpr int64_t kDepth = kLanes == 16 ? 1024 : 4096 / kPanel;
 
 // out[r][columns of panels p .. p + kPanels) for kRows rows, r0 on: `init` (a bias padded to
 // whole panels, or null for zero; or, with `accumulate`, out itself) plus A[r][k0, k1) times
-// the weight's rows k0 .. k1. The weight's vectors are forced into registers (the empty asm):
-// GCC would otherwise fold each load into every row's multiply-add and run out of loads.
+// the weight's rows k0 .. k1. The weight's vectors are pinned into registers (simd.h's pin).
 template <int kRows, int kPanels>
 void tile(const Operand& op, int64_t k0, int64_t k1, int64_t p, int64_t r0, const float* init,
           bool accumulate, float* const* out) {
@@ -130,7 +129,8 @@ void tile(const Operand& op, int64_t k0, int64_t k1, int64_t p, int64_t r0, cons
 #pragma GCC unroll 4
     for (int q = 0; q < kPanels; ++q) {
       Vec w0 = load(b + q * op.k * kPanel), w1 = load(b + q * op.k * kPanel + kLanes);
-      asm("" : "+x"(w0), "+x"(w1));
+      pin(w0);
+      pin(w1);
 #pragma GCC unroll 12
       for (int r = 0; r < kRows; ++r) {
         const Vec x = broadcast(a[r][e]);
@@ -175,7 +175,136 @@ int64_t row_tiles(const Operand& op, int64_t k0, int64_t k1, int64_t p, int64_t 
   return p;
 }
 
+// A one-row product's tile beside a side tile (see product_beside): kOne panels of the row
+// (`op`, panels p on, onto out_row) and kRows rows of the side by kSide panels (its rows r0 on,
+// its panels q on, from its bias), in one loop over their common K. 32 registers: 8 + 16 sums,
+// 4 weight vectors and 2 broadcasts; 16: 4 + 4 sums, 2 weight vectors.
+constexpr int kOnePanels = kLanes == 16 ? 4 : 2;
+constexpr int kSideRows = kLanes == 16 ? 4 : 2;
+constexpr int kSidePanels = kLanes == 16 ? 2 : 1;
+
+void fused_tile(const Operand& op, int64_t p, float* out_row, const Side& side, int64_t r0,
+                int64_t q) {
+  constexpr int kOneVecs = 2 * kOnePanels, kSideVecs = 2 * kSidePanels;
+  const Operand& s = side.op;
+  Vec acc[kOneVecs], sums[kSideRows][kSideVecs];
+#pragma GCC unroll 8
+  for (int v = 0; v < kOneVecs; ++v) acc[v] = load(out_row + p * kPanel + v * kLanes);
+#pragma GCC unroll 4
+  for (int r = 0; r < kSideRows; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < kSideVecs; ++v) {
+      sums[r][v] =
+          side.bias != nullptr ? load(side.bias + q * kPanel + v * kLanes) : broadcast(0.0f);
+    }
+  }
+  const float* const a = op.rows[0];
+  const float* x[kSideRows];
+#pragma GCC unroll 4
+  for (int r = 0; r < kSideRows; ++r) x[r] = s.rows[r0 + r];
+  const float* b = op.packed + p * op.k * kPanel;
+  const float* c = s.packed + q * s.k * kPanel;
+  const int64_t common = std::min(op.k, s.k);
+  for (int64_t e = 0; e < common; ++e, b += kPanel, c += kPanel) {
+    Vec w[kSideVecs];
+#pragma GCC unroll 4
+    for (int v = 0; v < kSideVecs; ++v) {
+      w[v] = load(c + (v / 2) * s.k * kPanel + (v % 2) * kLanes);
+      pin(w[v]);
+    }
+    const Vec h = broadcast(a[e]);
+#pragma GCC unroll 8
+    for (int v = 0; v < kOneVecs; ++v) {
+      acc[v] = fma(h, load(b + (v / 2) * op.k * kPanel + (v % 2) * kLanes), acc[v]);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < kSideRows; ++r) {
+      const Vec xr = broadcast(x[r][e]);
+#pragma GCC unroll 4
+      for (int v = 0; v < kSideVecs; ++v) sums[r][v] = fma(xr, w[v], sums[r][v]);
+    }
+  }
+  for (int64_t e = common; e < op.k; ++e, b += kPanel) {  // the longer K's rest
+    const Vec h = broadcast(a[e]);
+#pragma GCC unroll 8
+    for (int v = 0; v < kOneVecs; ++v) {
+      acc[v] = fma(h, load(b + (v / 2) * op.k * kPanel + (v % 2) * kLanes), acc[v]);
+    }
+  }
+  for (int64_t e = common; e < s.k; ++e, c += kPanel) {
+#pragma GCC unroll 4
+    for (int r = 0; r < kSideRows; ++r) {
+      const Vec xr = broadcast(x[r][e]);
+#pragma GCC unroll 4
+      for (int v = 0; v < kSideVecs; ++v) {
+        sums[r][v] = fma(xr, load(c + (v / 2) * s.k * kPanel + (v % 2) * kLanes), sums[r][v]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < kOneVecs; ++v) store(out_row + p * kPanel + v * kLanes, acc[v]);
+#pragma GCC unroll 4
+  for (int r = 0; r < kSideRows; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < kSideVecs; ++v)
+      store(side.out[r0 + r] + q * kPanel + v * kLanes, sums[r][v]);
+  }
+}
+
+// Side tile `index`: row tile index % row_tiles (kSideRows rows), panel group index / row_tiles
+// (kSidePanels panels); the last of each may be short.
+struct SideTile {
+  int64_t r0, rows, q, count;
+};
+
+SideTile side_tile(const Side& side, int64_t index) {
+  const int64_t row_tiles = (side.rows + kSideRows - 1) / kSideRows;
+  const int64_t r0 = index % row_tiles * kSideRows, q = index / row_tiles * kSidePanels;
+  return {r0, std::min<int64_t>(kSideRows, side.rows - r0), q,
+          std::min<int64_t>(kSidePanels, side.count_panels - q)};
+}
+
+// A side tile on its own (short ones, and those a product has no room for beside it).
+void side_alone(const Side& side, const SideTile& tile) {
+  for (int64_t q = tile.q; q < tile.q + tile.count; ++q) {
+    row_tile<kSideRows>(static_cast<int>(tile.rows), side.op, 0, side.op.k, q, tile.r0, side.bias,
+                        false, side.out);
+  }
+}
+
 }  // namespace
+
+int64_t side_tiles(const Side& side) {
+  const int64_t groups = (side.count_panels + kSidePanels - 1) / kSidePanels;
+  return (side.rows + kSideRows - 1) / kSideRows * groups;
+}
+
+bool runs_beside(const Operand& op, const Operand& side) {
+  return op.plain == nullptr && side.plain == nullptr && op.k <= kDepth && side.k <= kDepth;
+}
+
+void product_beside(const Operand& op, int64_t count_panels, float* const* out, Side& side,
+                    int64_t quota) {
+  const int64_t end = std::min(side_tiles(side), side.done + quota);
+  int64_t p = 0;
+  for (; p + kOnePanels <= count_panels; p += kOnePanels) {
+    SideTile next{};
+    while (side.done < end) {  // short tiles on their own, until a whole one
+      next = side_tile(side, side.done);
+      if (next.rows == kSideRows && next.count == kSidePanels) break;
+      side_alone(side, next);
+      ++side.done;
+    }
+    if (side.done < end) {
+      fused_tile(op, p, out[0], side, next.r0, next.q);
+      ++side.done;
+    } else {
+      tile<1, kOnePanels>(op, 0, op.k, p, 0, nullptr, true, out);
+    }
+  }
+  if (p < count_panels) row_tiles<1>(op, 0, op.k, p, 1, count_panels, nullptr, true, out);
+  for (; side.done < end; ++side.done) side_alone(side, side_tile(side, side.done));
+}
 
 Tensor pack(const Tensor& weight) {
   const int64_t n = weight.size(0), k = weight.size(1);

@@ -67,4 +67,29 @@ int tile_panels();
 void product(const Operand* ops, int count, int64_t n, int64_t count_panels, const float* bias,
              float* const* out, int panels_per_tile, bool onto_out = false);
 
+// The input half of a block of later steps, computed a few tiles at a time beside a one-row
+// recurrent product (product_beside): the rows of `op` (rows of it) times its weight (packed)
+// plus `bias` into `out`, `done` of its tiles so far.
+struct Side {
+  Operand op;
+  int64_t rows = 0, count_panels = 0;
+  const float* bias = nullptr;
+  float* const* out = nullptr;
+  int64_t done = 0;
+};
+
+// Tiles of a Side in all.
+int64_t side_tiles(const Side& side);
+
+// Whether product_beside runs these operands: both packed, each K within one pass of a panel.
+bool runs_beside(const Operand& op, const Operand& side);
+
+// product(&op, 1, 1, count_panels, nullptr, out, _, true), one row onto out[0], with `quota` of
+// side's tiles (fewer where fewer remain) in the same loops. A one-row product waits for its
+// weight from the level-2 cache with half of the core's multiply-adds idle (each weight value
+// serves one row); the side's tiles, whose weight values each serve several rows from the
+// level-1 cache, fill them.
+void product_beside(const Operand& op, int64_t count_panels, float* const* out, Side& side,
+                    int64_t quota);
+
 }  // namespace lstmkit

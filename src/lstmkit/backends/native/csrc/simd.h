@@ -137,5 +137,17 @@ inline void lane_sums8(const Vec* v, float* out) {
 constexpr int kMaxRows = 6;
 #endif
 
+// Keeps v in a register as it is: the compiler would otherwise fold its load into every
+// multiply-add that reads it, and run out of loads (an empty asm it cannot see through).
+inline void pin(Vec& v) {
+#if defined(__AVX512F__)
+  asm("" : "+v"(v));
+#elif defined(__AVX2__)
+  asm("" : "+x"(v));
+#else
+  (void)v;
+#endif
+}
+
 }  // namespace
 }  // namespace lstmkit
