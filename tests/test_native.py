@@ -510,6 +510,43 @@ def test_opcheck_linear(shape, out):
 
 
 @needs_native
+@pytest.mark.parametrize(("rows", "depth"), [(37, 21), (300, 64), (8, 16), (1, 9)])
+def test_linear_reads_a_transposed_a_as_it_lies(threads, tile_panels, rows, depth):
+    """An a that is a (K, M) tensor's .t() (the weight gradients' dL/dz^T) is transposed a block
+    of rows at a time (8 x 8 blocks, the rest one by one): the product against float64."""
+    torch.manual_seed(rows)
+    a = torch.randn(depth, rows).t()
+    weight, bias = torch.randn(40, depth), torch.randn(40)
+    got = torch.ops.lstmkit.linear(a, weight, bias)
+    assert_close_to_scale(
+        got, torch.nn.functional.linear(a.double(), weight.double(), bias.double())
+    )
+
+
+@needs_native
+@pytest.mark.parametrize(("steps", "batch"), [(7, 5), (1, 3), (4, 0), (300, 2)])
+@pytest.mark.parametrize("with_input", [True, False], ids=["x", "no x"])
+def test_weight_gradients_equal_float64_products(threads, tile_panels, steps, batch, with_input):
+    """lstmkit::weight_gradients (training's weight gradients without layer norm): dz^T x and
+    dz^T [h0; output[:-1]] against float64 products, with one step, an empty batch and more rows
+    than a block; without x its first result is empty; opcheck."""
+    torch.manual_seed(steps)
+    gates, size, proj = 44, 13, 6
+    dz, x = torch.randn(steps, batch, gates), torch.randn(steps, batch, size)
+    h0, output = torch.randn(batch, proj), torch.randn(steps, batch, proj)
+    args = (dz, x if with_input else None, h0, output)
+    dw_ih, dw_hh = torch.ops.lstmkit.weight_gradients(*args)
+    flat = dz.double().reshape(-1, gates)
+    previous = torch.cat([h0.unsqueeze(0), output[:-1]]).double().reshape(-1, proj)
+    assert_close_to_scale(dw_hh, flat.t() @ previous)
+    if with_input:
+        assert_close_to_scale(dw_ih, flat.t() @ x.double().reshape(-1, size))
+    else:
+        assert dw_ih.numel() == 0
+    torch.library.opcheck(torch.ops.lstmkit.weight_gradients.default, args)
+
+
+@needs_native
 @pytest.mark.parametrize("projected", [False, True], ids=["no projection", "projection"])
 @pytest.mark.parametrize("cell", ["lstm", "peephole", "cifg", "layernorm"])
 def test_recurrence_operator_in_float32_training_without_masks(cell, projected):

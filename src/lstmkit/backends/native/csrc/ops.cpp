@@ -22,7 +22,8 @@ TORCH_LIBRARY(lstmkit, m) {
       "Tensor? ln_hh_bias, Tensor? ln_c_weight, Tensor? ln_c_bias, str kind, Tensor? recurrent, "
       "Tensor? zone_h, Tensor? zone_c, float zone_h_p, float zone_c_p, Tensor output, "
       "Tensor gates, Tensor cells, Tensor cells_new, Tensor hhat, Tensor chat, Tensor rstd, "
-      "int[] batch_sizes) -> (Tensor dxp, Tensor dh0, Tensor dc0, Tensor dweight_hh, "
+      "int[] batch_sizes, bool weight_hh_grad=True) -> (Tensor dxp, Tensor dh0, Tensor dc0, "
+      "Tensor dweight_hh, "
       "Tensor dweight_hr, Tensor dweight_ch, Tensor dln_hh_weight, Tensor dln_hh_bias, "
       "Tensor dln_c_weight, Tensor dln_c_bias)");
   m.def(
@@ -43,6 +44,9 @@ TORCH_LIBRARY(lstmkit, m) {
       "Tensor rstd, Tensor products_ih, Tensor stats_ih)");
   m.def("linear(Tensor a, Tensor weight, Tensor? bias) -> Tensor");
   m.def(
+      "weight_gradients(Tensor dz, Tensor? x, Tensor h0, Tensor output) -> (Tensor dweight_ih, "
+      "Tensor dweight_hh)");
+  m.def(
       "layer_norm_backward_(Tensor(a!) grad, Tensor input, Tensor stats, Tensor weight) -> "
       "Tensor");
   m.def(
@@ -58,6 +62,7 @@ TORCH_LIBRARY_IMPL(lstmkit, CPU, m) {
   m.impl("inference_stack", &inference_stack);
   m.impl("training_forward", &training_forward);
   m.impl("linear", &linear);
+  m.impl("weight_gradients", &weight_gradients);
   m.impl("layer_norm_backward_", &layer_norm_backward_);
 }
 

@@ -1,7 +1,8 @@
 // The operators of the native backend, as C++ functions: registered in ops.cpp, defined in
 // recurrence.cpp (the recurrence forward and backward, every dtype, training and inference),
 // inference.cpp (float32 inference and training's forward, the whole layer in one kernel),
-// backward_rows.cpp (that forward's backward; layer_norm_backward_) and panels.cpp (linear).
+// backward_rows.cpp (that forward's backward; layer_norm_backward_) and panels.cpp (linear,
+// weight_gradients).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -37,7 +38,7 @@ Backward recurrence_backward(
     const std::optional<Tensor>& zone_h, const std::optional<Tensor>& zone_c, double zone_h_p,
     double zone_c_p, const Tensor& output, const Tensor& gates_in, const Tensor& cells_in,
     const Tensor& cells_new_in, const Tensor& hhat_in, const Tensor& chat_in, const Tensor& rstd_in,
-    at::IntArrayRef batch_sizes);
+    at::IntArrayRef batch_sizes, bool weight_hh_grad);
 
 std::tuple<Tensor, Tensor, Tensor> inference(
     const Tensor& x, const Tensor& h0_in, const Tensor& c0_in, const Tensor& w_ih,
@@ -103,6 +104,13 @@ void backward_kept(const Tensor& grad_output, Tensor& dh, Tensor& dc, const Tens
 // bias (N) or none; on the inference kernel's packed products, blocks of a's rows shared
 // between threads. The input half of training and its gradient by the input.
 Tensor linear(const Tensor& a, const Tensor& weight, const std::optional<Tensor>& bias);
+
+// The weight gradients of a layer's two products from dz = dL/dz (T, B, G), when the recurrent
+// product's input is the layer's output (no recurrent mask): dz^T x (G, I) where x is given
+// (else an empty tensor), and dz^T [h0; output[0 .. T - 2]] (G, P). Both share each block of
+// dz^T, transposed once.
+std::tuple<Tensor, Tensor> weight_gradients(const Tensor& dz, const std::optional<Tensor>& x,
+                                            const Tensor& h0, const Tensor& output);
 
 // Layer norm's backward in place, float32: grad (..., G), the gradient of gain LN(input) + shift,
 // becomes that of `input` (same shape), from the input, its mean and 1 / std (stats: (2, ...),

@@ -1,8 +1,9 @@
 // The register-blocked product kernel of the float32 kernels (declared in panels.h): packing a
 // weight into panels, the row tiles that accumulate A times a panel in vector registers over K,
-// `product`, which picks the tiles for a number of rows, the dot products of a weight read plain
-// (a one-step call), and lstmkit::linear, one large product with blocks of rows shared between
-// threads.
+// `product`, which picks the tiles for a number of rows, `product_beside` (a one-row product
+// with another's tiles in its loops), the dot products of a weight read plain (a one-step call),
+// and the large products with blocks of rows shared between threads: lstmkit::linear and
+// lstmkit::weight_gradients (training's dW_ih and dW_hh, from dL/dz^T read as it lies).
 
 #include "panels.h"
 
@@ -272,6 +273,26 @@ void side_alone(const Side& side, const SideTile& tile) {
   }
 }
 
+// rows[r] = row r of `a`'s rows [r0, r0 + count) (k floats each), a being a transposed view
+// (a[i][e] at src[e * ld + i]): copied into `buffer` in 8 x 8 blocks.
+void transpose_rows(const float* src, int64_t ld, int64_t r0, int64_t count, int64_t k,
+                    float* buffer, const float** rows) {
+  for (int64_t r = 0; r < count; ++r) rows[r] = buffer + r * k;
+  int64_t i = 0;
+#if defined(__AVX2__)
+  for (; i + 8 <= count; i += 8) {
+    int64_t e = 0;
+    for (; e + 8 <= k; e += 8) transpose8(src + e * ld + r0 + i, ld, buffer + i * k + e, k);
+    for (; e < k; ++e) {
+      for (int64_t j = 0; j < 8; ++j) buffer[(i + j) * k + e] = src[e * ld + r0 + i + j];
+    }
+  }
+#endif
+  for (; i < count; ++i) {
+    for (int64_t e = 0; e < k; ++e) buffer[i * k + e] = src[e * ld + r0 + i];
+  }
+}
+
 }  // namespace
 
 int64_t side_tiles(const Side& side) {
@@ -306,23 +327,30 @@ void product_beside(const Operand& op, int64_t count_panels, float* const* out, 
   for (; side.done < end; ++side.done) side_alone(side, side_tile(side, side.done));
 }
 
+Tensor pack_rows(const std::vector<const float*>& rows, int64_t n, at::TensorOptions options) {
+  const int64_t k = static_cast<int64_t>(rows.size());
+  Tensor packed = at::empty({panels(n) * k * kPanel}, options);
+  float* const out = packed.data_ptr<float>();
+  at::parallel_for(0, panels(n), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t width = std::min(kPanel, n - p * kPanel);
+      for (int64_t e = 0; e < k; ++e) {
+        float* row = out + (p * k + e) * kPanel;
+        std::memcpy(row, rows[e] + p * kPanel, width * sizeof(float));
+        std::fill(row + width, row + kPanel, 0.0f);
+      }
+    }
+  });
+  return packed;
+}
+
 Tensor pack(const Tensor& weight) {
   const int64_t n = weight.size(0), k = weight.size(1);
   if (weight.stride(0) == 1 && weight.stride(1) == n && n > 1) {
-    Tensor packed = at::empty({panels(n) * k * kPanel}, weight.options());
     const float* src = weight.const_data_ptr<float>();
-    float* const out = packed.data_ptr<float>();
-    at::parallel_for(0, panels(n), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t width = std::min(kPanel, n - p * kPanel);
-        for (int64_t e = 0; e < k; ++e) {
-          float* row = out + (p * k + e) * kPanel;
-          std::memcpy(row, src + e * n + p * kPanel, width * sizeof(float));
-          std::fill(row + width, row + kPanel, 0.0f);
-        }
-      }
-    });
-    return packed;
+    std::vector<const float*> rows(k);
+    for (int64_t e = 0; e < k; ++e) rows[e] = src + e * n;
+    return pack_rows(rows, n, weight.options());
   }
   const Tensor w = weight.contiguous();
   Tensor packed = at::empty({panels(n) * k * kPanel}, w.options());
@@ -423,6 +451,50 @@ void product(const Operand* ops, int count, int64_t n, int64_t count_panels, con
 constexpr int64_t kLinearRows = 48;
 constexpr int64_t kLinearBlocksPerThread = 4;
 
+std::vector<Tensor> linears(const Tensor& a, const std::vector<Packed>& weights) {
+  const int64_t m = a.size(0), k = a.size(1);
+  // a's rows where they lie; a transposed view (stride(0) == 1: the weight gradients' dL/dz^T,
+  // (4H, T B)) is transposed a block of rows at a time into each thread's buffer, not copied
+  // whole: a fresh 52 MB copy (L's) cost 50-60 ms at 1 thread on an AMD EPYC Zen 4, most of it
+  // the first touch of its pages, as much as ATen's copy; a block's buffer is touched once,
+  // and serves every weight.
+  const bool transposed = m > 1 && a.stride(0) == 1 && a.stride(1) != 1;
+  const Tensor rows_of_a = transposed ? a : a.contiguous();
+  std::vector<Tensor> outs;
+  for (const Packed& weight : weights) {  // rows padded to whole panels
+    outs.push_back(at::empty({m, panels(weight.n) * kPanel}, a.options()));
+  }
+  const float* const a_p = rows_of_a.const_data_ptr<float>();
+  const int tiling = tile_panels();
+  const int64_t least = kLinearBlocksPerThread * at::get_num_threads();
+  const int64_t height = std::clamp<int64_t>((m + least - 1) / least, 1, kLinearRows);
+  at::parallel_for(0, (m + height - 1) / height, 1, [&](int64_t begin, int64_t end) {
+    const float* rows[kLinearRows];
+    float* out_rows[kLinearRows];
+    std::vector<float> buffer(transposed ? height * k : 0);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t r0 = block * height, count = std::min(height, m - r0);
+      if (transposed) {
+        transpose_rows(a_p, rows_of_a.stride(1), r0, count, k, buffer.data(), rows);
+      } else {
+        for (int64_t r = 0; r < count; ++r) rows[r] = a_p + (r0 + r) * k;
+      }
+      for (size_t w = 0; w < weights.size(); ++w) {
+        const int64_t width = outs[w].size(1);
+        for (int64_t r = 0; r < count; ++r)
+          out_rows[r] = outs[w].data_ptr<float>() + (r0 + r) * width;
+        const Operand op{rows, weights[w].packed.const_data_ptr<float>(), k};
+        product(&op, 1, count, panels(weights[w].n), pointer<float>(weights[w].init), out_rows,
+                tiling);
+      }
+    }
+  });
+  for (size_t w = 0; w < weights.size(); ++w) {
+    if (outs[w].size(1) != weights[w].n) outs[w] = outs[w].narrow(1, 0, weights[w].n).contiguous();
+  }
+  return outs;
+}
+
 Tensor linear(const Tensor& a_in, const Tensor& weight, const std::optional<Tensor>& bias) {
   TORCH_CHECK(a_in.device().is_cpu() && a_in.scalar_type() == at::kFloat && a_in.dim() >= 1 &&
                   weight.scalar_type() == at::kFloat && weight.dim() == 2 &&
@@ -441,31 +513,53 @@ Tensor linear(const Tensor& a_in, const Tensor& weight, const std::optional<Tens
     const Tensor zero = at::zeros(shape, a_in.options());
     return bias.has_value() ? zero + *bias : zero;
   }
-  const Tensor a = a_in.reshape({-1, k}).contiguous();
-  const int64_t m = a.size(0), count_panels = panels(n), width = count_panels * kPanel;
-  const Tensor packed = pack(weight);
-  Tensor init = at::zeros({width}, a.options());
+  Tensor init = at::zeros({panels(n) * kPanel}, a_in.options());
   if (bias.has_value()) init.narrow(0, 0, n).copy_(*bias);
-  Tensor out = at::empty({m, width}, a.options());  // rows padded to whole panels
-  const float* const a_p = a.const_data_ptr<float>();
-  float* const out_p = out.data_ptr<float>();
-  const int tiling = tile_panels();
-  const int64_t least = kLinearBlocksPerThread * at::get_num_threads();
-  const int64_t height = std::clamp<int64_t>((m + least - 1) / least, 1, kLinearRows);
-  at::parallel_for(0, (m + height - 1) / height, 1, [&](int64_t begin, int64_t end) {
-    const float* rows[kLinearRows];
-    float* outs[kLinearRows];
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t r0 = block * height, count = std::min(height, m - r0);
-      for (int64_t r = 0; r < count; ++r) {
-        rows[r] = a_p + (r0 + r) * k;
-        outs[r] = out_p + (r0 + r) * width;
-      }
-      const Operand op{rows, packed.const_data_ptr<float>(), k};
-      product(&op, 1, count, count_panels, init.const_data_ptr<float>(), outs, tiling);
-    }
-  });
-  return (width == n ? out : out.narrow(1, 0, n).contiguous()).view(shape);
+  return linears(a_in.reshape({-1, k}), {{pack(weight), n, init}})[0].view(shape);
+}
+
+std::tuple<Tensor, Tensor> weight_gradients(const Tensor& dz, const std::optional<Tensor>& x,
+                                            const Tensor& h0, const Tensor& output) {
+  TORCH_CHECK(dz.scalar_type() == at::kFloat && dz.dim() == 3 && h0.dim() == 2 &&
+                  output.dim() == 3 && output.size(0) == dz.size(0) &&
+                  output.size(1) == dz.size(1) && h0.sizes() == output[0].sizes() &&
+                  (!x.has_value() ||
+                   (x->dim() == 3 && x->size(0) == dz.size(0) && x->size(1) == dz.size(1))),
+              "lstmkit::weight_gradients takes float32 dz (T, B, G), x (T, B, I), h0 (B, P) and "
+              "output (T, B, P), got dz ",
+              dz.sizes(), ", x ", x.has_value() ? x->sizes() : at::IntArrayRef{}, ", h0 ",
+              h0.sizes(), " and output ", output.sizes());
+  const int64_t steps = dz.size(0), batch = dz.size(1), rows = steps * batch;
+  const int64_t proj = h0.size(1);
+  const auto options = dz.options();
+  if (rows == 0 || dz.size(2) == 0) {  // no sum, or no rows of the gradients
+    return {x.has_value() ? at::zeros({dz.size(2), x->size(2)}, options) : at::empty({0}, options),
+            at::zeros({dz.size(2), proj}, options)};
+  }
+  // dz^T (G, T B) times [x] and [h0; output[0 .. T - 2]] (the recurrent product's inputs), both
+  // packed from their rows as they lie
+  const Tensor dz_t = dz.reshape({rows, dz.size(2)}).t();
+  const auto rows_of = [](const Tensor& t, std::vector<const float*>& out) {
+    const float* p = t.const_data_ptr<float>();
+    for (int64_t r = 0; r < t.size(0); ++r) out.push_back(p + r * t.size(1));
+  };
+  std::vector<Packed> weights;
+  Tensor xs, hs = h0.contiguous(), previous;
+  if (x.has_value()) {
+    xs = x->reshape({rows, x->size(2)}).contiguous();
+    std::vector<const float*> x_rows;
+    rows_of(xs, x_rows);
+    weights.push_back({pack_rows(x_rows, xs.size(1), options), xs.size(1), Tensor()});
+  }
+  std::vector<const float*> h_rows;
+  rows_of(hs, h_rows);
+  if (steps > 1) {
+    previous = output.narrow(0, 0, steps - 1).reshape({(steps - 1) * batch, proj}).contiguous();
+    rows_of(previous, h_rows);
+  }
+  weights.push_back({pack_rows(h_rows, proj, options), proj, Tensor()});
+  std::vector<Tensor> out = linears(dz_t, weights);
+  return {x.has_value() ? out[0] : at::empty({0}, options), out.back()};
 }
 
 }  // namespace lstmkit

@@ -23,6 +23,21 @@ inline int64_t panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
 // view (of a (k, n) row-major tensor) is copied slice by slice, its rows being those panels'.
 Tensor pack(const Tensor& weight);
 
+// A weight (n, k) given as the k rows of its transpose (n floats each), packed as pack packs it.
+Tensor pack_rows(const std::vector<const float*>& rows, int64_t n, at::TensorOptions options);
+
+// A weight packed (pack, pack_rows), its rows (n), and what its products start from: a bias
+// padded to whole panels, or undefined for zeros.
+struct Packed {
+  Tensor packed;
+  int64_t n;
+  Tensor init;
+};
+
+// a (m, k) times each weight: a W^T (+ its bias), (m, n) each. A transposed view (stride(0) ==
+// 1) is read as it lies, a block of rows at a time, each block serving every weight.
+std::vector<Tensor> linears(const Tensor& a, const std::vector<Packed>& weights);
+
 // A weight as the products read it: packed, or (`plain`) its rows where they lie, one pointer
 // per output column (k floats each). A call of one step takes the weights plain: packing them
 // would cost more than the one product each serves (4 ms at H = 512).

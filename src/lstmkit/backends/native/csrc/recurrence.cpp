@@ -374,7 +374,7 @@ Backward recurrence_backward(
     const std::optional<Tensor>& zone_h, const std::optional<Tensor>& zone_c, double zone_h_p,
     double zone_c_p, const Tensor& output, const Tensor& gates_in, const Tensor& cells_in,
     const Tensor& cells_new_in, const Tensor& hhat_in, const Tensor& chat_in, const Tensor& rstd_in,
-    at::IntArrayRef batch_sizes) {
+    at::IntArrayRef batch_sizes, bool weight_hh_grad) {
   const Layer l = make_layer(gates_in, h0_in, c0_in, w_hh, w_hr, peephole, ln_hh_weight, ln_hh_bias,
                              ln_c_weight, ln_c_bias, std::string_view(kind.data(), kind.size()),
                              recurrent, zone_h, zone_c, zone_h_p, zone_c_p);
@@ -518,7 +518,9 @@ Backward recurrence_backward(
   const Tensor flat = drec.view({steps * batch, rows});
   const Tensor previous = steps > 1 ? output.narrow(0, 0, steps - 1) : Tensor();
   Tensor dw_hh;
-  if (l.recurrent.defined()) {
+  if (!weight_hh_grad) {  // the caller's (weight_gradients)
+    dw_hh = at::empty({0}, options);
+  } else if (l.recurrent.defined()) {
     dw_hh = at::mm(drec[0].t(), h0 * l.recurrent);  // (GH, P)
     if (steps > 1) {
       dw_hh.addmm_(flat.narrow(0, batch, (steps - 1) * batch).t(),
