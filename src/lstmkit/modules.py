@@ -425,24 +425,16 @@ class LSTM(nn.Module):
     def _layer_params(self, layer: int, direction: int) -> dict[str, Tensor | None]:
         """The parameters of one layer-direction by name without suffix, ``None`` where
         absent."""
+        suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
         # registered parameters straight from the registry; anything else (a parametrization's
         # property, a plain tensor attribute, or nothing) as attribute lookup finds it.
         # Module.__getattr__ alone costs ~1 us a name, and raises for every absent one.
         registered = self._parameters
-        return {
-            kind: registered[name] if name in registered else self._attribute(name)
-            for kind, name in self._param_names(layer, direction)
-        }
-
-    def _param_names(self, layer: int, direction: int) -> tuple[tuple[str, str], ...]:
-        """``(kind, name)`` of every parameter a layer-direction's cell can have: names, made
-        once (from the layer and the cell, which do not change), not parameters."""
-        names = self.__dict__.setdefault("_param_name_table", {})
-        if (layer, direction) not in names:
-            suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-            kinds = (*cells.NN_PARAMETERS, *self.cell.extra)
-            names[layer, direction] = tuple((kind, kind + suffix) for kind in kinds)
-        return names[layer, direction]
+        params = {}
+        for kind in (*cells.NN_PARAMETERS, *self.cell.extra):
+            name = kind + suffix
+            params[kind] = registered[name] if name in registered else self._attribute(name)
+        return params
 
     def _attribute(self, name: str) -> Tensor | None:
         """The attribute ``name`` or ``None``, looked for where one can live (the instance,

@@ -228,7 +228,8 @@ def infer_stack(
     same numbers where this runs.
 
     Args:
-        x: ``(T, B, I)``; h0, c0: ``(num_layers, B, P)`` and ``(num_layers, B, H)``.
+        x: ``(T, B, I)``; h0, c0: ``(num_layers, B, P)`` and ``(num_layers, B, H)``, or both
+            ``None`` for zeros.
         layers: each layer's parameters, as :func:`run_layer` takes them.
         cell, backend, regularizers, training: as for :func:`run_layer` (evaluation: zoneout
             moves each unit by its expectation, the other regularisers are off). Dropout

@@ -9,7 +9,8 @@ whole layer instead, input products included: ``torch.ops.lstmkit.inference``
 the batch is small, for the whole sequence. Training of the same float32 layers without masks
 runs that kernel too, keeping every step's gates and cell state (and layer norm's normalised
 values): ``torch.ops.lstmkit.training_forward``, whose backward is the recurrence's backward
-operator and then the input half's gradients. Otherwise the input half of the gates is one
+operator and then the input half's gradients (without layer norm, both weights' together:
+``torch.ops.lstmkit.weight_gradients``). Otherwise the input half of the gates is one
 product over all steps, ``torch.ops.lstmkit.linear`` on the same kernel for the plain
 ``x W_ih^T + b`` in float32 (its autograd formula gives the input's gradient on that kernel too,
 ``weight_ih``'s by ATen), else the cell's own :meth:`~lstmkit.cells.Cell.project_input`; and the
@@ -155,9 +156,8 @@ def _inference_stack_fake(x, h0, c0, params, kind, *_rest):
     steps, batch, _ = x.shape
     if h0 is None:  # zeros (L, B, P) and (L, B, H), from W_hh (4H or 3H, P)
         w_hh, layers = params[1], len(params) // len(LAYER_NAMES)
-        blocks = 3 if kind == "cifg" else 4
         h0 = x.new_empty(layers, batch, w_hh.shape[1])
-        c0 = x.new_empty(layers, batch, w_hh.shape[0] // blocks)
+        c0 = x.new_empty(layers, batch, w_hh.shape[0] // cells.CELLS[kind].gates)
     return x.new_empty(steps, batch, h0.shape[-1]), torch.empty_like(h0), torch.empty_like(c0)
 
 
@@ -240,19 +240,16 @@ def _training_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_kept):
         )
         grads = reference_backward(rerun, inputs, (grad_output, grad_h_n, grad_c_n), needs)
         return *grads, None, None
-    # without layer norm, dL/dz is both products' (recurrence_backward's dxp): weight_gradients
-    # takes both weights' gradients on this backend's product kernel, dL/dz^T transposed a block
-    # at a time for both. Training time with it / with ATen's two GEMMs, alternated, on an AMD
-    # EPYC Zen 4, 1 thread: L 0.985, M 0.98, S 0.96; 2 threads: L 1.00, M 0.96.
-    shared = ctx.kind != "layernorm"
+    # layer norm's W_hh sees LN_hh's gradient of dL/dz: recurrence_backward takes its gradient
+    layernorm = ctx.kind == "layernorm"
     dxp, dh0, dc0, dw_hh, dw_hr, dw_ch, dln_hh_w, dln_hh_b, dln_c_w, dln_c_b = (
         torch.ops.lstmkit.recurrence_backward(
             grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, w_ch, *ln_step, ctx.kind, None,
             None, None, 0.0, 0.0, output, gates, kept_cells, gates.new_empty(0), hhat, chat, rstd,
-            ctx.batch_sizes, not shared,
+            ctx.batch_sizes, layernorm,
         )
     )  # fmt: skip
-    if ctx.kind == "layernorm":  # xp = LN(x W_ih^T) + b_ih + b_hh: LN_ih's backward first
+    if layernorm:  # xp = LN(x W_ih^T) + b_ih + b_hh: LN_ih's backward first
         # every shift and bias added to the pre-activations has the gradient sum(dL/dz)
         db = dln_ih_b = dln_hh_b
         # dxp (this backward's own buffer) becomes the gradient of x W_ih^T
@@ -261,10 +258,13 @@ def _training_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_kept):
     else:
         dln_ih_w = dln_ih_b = None
         biases = needs[5] or needs[6]
-        dx, dw_ih, db = _linear_gradients(
-            dxp, x, w_ih, b_ih is not None, (needs[0], needs[3] and not shared, biases)
-        )
-        if shared:
+        dx, _, db = _linear_gradients(dxp, x, w_ih, b_ih is not None, (needs[0], False, biases))
+        # dL/dz is both products' (dxp): weight_gradients takes both weights' gradients on this
+        # backend's product kernel, dL/dz^T transposed a block at a time for both. Training time
+        # with it / with ATen's two GEMMs, alternated, on an AMD EPYC Zen 4, 1 thread: L 0.985,
+        # M 0.98, S 0.96; 2 threads: L 1.00, M 0.96.
+        dw_ih = dw_hh = None
+        if needs[3] or needs[4]:
             dw_ih, dw_hh = torch.ops.lstmkit.weight_gradients(
                 dxp, x if needs[3] else None, h0, output
             )

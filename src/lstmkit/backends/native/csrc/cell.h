@@ -129,6 +129,9 @@ Kind parse_kind(std::string_view name) {
   return Kind::kLayerNorm;
 }
 
+// Blocks of H rows in a kind's W_ih, W_hh and biases: its gates (cifg couples i and f).
+inline int64_t gate_blocks(Kind kind) { return kind == Kind::kCifg ? 3 : 4; }
+
 // The cell's parameters besides the weights, as raw pointers (null where the cell has none),
 // and its sizes.
 template <typename T>

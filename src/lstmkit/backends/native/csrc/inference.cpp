@@ -233,7 +233,7 @@ TrainingForward run(
     double zone_h_p, double zone_c_p, at::IntArrayRef batch_sizes, bool keep) {
   const int64_t steps = x.size(0), batch = x.size(1), in = x.size(2);
   const int64_t hidden = c0_in.size(-1), proj = w_hh.size(1);
-  const int64_t gates = (kind == Kind::kCifg ? 3 : 4) * hidden;
+  const int64_t gates = gate_blocks(kind) * hidden;
   const bool layernorm = kind == Kind::kLayerNorm, projected = w_hr.has_value();
   const std::vector<int64_t> sizes = running(batch_sizes, steps, batch);
   const Tensor xs = x.stride(2) == 1 ? x : x.contiguous();
@@ -575,7 +575,7 @@ void check_layer(const char* op, const Tensor& x, const Tensor& h0_in, const Ten
               x.device());
   const int64_t batch = x.size(1), in = x.size(2);
   const int64_t hidden = c0_in.size(-1), proj = w_hh.size(1);
-  const int64_t gates = (kind == Kind::kCifg ? 3 : 4) * hidden;
+  const int64_t gates = gate_blocks(kind) * hidden;
   const bool layernorm = kind == Kind::kLayerNorm, projected = w_hr.has_value();
   const auto check = [&](const std::optional<Tensor>& t, bool wanted, at::IntArrayRef shape,
                          const char* name) {
@@ -646,7 +646,7 @@ std::tuple<Tensor, Tensor, Tensor> inference_stack(const Tensor& x, const std::o
   const Tensor& w_hh = *params.get(1);
   const int64_t proj = w_hh.size(1);
   const Kind kind = parse_kind(std::string_view(kind_name.data(), kind_name.size()));
-  const int64_t hidden = w_hh.size(0) / (kind == Kind::kCifg ? 3 : 4);
+  const int64_t hidden = w_hh.size(0) / gate_blocks(kind);
   const auto zeros = [&](int64_t size) {
     Tensor out = at::empty({layers, x.size(1), size}, x.options());
     std::memset(out.data_ptr(), 0, out.nbytes());

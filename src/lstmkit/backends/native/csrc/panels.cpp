@@ -465,6 +465,8 @@ std::vector<Tensor> linears(const Tensor& a, const std::vector<Packed>& weights)
     outs.push_back(at::empty({m, panels(weight.n) * kPanel}, a.options()));
   }
   const float* const a_p = rows_of_a.const_data_ptr<float>();
+  std::vector<float*> out_p;
+  for (Tensor& out : outs) out_p.push_back(out.data_ptr<float>());
   const int tiling = tile_panels();
   const int64_t least = kLinearBlocksPerThread * at::get_num_threads();
   const int64_t height = std::clamp<int64_t>((m + least - 1) / least, 1, kLinearRows);
@@ -481,8 +483,7 @@ std::vector<Tensor> linears(const Tensor& a, const std::vector<Packed>& weights)
       }
       for (size_t w = 0; w < weights.size(); ++w) {
         const int64_t width = outs[w].size(1);
-        for (int64_t r = 0; r < count; ++r)
-          out_rows[r] = outs[w].data_ptr<float>() + (r0 + r) * width;
+        for (int64_t r = 0; r < count; ++r) out_rows[r] = out_p[w] + (r0 + r) * width;
         const Operand op{rows, weights[w].packed.const_data_ptr<float>(), k};
         product(&op, 1, count, panels(weights[w].n), pointer<float>(weights[w].init), out_rows,
                 tiling);

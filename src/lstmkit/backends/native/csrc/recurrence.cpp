@@ -136,7 +136,7 @@ Layer make_layer(const Tensor& xp, const Tensor& h0, const Tensor& c0, const Ten
   l.batch = xp.size(1);
   l.hidden = c0.size(1);
   l.proj = w_hh.size(1);
-  l.blocks = l.kind == Kind::kCifg ? 3 : 4;
+  l.blocks = gate_blocks(l.kind);
   const int64_t rows = l.blocks * l.hidden;
   check_shape(xp, {l.steps, l.batch, rows}, "xp");
   check_shape(h0, {l.batch, l.proj}, "h0");
