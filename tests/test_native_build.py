@@ -71,13 +71,23 @@ LOAD_PROBE = textwrap.dedent(
 )
 
 
+# the smallest library that build.load can import: a Python module named like the operators'
+PROBE_MODULE = textwrap.dedent(
+    """
+    #include <Python.h>
+    static PyModuleDef probe = {PyModuleDef_HEAD_INIT, "lstmkit_native", nullptr, -1, nullptr};
+    PyMODINIT_FUNC PyInit_lstmkit_native() { return PyModule_Create(&probe); }
+    """
+)
+
+
 @needs_native
 def test_processes_on_an_empty_cache_compile_once(tmp_path):
     """Three processes starting their load at once on an empty cache: one builds, two load its
     build (without the lock all three built, checked by removing it)."""
     sources = tmp_path / "csrc"
     sources.mkdir()
-    (sources / "probe.cpp").write_text('extern "C" int lstmkit_probe() { return 1; }\n')
+    (sources / "probe.cpp").write_text(PROBE_MODULE)
     env = {**os.environ, "LSTMKIT_CACHE_DIR": str(tmp_path / "cache")}
     go = tmp_path / "go"
     runs = [
@@ -94,7 +104,7 @@ def test_processes_on_an_empty_cache_compile_once(tmp_path):
     go.touch()
     answers = [run.communicate(timeout=900)[0] for run in runs]
     assert all(run.returncode == 0 for run in runs)
-    assert all(answer.startswith("(True,") for answer in answers), answers
+    assert all(answer.startswith("(<module 'lstmkit_native'") for answer in answers), answers
     assert sum("built" in answer for answer in answers) == 1, answers
     assert sum("loaded" in answer for answer in answers) == 2, answers
     assert len(list((tmp_path / "cache").glob("native-*/lstmkit_native.so"))) == 1
@@ -123,8 +133,8 @@ def test_a_held_lock_times_out_and_a_killed_holders_lock_passes_on(tmp_path, mon
         with pytest.raises(TimeoutError, match="build lock"), build.exclusive(lock, 0.5):
             pass
         monkeypatch.setattr(build, "LOCK_TIMEOUT_S", 0.5)
-        ok, why = build.load()  # nothing built here, and the builder never finishes
-        assert not ok
+        library, why = build.load()  # nothing built here, and the builder never finishes
+        assert library is None
         assert str(lock) in why
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)

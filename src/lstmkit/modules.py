@@ -418,6 +418,20 @@ class LSTM(nn.Module):
             training=self.training,
         )
 
+    def _infer_whole(self, input: object) -> tuple[Tensor, Tensor, Tensor] | None:
+        """:func:`lstmkit.runner.infer_whole` for ``forward(input)`` of this unidirectional
+        stack in evaluation mode: its result, or ``None`` where forward's full path runs."""
+        return runner.infer_whole(
+            input,
+            self._parameters,
+            self._all_weights,
+            input_size=self.input_size,
+            batch_first=self.batch_first,
+            cell=self.cell,
+            backend=self._backend,
+            regularizers=self.regularizers,
+        )
+
     def _dropout_between_layers(self) -> bool:
         """Whether a forward pass now drops out the outputs between layers."""
         return self.training and self.dropout > 0 and self.num_layers > 1
@@ -456,6 +470,11 @@ class LSTM(nn.Module):
         *,
         lengths: Tensor | list[int] | None = None,
     ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
+        if hx is None and lengths is None and not self.training and not self.bidirectional:
+            whole = self._infer_whole(input)
+            if whole is not None:
+                output, h_n, c_n = whole
+                return output, (h_n, c_n)
         weight = self.weight_ih_l0
         if isinstance(input, PackedSequence):
             if lengths is not None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,7 @@ DTYPES = (torch.float32, torch.float64)
 LINEAR_MIN_ROWS = 256
 
 _status: tuple[bool, str] | None = None  # (available, how it was loaded or why not)
+_library: ModuleType | None = None  # the loaded library's Python module (entry.cpp)
 _loading = threading.Lock()  # one thread loads and registers; the others wait for its answer
 
 
@@ -95,14 +97,15 @@ def available() -> tuple[bool, str]:
     process loads the compiled operators, building them if this machine has no cached build
     (``LSTMKIT_NATIVE=0`` in the environment forces ``False``); threads calling at once wait for
     that one load."""
-    global _status
+    global _status, _library
     if _status is None:
         with _loading:
             if _status is None:
-                ok, what = build.load()
-                if ok:
+                library, what = build.load()
+                if library is not None:
                     _register()
-                _status = ok, what
+                _library = library
+                _status = library is not None, what
     return _status
 
 
@@ -444,6 +447,14 @@ def infer_stack(
     weights = [params.get(name) for params in layers for name in LAYER_NAMES]
     # the overload itself: the packet's Python __call__ is one more frame (~4 us when cold)
     return torch.ops.lstmkit.inference_stack.default(x, h0, c0, weights, cell.kind, *zoneout)
+
+
+def library() -> ModuleType | None:
+    """The loaded library's Python module, ``lstmkit_native`` (``csrc/entry.cpp``), loading it
+    first as :func:`available` does; ``None`` where it is not available."""
+    if _status is None:
+        available()
+    return _library
 
 
 def _infer(cell, x, h, c, params, zoneout: tuple[float, float], batch_sizes: list[int] | None):

@@ -5,7 +5,8 @@ compiler, :data:`FLAGS`) into a cache directory keyed by everything the binary
 depends on: the C++ sources, torch's version, Python's, and the CPU's model and instruction-set
 flags (``-march=native`` code must never run on another CPU). The first process on a machine
 builds it (``python -m lstmkit.backends.native``, which ``make`` runs after installing); every
-later one only loads the ``.so``. Processes that find no library at once take turns on a lock
+later one only imports the ``.so``: a Python module (``entry.cpp``) whose loading registers the
+operators. Processes that find no library at once take turns on a lock
 file beside it: one compiles while the others wait, then load what it built. The lock is the
 kernel's (``flock``), released when its holder exits however it exits, so a killed builder's
 lock passes to the next process; a process that waits longer than :data:`LOCK_TIMEOUT_S` gives
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import os
 import platform
 import shutil
@@ -29,6 +31,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -73,9 +76,9 @@ def library_path() -> Path:
     return cache_dir() / f"native-{key.hexdigest()[:16]}" / f"{NAME}.so"
 
 
-def _compile(target: Path) -> None:
-    """Build the library and move it to ``target`` in one rename, so that a concurrent process
-    either finds no library or a whole one."""
+def _compile(target: Path) -> ModuleType:
+    """Build the library, import it and move it to ``target`` in one rename, so that a
+    concurrent process either finds no library or a whole one."""
     from torch.utils import cpp_extension
 
     cpp_extension.verify_ninja_availability()
@@ -84,16 +87,17 @@ def _compile(target: Path) -> None:
         raise RuntimeError(f"no C++ compiler ({compiler!r} is not on PATH)")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as build:
-        cpp_extension.load(
+        module = cpp_extension.load(
             name=NAME,
             sources=[str(f) for f in sorted(CSRC.glob("*.cpp"))],
             extra_cflags=list(FLAGS),
             extra_ldflags=["-fopenmp"],  # the libgomp.so.1 that torch has already loaded
             build_directory=build,
-            is_python_module=False,
+            is_python_module=True,
             verbose=False,
         )
         os.replace(Path(build) / f"{NAME}.so", target)
+    return module
 
 
 @contextlib.contextmanager
@@ -120,24 +124,32 @@ def exclusive(path: Path, timeout: float) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def load() -> tuple[bool, str]:
-    """Load the operators into ``torch.ops.lstmkit``, building them first if no cached library
-    fits this machine (one process at a time: see the top of the module). Returns ``(True, what
-    happened)`` or ``(False, why not)``; never raises."""
+def _import(target: Path) -> ModuleType:
+    """The library as the Python module :data:`NAME`; loading it registers its operators."""
+    spec = importlib.util.spec_from_file_location(NAME, target)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load() -> tuple[ModuleType | None, str]:
+    """Load the library, building it first if no cached one fits this machine (one process at a
+    time: see the top of the module): its operators go into ``torch.ops.lstmkit``. Returns
+    ``(the library's Python module, what happened)`` or ``(None, why not)``; never raises."""
     if os.environ.get("LSTMKIT_NATIVE", "1") == "0":
-        return False, "LSTMKIT_NATIVE=0 is set in the environment"
+        return None, "LSTMKIT_NATIVE=0 is set in the environment"
     try:
         target = library_path()
         start = time.perf_counter()
         if not target.exists():
             with exclusive(target.parent / LOCK, LOCK_TIMEOUT_S):
                 if not target.exists():  # else another process built it while this one waited
-                    _compile(target)  # loads it into this process too
-                    return True, f"built {target} in {time.perf_counter() - start:.1f} s"
-        torch.ops.load_library(str(target))
-        return True, f"loaded {target} in {1e3 * (time.perf_counter() - start):.0f} ms"
+                    module = _compile(target)  # imported from where it was built
+                    return module, f"built {target} in {time.perf_counter() - start:.1f} s"
+        module = _import(target)
+        return module, f"loaded {target} in {1e3 * (time.perf_counter() - start):.0f} ms"
     except Exception as error:  # a missing compiler, a build error, an unwritable cache
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         errors = [line for line in lines if "error:" in line]  # the compiler's first
         detail = (errors or lines or [type(error).__name__])[0]
-        return False, f"the C++ extension could not be built or loaded: {detail}"
+        return None, f"the C++ extension could not be built or loaded: {detail}"
