@@ -20,20 +20,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lstmkit
 from lstmkit import runner
+from lstmkit.state import LSTMState
 
 CELLS = ("lstm", "peephole", "cifg", "layernorm")
 
 
-def whole(model: lstmkit.LSTM, x: object):
-    """What the entry answers for ``model(x)``: ``(output, h_n, c_n)`` or ``None``."""
-    return model._infer_whole(x)
+def whole(model: lstmkit.LSTM, x: object, hx: object = None, one_step: bool = False):
+    """What the entry answers for ``model(x, hx)`` (``model.step(x, hx)`` with ``one_step``):
+    ``(output, h_n, c_n)`` or ``None``."""
+    return model._infer_whole(x, hx, one_step)
 
 
-def without_entry(monkeypatch, model, *args):
-    """``model(*args)`` with the entry declining, by forward's Python path."""
+def without_entry(monkeypatch, call, *args):
+    """``call(*args)`` (a model's forward or step) with the entry declining: the Python path."""
     with monkeypatch.context() as patched:
         patched.setattr(runner, "infer_whole", lambda *a, **k: None)
-        return model(*args)
+        return call(*args)
 
 
 @needs_native
@@ -41,19 +43,26 @@ def without_entry(monkeypatch, model, *args):
 @pytest.mark.parametrize("layers, proj_size", [(1, 0), (2, 0), (2, 3)])
 @pytest.mark.parametrize("cell", CELLS)
 def test_it_equals_the_python_path_bit_for_bit(monkeypatch, cell, layers, proj_size, batch_first):
+    """forward without and with a state, step without and with one (an LSTMState)."""
     if cell == "layernorm" and proj_size:
         pytest.skip("the layernorm cell has no projection")
     torch.manual_seed(0)
     model = lstmkit.LSTM(5, 8, layers, batch_first=batch_first, proj_size=proj_size, cell=cell,
                          zoneout=0.25).eval()  # fmt: skip
     x = torch.randn(4, 6, 5)
+    hx = (torch.randn(layers, 4 if batch_first else 6, proj_size or 8),
+          torch.randn(layers, 4 if batch_first else 6, 8))  # fmt: skip
+    state = LSTMState(hx[0][:, :3], hx[1][:, :3])
+    calls = [(model, x, None), (model, x, hx), (model.step, x[0, :3], None),
+             (model.step, x[0, :3], state)]  # fmt: skip
     with torch.no_grad():
-        assert whole(model, x) is not None
-        got = model(x)
-        want = without_entry(monkeypatch, model, x)
-    for a, b in zip((got[0], *got[1]), (want[0], *want[1]), strict=True):
-        assert torch.equal(a, b)
-        assert a.shape == b.shape and a.stride() == b.stride()
+        for call, *args in calls:
+            assert whole(model, *args, one_step=call == model.step) is not None
+            got, want = call(*args), without_entry(monkeypatch, call, *args)
+            assert type(got[1]) is type(want[1])
+            for a, b in zip((got[0], *got[1]), (want[0], *want[1]), strict=True):
+                assert torch.equal(a, b)
+                assert a.shape == b.shape and a.stride() == b.stride()
 
 
 @needs_native
@@ -134,6 +143,16 @@ def test_it_declines_where_the_python_path_decides():
         torch.func.vmap(lambda row: answers.append(whole(model, row)) or row, in_dims=1)(x)
         torch.jit.trace(lambda t: answers.append(whole(model, t)) or t, (x,), check_trace=False)
         assert answers == [None, None]
+        # the state: not a pair of (num_layers, B, H) float32 tensors; unbatched input
+        h, c = torch.zeros(1, 2, 8), torch.zeros(1, 2, 8)
+        assert whole(model, x, (h, c)) is not None
+        for hx in ([h, c], (h,), (h, c, c), (h[:, :1], c), (h, c[..., :7]), (h, c.double()),
+                   (h[0], c[0]), (h, torch.zeros(2, 2, 8))):  # fmt: skip
+            assert whole(model, x, hx) is None
+        assert whole(model, x[:, 0], (h[:, 0], c[:, 0])) is None
+        assert whole(model, x[0], (h, c), one_step=True) is not None
+        assert whole(model, x[0, 0], (h[:, 0], c[:, 0]), one_step=True) is None
+        assert whole(model, x, one_step=True) is None
         assert whole(model.double(), x) is None  # float32 input, float64 weights
         model.float()
         model.backend = "reference"

@@ -418,15 +418,20 @@ class LSTM(nn.Module):
             training=self.training,
         )
 
-    def _infer_whole(self, input: object) -> tuple[Tensor, Tensor, Tensor] | None:
-        """:func:`lstmkit.runner.infer_whole` for ``forward(input)`` of this unidirectional
-        stack in evaluation mode: its result, or ``None`` where forward's full path runs."""
+    def _infer_whole(
+        self, input: object, hx: object, one_step: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """:func:`lstmkit.runner.infer_whole` for ``forward(input, hx)`` (or ``step``) of this
+        unidirectional stack in evaluation mode: its result, or ``None`` where the full path
+        runs."""
         return runner.infer_whole(
             input,
+            hx,
             self._parameters,
             self._all_weights,
-            input_size=self.input_size,
+            sizes=(self.input_size, self.hidden_size, self.proj_size or self.hidden_size),
             batch_first=self.batch_first,
+            one_step=one_step,
             cell=self.cell,
             backend=self._backend,
             regularizers=self.regularizers,
@@ -470,8 +475,8 @@ class LSTM(nn.Module):
         *,
         lengths: Tensor | list[int] | None = None,
     ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
-        if hx is None and lengths is None and not self.training and not self.bidirectional:
-            whole = self._infer_whole(input)
+        if lengths is None and not self.training and not self.bidirectional:
+            whole = self._infer_whole(input, hx)
             if whole is not None:
                 output, h_n, c_n = whole
                 return output, (h_n, c_n)
@@ -594,6 +599,11 @@ class LSTM(nn.Module):
                 regulariser in training mode, or a :attr:`backend` that cannot run a layer.
                 TypeError: a wrong type or dtype.
         """
+        if not self.training and not self.bidirectional:
+            whole = self._infer_whole(input, state, one_step=True)
+            if whole is not None:
+                output, h_n, c_n = whole
+                return output, LSTMState(h_n, c_n)
         if self.bidirectional:
             raise ValueError(
                 "step() needs a unidirectional LSTM (bidirectional=False): the reverse "

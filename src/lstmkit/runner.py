@@ -256,32 +256,39 @@ def infer_stack(
 
 def infer_whole(
     input: object,
+    hx: object,
     parameters: dict[str, Tensor | None],
     names: list[list[str]],
     *,
-    input_size: int,
+    sizes: tuple[int, int, int],
     batch_first: bool,
+    one_step: bool,
     cell: cells.Cell,
     backend: str,
     regularizers: Regularizers,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
-    """:class:`lstmkit.LSTM`'s forward of a unidirectional stack in evaluation mode on a whole
-    batch from the zero state (no ``hx``, no lengths), where it runs as :func:`infer_stack`
-    would run it, in one call to the native backend that checks ``input`` and the parameters
-    itself; ``None`` wherever anything else is to be decided (then the caller's full path runs,
-    and gives the same numbers). Cold, between other programs' work, that path's Python costs
-    100-200 us before the operator starts (an AMD EPYC Zen 4, T = 200, H = 128: 15 us warm).
+    """:class:`lstmkit.LSTM`'s forward (or with ``one_step`` its ``step``) of a unidirectional
+    stack in evaluation mode on whole sequences (no lengths), where it runs as
+    :func:`infer_stack` would run it, in one call to the native backend that checks ``input``,
+    ``hx`` and the parameters itself; ``None`` wherever anything else is to be decided or an
+    error to be raised (then the caller's full path runs, and gives the same numbers). Cold,
+    between other programs' work, that path's Python costs 100-200 us before the operator
+    starts (an AMD EPYC Zen 4, T = 200, H = 128; 15 us warm).
 
     Args:
-        input: what forward was given: ``(L, N, H_in)`` or with ``batch_first`` ``(N, L, H_in)``.
+        input: what forward was given, ``(L, N, H_in)`` (with ``batch_first`` ``(N, L, H_in)``),
+            or step, ``(N, H_in)``.
+        hx: ``None`` for zeros or a tuple ``(h_0, c_0)`` of ``(num_layers, N, H_out)`` and
+            ``(num_layers, N, H_cell)``.
         parameters, names: the module's parameter registry and its parameter names as built,
             one list per layer; any of those missing from the registry (a parametrization) and
             this declines.
-        input_size, batch_first, cell, backend: the module's.
+        sizes: the module's ``(input_size, hidden_size, proj_size or hidden_size)``.
+        batch_first, cell, backend: the module's.
         regularizers: the module's (evaluation: zoneout moves each unit by its expectation).
 
     Returns:
-        ``(output, h_n, c_n)`` as forward returns them, or ``None``.
+        ``(output, h_n, c_n)`` (output ``(N, H_out)`` for a step), or ``None``.
     """
     if backend not in ("auto", "native") or torch.compiler.is_compiling():
         return None
@@ -292,11 +299,13 @@ def infer_whole(
     # infer_stack, and runs the stack operator or answers None
     return library.infer_whole(
         input,
+        hx,
         parameters,
         names,
         native.LAYER_NAMES,
-        input_size,
+        *sizes,
         batch_first,
+        one_step,
         cell.kind,
         regularizers.zoneout_h,
         regularizers.zoneout_c,

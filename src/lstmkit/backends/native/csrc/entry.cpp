@@ -52,24 +52,48 @@ bool plain_context() {
          c10::impl::TorchDispatchModeTLS::stack_len() == 0;
 }
 
-// forward(input) of a unidirectional stack in evaluation mode, or None. parameters is the
-// module's _parameters; names its parameter names as built, a list per layer; slots the
-// operator's parameter names per layer (lstmkit.backends.native.LAYER_NAMES). Every name in
-// names must be registered (a parametrization takes its parameter out) and no other slot
-// filled; input must be (T, B, input_size), or (B, T, input_size) with batch_first, T >= 1,
-// float32 like weight_ih_l0.
-py::object infer_whole(py::handle input, py::dict parameters, py::list names, py::tuple slots,
-                       int64_t input_size, bool batch_first, const std::string& kind,
-                       double zone_h_p, double zone_c_p) {
+// One state of the stack, h0 or c0: (layers, batch, size), float32, plain.
+bool state_fits(PyObject* state, bool grad, int64_t layers, int64_t batch, int64_t size) {
+  if (!plain(state, grad)) return false;
+  const Tensor& tensor = THPVariable_Unpack(state);
+  return tensor.dim() == 3 && tensor.size(0) == layers && tensor.size(1) == batch &&
+         tensor.size(2) == size && tensor.scalar_type() == at::kFloat;
+}
+
+// forward(input, hx) of a unidirectional stack in evaluation mode, or step(input, hx) with
+// one_step, as (output, h_n, c_n); or None. input must be (T, B, input_size), (B, T,
+// input_size) with batch_first, or (B, input_size) with one_step, T >= 1, float32 like
+// weight_ih_l0; hx None or a tuple (h0, c0) of (L, B, out_size) and (L, B, hidden_size).
+// parameters is the module's _parameters; names its parameter names as built, a list per
+// layer; slots the operator's parameter names per layer (lstmkit.backends.native.LAYER_NAMES).
+// Every name in names must be registered (a parametrization takes its parameter out) and no
+// other slot filled.
+py::object infer_whole(py::handle input, py::handle hx, py::dict parameters, py::list names,
+                       py::tuple slots, int64_t input_size, int64_t hidden_size, int64_t out_size,
+                       bool batch_first, bool one_step, const std::string& kind, double zone_h_p,
+                       double zone_c_p) {
   HANDLE_TH_ERRORS
   const bool grad = at::GradMode::is_enabled();
   if (!plain_context() || !plain(input.ptr(), grad)) return py::none();
   const Tensor& x = THPVariable_Unpack(input.ptr());
-  if (x.dim() != 3 || x.size(2) != input_size || x.size(batch_first ? 1 : 0) == 0 ||
-      x.scalar_type() != at::kFloat) {
+  if (x.dim() != (one_step ? 2 : 3) || x.size(-1) != input_size || x.scalar_type() != at::kFloat ||
+      (!one_step && x.size(batch_first ? 1 : 0) == 0)) {
     return py::none();
   }
   const int64_t layers = static_cast<int64_t>(names.size());
+  const int64_t batch = x.size(one_step || !batch_first ? -2 : 0);
+  std::optional<Tensor> h0, c0;
+  if (!hx.is_none()) {
+    if (!PyTuple_Check(hx.ptr()) || PyTuple_GET_SIZE(hx.ptr()) != 2) return py::none();
+    PyObject* h = PyTuple_GET_ITEM(hx.ptr(), 0);
+    PyObject* c = PyTuple_GET_ITEM(hx.ptr(), 1);
+    if (!state_fits(h, grad, layers, batch, out_size) ||
+        !state_fits(c, grad, layers, batch, hidden_size)) {
+      return py::none();
+    }
+    h0 = THPVariable_Unpack(h);
+    c0 = THPVariable_Unpack(c);
+  }
   c10::List<std::optional<Tensor>> weights;
   weights.reserve(layers * slots.size());
   for (int64_t layer = 0; layer < layers; ++layer) {
@@ -96,14 +120,18 @@ py::object infer_whole(py::handle input, py::dict parameters, py::list names, py
   if (!weight_ih.has_value() || weight_ih->scalar_type() != at::kFloat) return py::none();
   static const auto stack =
       c10::Dispatcher::singleton().findSchemaOrThrow("lstmkit::inference_stack", "").typed<Stack>();
-  const Tensor steps_first = batch_first ? x.transpose(0, 1) : x;
+  const Tensor steps_first = one_step ? x.unsqueeze(0) : batch_first ? x.transpose(0, 1) : x;
   Tensor output, h_n, c_n;
   {
     py::gil_scoped_release others_run;  // as torch.ops calls do: other Python threads go on
-    std::tie(output, h_n, c_n) =
-        stack.call(steps_first, std::nullopt, std::nullopt, weights, kind, zone_h_p, zone_c_p);
+    std::tie(output, h_n, c_n) = stack.call(steps_first, h0, c0, weights, kind, zone_h_p, zone_c_p);
   }
-  return py::make_tuple(batch_first ? output.transpose(0, 1) : output, h_n, c_n);
+  if (one_step) {
+    output = output.select(0, 0);
+  } else if (batch_first) {
+    output = output.transpose(0, 1);
+  }
+  return py::make_tuple(output, h_n, c_n);
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
