@@ -66,6 +66,33 @@ def test_it_equals_the_python_path_bit_for_bit(monkeypatch, cell, layers, proj_s
 
 
 @needs_native
+def test_training_mode_takes_it_only_without_masks_to_draw(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5)
+    asked = []
+    infer_whole = runner.infer_whole
+    monkeypatch.setattr(
+        runner, "infer_whole", lambda *a, **k: asked.append(1) or infer_whole(*a, **k)
+    )
+    plain = lstmkit.LSTM(5, 8, 2).train()
+    with torch.no_grad():
+        got = plain(x)
+        assert asked == [1]
+        want = without_entry(monkeypatch, plain, x)
+    for a, b in zip((got[0], *got[1]), (want[0], *want[1]), strict=True):
+        assert torch.equal(a, b)
+    for options in ({"zoneout": 0.2}, {"recurrent_dropout": 0.2}, {"weight_drop": 0.2},
+                    {"dropout": 0.2}):  # fmt: skip
+        asked.clear()
+        model = lstmkit.LSTM(5, 8, 2, **options).train()
+        with torch.no_grad():
+            model(x)
+            assert asked == [], options
+            model.eval()(x)
+            assert asked == [1], options
+
+
+@needs_native
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_it_equals_nn_lstm(batch_first):
     torch.manual_seed(0)

@@ -422,8 +422,8 @@ class LSTM(nn.Module):
         self, input: object, hx: object, one_step: bool = False
     ) -> tuple[Tensor, Tensor, Tensor] | None:
         """:func:`lstmkit.runner.infer_whole` for ``forward(input, hx)`` (or ``step``) of this
-        unidirectional stack in evaluation mode: its result, or ``None`` where the full path
-        runs."""
+        unidirectional stack where it draws no masks: its result, or ``None`` where the full
+        path runs."""
         return runner.infer_whole(
             input,
             hx,
@@ -435,6 +435,13 @@ class LSTM(nn.Module):
             cell=self.cell,
             backend=self._backend,
             regularizers=self.regularizers,
+        )
+
+    def _draws_masks(self) -> bool:
+        """Whether a forward now draws random masks: in training mode, for a regulariser or
+        the dropout between layers."""
+        return self.training and (
+            self._dropout_between_layers() or any(vars(self.regularizers).values())
         )
 
     def _dropout_between_layers(self) -> bool:
@@ -475,7 +482,7 @@ class LSTM(nn.Module):
         *,
         lengths: Tensor | list[int] | None = None,
     ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
-        if lengths is None and not self.training and not self.bidirectional:
+        if lengths is None and not self.bidirectional and not self._draws_masks():
             whole = self._infer_whole(input, hx)
             if whole is not None:
                 output, h_n, c_n = whole
@@ -599,7 +606,7 @@ class LSTM(nn.Module):
                 regulariser in training mode, or a :attr:`backend` that cannot run a layer.
                 TypeError: a wrong type or dtype.
         """
-        if not self.training and not self.bidirectional:
+        if not self.bidirectional and not self._draws_masks():
             whole = self._infer_whole(input, state, one_step=True)
             if whole is not None:
                 output, h_n, c_n = whole

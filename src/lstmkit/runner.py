@@ -268,7 +268,8 @@ def infer_whole(
     regularizers: Regularizers,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """:class:`lstmkit.LSTM`'s forward (or with ``one_step`` its ``step``) of a unidirectional
-    stack in evaluation mode on whole sequences (no lengths), where it runs as
+    stack drawing no masks (evaluation mode, or training mode without regularisers or dropout
+    between layers) on whole sequences (no lengths), where it runs as
     :func:`infer_stack` would run it, in one call to the native backend that checks ``input``,
     ``hx`` and the parameters itself; ``None`` wherever anything else is to be decided or an
     error to be raised (then the caller's full path runs, and gives the same numbers). Cold,

@@ -1,12 +1,12 @@
 // The library's Python module, lstmkit_native: importing it registers the operators (ops.cpp)
 // and gives Python one function, infer_whole, for lstmkit.LSTM.forward's commonest inference
-// call: a batch of whole sequences from the zero state through a unidirectional stack, nothing
-// to differentiate. Between other work (a server's requests, a benchmark's turns) the caches
-// hold another program's data, and the Python path from forward to lstmkit::inference_stack
-// then costs 100-200 us, as much as the operator itself at T = 200, H = 128; here the same
-// questions read a few fields of each tensor. Wherever an answer is not the plain one it
-// returns None and forward takes its Python path, which asks them again and gives the same
-// numbers (it ends in the same operator) or the error.
+// call: a batch of whole sequences from the zero state or a given one through a unidirectional
+// stack, nothing to differentiate, no masks to draw (and for step's). Between other work (a
+// server's requests, a benchmark's turns) the caches hold another program's data, and the Python
+// path from forward to lstmkit::inference_stack then costs 100-200 us, as much as the operator
+// itself at T = 200, H = 128; here the same questions read a few fields of each tensor. Wherever an
+// answer is not the plain one it returns None and forward takes its Python path, which asks them
+// again and gives the same numbers (it ends in the same operator) or the error.
 
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/autocast_mode.h>
@@ -60,7 +60,7 @@ bool state_fits(PyObject* state, bool grad, int64_t layers, int64_t batch, int64
          tensor.size(2) == size && tensor.scalar_type() == at::kFloat;
 }
 
-// forward(input, hx) of a unidirectional stack in evaluation mode, or step(input, hx) with
+// forward(input, hx) of a unidirectional stack drawing no masks, or step(input, hx) with
 // one_step, as (output, h_n, c_n); or None. input must be (T, B, input_size), (B, T,
 // input_size) with batch_first, or (B, input_size) with one_step, T >= 1, float32 like
 // weight_ih_l0; hx None or a tuple (h0, c0) of (L, B, out_size) and (L, B, hidden_size).
