@@ -81,6 +81,12 @@ def test_training_mode_takes_it_only_without_masks_to_draw(monkeypatch):
         want = without_entry(monkeypatch, plain, x)
     for a, b in zip((got[0], *got[1]), (want[0], *want[1]), strict=True):
         assert torch.equal(a, b)
+    asked.clear()
+    plain(x)  # gradients wanted: not asked at all
+    assert asked == []
+    plain.requires_grad_(False)
+    plain(x)  # grad mode on, nothing to differentiate
+    assert asked == [1]
     for options in ({"zoneout": 0.2}, {"recurrent_dropout": 0.2}, {"weight_drop": 0.2},
                     {"dropout": 0.2}):  # fmt: skip
         asked.clear()

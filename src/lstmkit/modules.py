@@ -437,12 +437,20 @@ class LSTM(nn.Module):
             regularizers=self.regularizers,
         )
 
-    def _draws_masks(self) -> bool:
-        """Whether a forward now draws random masks: in training mode, for a regulariser or
-        the dropout between layers."""
-        return self.training and (
+    def _plain_inference(self) -> bool:
+        """Whether a forward now may be plain inference, as far as the module tells at little
+        cost: a unidirectional stack that draws no masks (evaluation mode, or training mode
+        without regularisers or dropout between layers) and whose first weight wants no
+        gradient. The C++ entry (:meth:`_infer_whole`) asks the rest of every tensor; this
+        spares training's forwards its call (1.2% of an S training step at 1 thread)."""
+        if self.bidirectional:
+            return False
+        if self.training and (
             self._dropout_between_layers() or any(vars(self.regularizers).values())
-        )
+        ):
+            return False
+        weight = self._parameters.get("weight_ih_l0")
+        return not torch.is_grad_enabled() or (weight is not None and not weight.requires_grad)
 
     def _dropout_between_layers(self) -> bool:
         """Whether a forward pass now drops out the outputs between layers."""
@@ -482,7 +490,7 @@ class LSTM(nn.Module):
         *,
         lengths: Tensor | list[int] | None = None,
     ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
-        if lengths is None and not self.bidirectional and not self._draws_masks():
+        if lengths is None and self._plain_inference():
             whole = self._infer_whole(input, hx)
             if whole is not None:
                 output, h_n, c_n = whole
@@ -606,7 +614,7 @@ class LSTM(nn.Module):
                 regulariser in training mode, or a :attr:`backend` that cannot run a layer.
                 TypeError: a wrong type or dtype.
         """
-        if not self.bidirectional and not self._draws_masks():
+        if self._plain_inference():
             whole = self._infer_whole(input, state, one_step=True)
             if whole is not None:
                 output, h_n, c_n = whole
