@@ -445,9 +445,7 @@ class LSTM(nn.Module):
         spares training's forwards its call (1.2% of an S training step at 1 thread)."""
         if self.bidirectional:
             return False
-        if self.training and (
-            self._dropout_between_layers() or any(vars(self.regularizers).values())
-        ):
+        if self._dropout_between_layers() or runner.draws_masks(self.regularizers, self.training):
             return False
         weight = self._parameters.get("weight_ih_l0")
         return not torch.is_grad_enabled() or (weight is not None and not weight.requires_grad)

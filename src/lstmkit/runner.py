@@ -33,6 +33,12 @@ def _keep(shape: tuple[int, ...], p: float, like: Tensor) -> Tensor:
     return torch.bernoulli(like.new_full(shape, 1.0 - p)) / (1.0 - p)
 
 
+def draws_masks(reg: Regularizers, training: bool) -> bool:
+    """Whether a forward pass in this mode draws masks for ``reg``: in training mode, with a
+    regulariser switched on."""
+    return training and any(vars(reg).values())
+
+
 def draw_masks(reg: Regularizers, training: bool, steps: int, h0: Tensor, c0: Tensor) -> Masks:
     """The masks of one layer-direction's forward pass (in this order, from torch's RNG)."""
     if not training:
@@ -241,7 +247,7 @@ def infer_stack(
     """
     if backend not in ("auto", "native") or x.dtype != torch.float32:
         return None
-    if training and any(vars(regularizers).values()):  # masks to draw
+    if draws_masks(regularizers, training):
         return None
     if not native.supports(cell, NO_MASKS) or torch.compiler.is_compiling():
         return None
@@ -344,7 +350,7 @@ def step_layer(
         ValueError: ``training`` with a regulariser switched on, or a ``backend`` that cannot
             run this layer.
     """
-    if training and any(vars(regularizers).values()):
+    if draws_masks(regularizers, training):
         raise ValueError(
             "step() supports recurrent_dropout, weight_drop and zoneout only in evaluation "
             f"mode (call .eval()), got {regularizers} in training mode"
