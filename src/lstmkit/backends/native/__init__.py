@@ -36,6 +36,7 @@ import contextlib
 import math
 import threading
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -455,6 +456,51 @@ def library() -> ModuleType | None:
     if _status is None:
         available()
     return _library
+
+
+class MemoryPool(NamedTuple):
+    """The training buffers' pool (:func:`memory_pool`), in bytes."""
+
+    limit: int  # what it may keep in freed blocks
+    kept: int  # what it keeps now, freed and waiting for reuse
+    in_use: int  # its blocks that tensors hold now
+
+
+def memory_pool(limit: int | None = None) -> MemoryPool:
+    """The pool that this backend's training buffers (every step's gates and cell states, their
+    gradients; 1 MB each and up) come from, and with ``limit`` its new limit in bytes.
+
+    A block freed by a tensor stays in the pool, its memory pages with it, for the next request
+    of about its size, where glibc would give any block over 32 MB back to the kernel and the
+    next step's first touch of each page would fault (150 ms of a 1.19 s layernorm training
+    step at B = 64, T = 100, H = 512 on an AMD EPYC Zen 4). The pool keeps memory only, never
+    values. It keeps at most ``limit`` bytes (at first an eighth of the machine's memory, at most
+    1 GiB), giving back the blocks freed longest ago first; ``limit=0`` turns it off and gives
+    back everything it keeps, as does :func:`empty_cache` (without turning it off).
+
+    Returns the pool's state before ``limit`` is set (zeros where the backend is unavailable).
+
+    Raises:
+        ValueError: ``limit`` is not a whole number of bytes, 0 or more.
+    """
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise ValueError(f"limit must be a whole number of bytes >= 0 or None, got {limit!r}")
+    native = library()
+    if native is None:
+        return MemoryPool(0, 0, 0)
+    state = MemoryPool(native.pool_limit(), native.pool_kept(), native.pool_in_use())
+    if limit is not None:
+        native.pool_limit(limit)
+    return state
+
+
+def empty_cache() -> int:
+    """Give back to the C library every block the training buffers' pool (:func:`memory_pool`)
+    keeps, as ``torch.cuda.empty_cache`` does for CUDA's; returns how many bytes. The pool goes
+    on with its limit."""
+    limit, kept, _ = memory_pool(0)
+    memory_pool(limit)
+    return kept
 
 
 def _infer(cell, x, h, c, params, zoneout: tuple[float, float], batch_sizes: list[int] | None):

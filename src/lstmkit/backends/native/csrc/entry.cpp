@@ -6,7 +6,8 @@
 // path from forward to lstmkit::inference_stack then costs 100-200 us, as much as the operator
 // itself at T = 200, H = 128; here the same questions read a few fields of each tensor. Wherever an
 // answer is not the plain one it returns None and forward takes its Python path, which asks them
-// again and gives the same numbers (it ends in the same operator) or the error.
+// again and gives the same numbers (it ends in the same operator) or the error. It also gives
+// the training buffers' pool (pool.h) its limit and counts.
 
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/autocast_mode.h>
@@ -20,6 +21,8 @@
 
 #include <string>
 #include <tuple>
+
+#include "pool.h"
 
 namespace lstmkit {
 namespace {
@@ -138,4 +141,10 @@ py::object infer_whole(py::handle input, py::handle hx, py::dict parameters, py:
 }  // namespace
 }  // namespace lstmkit
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) { module.def("infer_whole", &lstmkit::infer_whole); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("infer_whole", &lstmkit::infer_whole);
+  module.def("pool_limit", py::overload_cast<int64_t>(&lstmkit::pool_limit));
+  module.def("pool_limit", py::overload_cast<>(&lstmkit::pool_limit));
+  module.def("pool_kept", &lstmkit::pool_kept);
+  module.def("pool_in_use", &lstmkit::pool_in_use);
+}

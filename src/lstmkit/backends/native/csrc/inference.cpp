@@ -40,6 +40,7 @@
 #include "layer.h"
 #include "ops.h"
 #include "panels.h"
+#include "pool.h"
 
 #if defined(__x86_64__)
 #include <emmintrin.h>
@@ -252,12 +253,13 @@ TrainingForward run(
   const Weight weight_hr = projected ? prepare(*w_hr, proj, 0, proj, plain) : Weight();
 
   const bool ragged = !batch_sizes.empty();
-  Tensor output =
-      ragged ? at::zeros({steps, batch, proj}, options) : at::empty({steps, batch, proj}, options);
-  // c_t in slot t % 2; or, kept for the backward, every c_t and every step's activated gates
+  // training's buffers from the pool (pool.h), inference's output from torch's allocator
   const auto buffer = [&](at::IntArrayRef shape) {
+    if (keep) return pooled(shape, at::kFloat, ragged);
     return ragged ? at::zeros(shape, options) : at::empty(shape, options);
   };
+  Tensor output = buffer({steps, batch, proj});
+  // c_t in slot t % 2; or, kept for the backward, every c_t and every step's activated gates
   Tensor cells = keep ? buffer({steps, batch, hidden}) : at::empty({2, batch, hidden}, options);
   // what training keeps (see training_forward): empty tensors where it keeps nothing, nothing in
   // inference (an allocation costs as much as a tenth of a one-step call's gate pass)

@@ -15,6 +15,7 @@
 #include <string_view>
 
 #include "layer.h"
+#include "pool.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -327,9 +328,9 @@ void product_beside(const Operand& op, int64_t count_panels, float* const* out, 
   for (; side.done < end; ++side.done) side_alone(side, side_tile(side, side.done));
 }
 
-Tensor pack_rows(const std::vector<const float*>& rows, int64_t n, at::TensorOptions options) {
+Tensor pack_rows(const std::vector<const float*>& rows, int64_t n) {
   const int64_t k = static_cast<int64_t>(rows.size());
-  Tensor packed = at::empty({panels(n) * k * kPanel}, options);
+  Tensor packed = pooled({panels(n) * k * kPanel}, at::kFloat);
   float* const out = packed.data_ptr<float>();
   at::parallel_for(0, panels(n), 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
@@ -350,7 +351,7 @@ Tensor pack(const Tensor& weight) {
     const float* src = weight.const_data_ptr<float>();
     std::vector<const float*> rows(k);
     for (int64_t e = 0; e < k; ++e) rows[e] = src + e * n;
-    return pack_rows(rows, n, weight.options());
+    return pack_rows(rows, n);
   }
   const Tensor w = weight.contiguous();
   Tensor packed = at::empty({panels(n) * k * kPanel}, w.options());
@@ -462,7 +463,7 @@ std::vector<Tensor> linears(const Tensor& a, const std::vector<Packed>& weights)
   const Tensor rows_of_a = transposed ? a : a.contiguous();
   std::vector<Tensor> outs;
   for (const Packed& weight : weights) {  // rows padded to whole panels
-    outs.push_back(at::empty({m, panels(weight.n) * kPanel}, a.options()));
+    outs.push_back(pooled({m, panels(weight.n) * kPanel}, at::kFloat));
   }
   const float* const a_p = rows_of_a.const_data_ptr<float>();
   std::vector<float*> out_p;
@@ -550,7 +551,7 @@ std::tuple<Tensor, Tensor> weight_gradients(const Tensor& dz, const std::optiona
     xs = x->reshape({rows, x->size(2)}).contiguous();
     std::vector<const float*> x_rows;
     rows_of(xs, x_rows);
-    weights.push_back({pack_rows(x_rows, xs.size(1), options), xs.size(1), Tensor()});
+    weights.push_back({pack_rows(x_rows, xs.size(1)), xs.size(1), Tensor()});
   }
   std::vector<const float*> h_rows;
   rows_of(hs, h_rows);
@@ -558,7 +559,7 @@ std::tuple<Tensor, Tensor> weight_gradients(const Tensor& dz, const std::optiona
     previous = output.narrow(0, 0, steps - 1).reshape({(steps - 1) * batch, proj}).contiguous();
     rows_of(previous, h_rows);
   }
-  weights.push_back({pack_rows(h_rows, proj, options), proj, Tensor()});
+  weights.push_back({pack_rows(h_rows, proj), proj, Tensor()});
   std::vector<Tensor> out = linears(dz_t, weights);
   return {x.has_value() ? out[0] : at::empty({0}, options), out.back()};
 }

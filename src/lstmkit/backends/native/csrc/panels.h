@@ -24,7 +24,7 @@ inline int64_t panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
 Tensor pack(const Tensor& weight);
 
 // A weight (n, k) given as the k rows of its transpose (n floats each), packed as pack packs it.
-Tensor pack_rows(const std::vector<const float*>& rows, int64_t n, at::TensorOptions options);
+Tensor pack_rows(const std::vector<const float*>& rows, int64_t n);
 
 // A weight packed (pack, pack_rows), its rows (n), and what its products start from: a bias
 // padded to whole panels, or undefined for zeros.

@@ -41,6 +41,7 @@
 #include "cell.h"
 #include "layer.h"
 #include "ops.h"
+#include "pool.h"
 #include "products.h"
 
 namespace lstmkit {
@@ -212,10 +213,10 @@ Tensor rows_of(const T* data, int64_t rows, int64_t cols, const at::TensorOption
   return at::from_blob(const_cast<T*>(data), {rows, cols}, options);
 }
 
-// A buffer whose rows of finished sequences must read as zero: zeroed only where some
-// sequence ends early.
+// A buffer (from the pool) whose rows of finished sequences must read as zero: zeroed only
+// where some sequence ends early.
 Tensor buffer(at::IntArrayRef shape, bool ragged, const at::TensorOptions& options) {
-  return ragged ? at::zeros(shape, options) : at::empty(shape, options);
+  return pooled(shape, options.dtype().toScalarType(), ragged);
 }
 
 }  // namespace
