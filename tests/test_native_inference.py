@@ -39,20 +39,24 @@ def assert_close_to_reference(ours, reference, x, hx=None, lengths=None):
 
 @needs_native
 @pytest.mark.parametrize("steps", [9, 1])
+@pytest.mark.parametrize("directions", ["together", "apart"])
 @pytest.mark.parametrize("split", ["rows", "units"])
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("cell", CELLS)
-def test_every_cell_equals_reference(monkeypatch, threads, cell, batch, split, steps):
+def test_every_cell_equals_reference(monkeypatch, threads, cell, batch, split, directions, steps):
     """Two stacked bidirectional layers, lengths, a given state and zoneout; H = 40 has a
     partial panel and, split by units, a partial vector. One step runs on the weights as they
-    lie (plain products), in one thread at this size."""
+    lie (plain products), in one thread at this size. Without lengths the stack operator runs
+    both directions of a layer, at once (one thread each) or one after the other (forced)."""
     monkeypatch.setenv("LSTMKIT_NATIVE_SPLIT", split)
+    monkeypatch.setenv("LSTMKIT_NATIVE_DIRECTIONS", directions)
     torch.manual_seed(batch)
     ours, reference = twins(cell, num_layers=2, bidirectional=True, zoneout=(0.2, 0.1))
     x = torch.randn(steps, batch, 5)
     lengths = torch.randint(1, steps + 1, (batch,))
     hx = (torch.randn(4, batch, 40), torch.randn(4, batch, 40))
     assert_close_to_reference(ours, reference, x, hx, lengths)
+    assert_close_to_reference(ours, reference, x, hx)
     assert_close_to_reference(ours, reference, x)
 
 
@@ -183,14 +187,16 @@ def test_an_empty_batch_runs_every_cell(threads, cell, dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("split", ["rows", "units"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_projection_and_no_bias(monkeypatch, threads, cell, split):
+def test_projection_and_no_bias(monkeypatch, threads, cell, split, bidirectional):
     """A projection runs split by rows whatever is forced: each row's projection needs all of
-    its hidden units."""
+    its hidden units. Bidirectional: both directions' projected outputs side by side."""
     monkeypatch.setenv("LSTMKIT_NATIVE_SPLIT", split)
     torch.manual_seed(1)
-    ours, reference = twins(cell, hidden=33, num_layers=2, proj_size=7, bias=False)
+    ours, reference = twins(cell, hidden=33, num_layers=2, proj_size=7, bias=False,
+                            bidirectional=bidirectional)  # fmt: skip
     assert_close_to_reference(ours, reference, torch.randn(6, 5, 5))
     assert_close_to_reference(ours, reference, torch.randn(6, 5, 5), lengths=[6, 1, 3, 6, 2])
     assert_close_to_reference(ours, reference, torch.randn(1, 5, 5))  # plain products
@@ -290,6 +296,18 @@ def test_weights_changed_between_calls_take_effect():
     assert_close_to_reference(ours, reference, x)
 
 
+def stack_counter(taken: list[bool]):
+    """runner.infer_stack, recording in ``taken`` whether each call ran (or declined)."""
+    infer_stack = lstmkit.runner.infer_stack
+
+    def counted(*args, **kwargs):
+        result = infer_stack(*args, **kwargs)
+        taken.append(result is not None)
+        return result
+
+    return counted
+
+
 @needs_native
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("proj_size", [0, 3])
@@ -306,12 +324,7 @@ def test_the_stack_without_run_layer_equals_it(monkeypatch, cell, proj_size):
     model.eval()
     x, hx = torch.randn(4, 6, 5), (torch.randn(2, 6, proj_size or 8), torch.randn(2, 6, 8))
     taken = []
-    infer_stack = lstmkit.runner.infer_stack
-
-    def counted(*args, **kwargs):
-        result = infer_stack(*args, **kwargs)
-        taken.append(result is not None)
-        return result
+    counted = stack_counter(taken)
 
     def layer_by_layer(*args, **kwargs):
         return None
@@ -351,6 +364,38 @@ def test_the_stack_without_run_layer_equals_it(monkeypatch, cell, proj_size):
         want = plain(x, hx)
     for a, b in zip(leaves(got), leaves(want), strict=True):
         assert torch.equal(a, b)
+
+
+@needs_native
+@pytest.mark.parametrize("cell", CELLS)
+def test_a_bidirectional_stack_equals_its_layers_one_by_one(monkeypatch, threads, cell):
+    """The stack operator's reverse direction reads and writes time backwards where run_layer
+    flips the input and output, and writes each direction's half of the layer's output where
+    run_layer concatenates them: one after the other (apart), the same numbers bit for bit;
+    at once, one thread each, the same within float32 rounding."""
+    torch.manual_seed(2)
+    model = lstmkit.LSTM(5, 24, num_layers=2, cell=cell, bidirectional=True, zoneout=0.3)
+    model.eval()
+    x, hx = torch.randn(7, 6, 5), (torch.randn(4, 6, 24), torch.randn(4, 6, 24))
+    taken = []
+    counted = stack_counter(taken)
+
+    def calls():
+        with torch.no_grad():
+            return [model(x, hx), model(x), model(x[:, 0])]
+
+    leaves = torch.utils._pytree.tree_leaves
+    monkeypatch.setattr(lstmkit.runner, "infer_stack", lambda *args, **kwargs: None)
+    want = calls()
+    monkeypatch.setattr(lstmkit.runner, "infer_stack", counted)
+    monkeypatch.setenv("LSTMKIT_NATIVE_DIRECTIONS", "apart")
+    for a, b in zip(leaves(calls()), leaves(want), strict=True):
+        assert torch.equal(a, b)
+    monkeypatch.setenv("LSTMKIT_NATIVE_DIRECTIONS", "together")
+    tolerance = LAYERNORM_FLOAT32_TOLERANCE if cell == "layernorm" else FLOAT32_TOLERANCE
+    for a, b in zip(leaves(calls()), leaves(want), strict=True):
+        torch.testing.assert_close(a, b, atol=tolerance, rtol=0)
+    assert taken == [True] * 6
 
 
 @needs_native
@@ -404,6 +449,18 @@ def test_opcheck_stack(cell):
     torch.library.opcheck(
         torch.ops.lstmkit.inference_stack.default, (args[0], None, None, *args[3:])
     )
+    # bidirectional: layer 1 takes both directions' outputs side by side
+    both = lstmkit.LSTM(5, 6, 2, cell=cell, bidirectional=True, proj_size=ours.proj_size)
+    layers = [both._layer_params(k // 2, k % 2) for k in range(4)]
+    weights = [None if p.get(n) is None else p[n].detach() for p in layers for n in names]
+    states = (torch.randn(4, 3, out), torch.randn(4, 3, 6))
+    for directions in ("together", "apart"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("LSTMKIT_NATIVE_DIRECTIONS", directions)
+            torch.library.opcheck(
+                torch.ops.lstmkit.inference_stack.default,
+                (args[0], *states, weights, cell, 0.1, 0.2, 2),
+            )
 
 
 @needs_native

@@ -400,11 +400,11 @@ class LSTM(nn.Module):
         return text
 
     def _infer_stack(
-        self, x: Tensor, h0: Tensor, c0: Tensor, layers: list[cells.Params]
+        self, x: Tensor, h0: Tensor, c0: Tensor, layers: list[cells.Params], directions: int = 1
     ) -> tuple[Tensor, Tensor, Tensor] | None:
-        """:func:`lstmkit.runner.infer_stack` for this unidirectional stack on ``x``
-        (``(T, N, H_in)``), or ``None`` where its layers go one by one (it declines, or dropout
-        between layers has masks to draw)."""
+        """:func:`lstmkit.runner.infer_stack` for this stack on ``x`` (``(T, N, H_in)``), its
+        layer-directions' parameters ``layers``, or ``None`` where its layers go one by one (it
+        declines, or dropout between layers has masks to draw)."""
         if self._dropout_between_layers():
             return None
         return runner.infer_stack(
@@ -416,6 +416,7 @@ class LSTM(nn.Module):
             backend=self.backend,
             regularizers=self.regularizers,
             training=self.training,
+            directions=directions,
         )
 
     def _infer_whole(
@@ -531,8 +532,9 @@ class LSTM(nn.Module):
             for layer in range(self.num_layers)
         ]
         stack = None
-        if lengths is None and directions == 1:
-            stack = self._infer_stack(x, h0, c0, [per_direction[0] for per_direction in layers])
+        if lengths is None:
+            flat = [params for per_direction in layers for params in per_direction]
+            stack = self._infer_stack(x, h0, c0, flat, directions)
         if stack is not None:
             output, h_n, c_n = stack
         else:

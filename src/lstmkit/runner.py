@@ -224,26 +224,30 @@ def infer_stack(
     backend: str,
     regularizers: Regularizers,
     training: bool,
+    directions: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
-    """A unidirectional stack of layers over whole sequences (no lengths), in evaluation mode
-    or in training mode with no in-layer regulariser on, where nothing will be differentiated
-    and the native backend runs float32 inference: one call of its stack operator for all the
-    layers, without :func:`run_layer`'s choice of backend, masks and reversal for each layer
-    (~50 us a layer, a tenth of a small model's forward). ``None`` wherever :func:`run_layer`
-    has anything else to decide; the caller then runs the layers through it, which gives the
-    same numbers where this runs.
+    """A stack of layers of one or two directions over whole sequences (no lengths), in
+    evaluation mode or in training mode with no in-layer regulariser on, where nothing will be
+    differentiated and the native backend runs float32 inference: one call of its stack
+    operator for all the layers, without :func:`run_layer`'s choice of backend, masks and
+    reversal for each layer-direction (~50 us each, a tenth of a small model's forward; a
+    bidirectional layer's two directions at once, where the operator chooses it). ``None``
+    wherever :func:`run_layer` has anything else to decide; the caller then runs the layers
+    through it, which gives the same numbers where this runs.
 
     Args:
-        x: ``(T, B, I)``; h0, c0: ``(num_layers, B, P)`` and ``(num_layers, B, H)``, or both
-            ``None`` for zeros.
-        layers: each layer's parameters, as :func:`run_layer` takes them.
+        x: ``(T, B, I)``; h0, c0: ``(num_layers * directions, B, P)`` and
+            ``(num_layers * directions, B, H)``, or both ``None`` for zeros.
+        layers: each layer-direction's parameters, as :func:`run_layer` takes them, in
+            ``h0``'s order (a layer's reverse direction after its forward one).
         cell, backend, regularizers, training: as for :func:`run_layer` (evaluation: zoneout
             moves each unit by its expectation, the other regularisers are off). Dropout
             between layers is the caller's: it asks only where there is none.
+        directions: 2 for bidirectional layers (the second direction reversed in time).
 
     Returns:
-        ``(output, h_n, c_n)``: the top layer's ``(T, B, P)`` output and the layers' final
-        states ``(num_layers, B, P)`` and ``(num_layers, B, H)``, or ``None``.
+        ``(output, h_n, c_n)``: the top layer's ``(T, B, directions * P)`` output and the
+        layer-directions' final states, as ``h0`` and ``c0``, or ``None``.
     """
     if backend not in ("auto", "native") or x.dtype != torch.float32:
         return None
@@ -257,7 +261,7 @@ def infer_stack(
     if native.refusal(cell, x, layers[0]) is not None:
         return None
     zoneout = (regularizers.zoneout_h, regularizers.zoneout_c)
-    return native.infer_stack(cell, x, h0, c0, layers, zoneout)
+    return native.infer_stack(cell, x, h0, c0, layers, zoneout, directions)
 
 
 def infer_whole(

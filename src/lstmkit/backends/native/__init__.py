@@ -156,13 +156,14 @@ def _inference_fake(x, h0, c0, w_ih, w_hh, *_rest):
     return x.new_empty(steps, batch, w_hh.shape[1]), torch.empty_like(h0), torch.empty_like(c0)
 
 
-def _inference_stack_fake(x, h0, c0, params, kind, *_rest):
+def _inference_stack_fake(x, h0, c0, params, kind, zone_h_p, zone_c_p, directions=1):
     steps, batch, _ = x.shape
-    if h0 is None:  # zeros (L, B, P) and (L, B, H), from W_hh (4H or 3H, P)
-        w_hh, layers = params[1], len(params) // len(LAYER_NAMES)
-        h0 = x.new_empty(layers, batch, w_hh.shape[1])
-        c0 = x.new_empty(layers, batch, w_hh.shape[0] // cells.CELLS[kind].gates)
-    return x.new_empty(steps, batch, h0.shape[-1]), torch.empty_like(h0), torch.empty_like(c0)
+    if h0 is None:  # zeros (L D, B, P) and (L D, B, H), from W_hh (4H or 3H, P)
+        w_hh, count = params[1], len(params) // len(LAYER_NAMES)
+        h0 = x.new_empty(count, batch, w_hh.shape[1])
+        c0 = x.new_empty(count, batch, w_hh.shape[0] // cells.CELLS[kind].gates)
+    output = x.new_empty(steps, batch, directions * h0.shape[-1])
+    return output, torch.empty_like(h0), torch.empty_like(c0)
 
 
 def _linear_fake(a, weight, bias):
@@ -439,15 +440,20 @@ def infer_stack(
     c0: Tensor | None,
     layers: list[cells.Params],
     zoneout: tuple[float, float],
+    directions: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """float32 inference of a unidirectional stack (:func:`lstmkit.runner.infer_stack` decides
-    where) in one call of ``lstmkit::inference_stack``: each layer on the output of the one
-    below, from its state ``h0[k]``, ``c0[k]`` (zeros where both are ``None``), with zoneout's
-    evaluation probabilities ``zoneout``. Returns the top layer's output and the final states
-    ``(L, B, *)``."""
+    """float32 inference of a stack of layers of ``directions`` directions
+    (:func:`lstmkit.runner.infer_stack` decides where) in one call of
+    ``lstmkit::inference_stack``: each layer on the output of the one below (a bidirectional
+    layer's two directions side by side, the second reversed in time), layer-direction ``k``
+    (``layers[k]``) from its state ``h0[k]``, ``c0[k]`` (zeros where both are ``None``), with
+    zoneout's evaluation probabilities ``zoneout``. Returns the top layer's output and the final
+    states ``(L D, B, *)``."""
     weights = [params.get(name) for params in layers for name in LAYER_NAMES]
     # the overload itself: the packet's Python __call__ is one more frame (~4 us when cold)
-    return torch.ops.lstmkit.inference_stack.default(x, h0, c0, weights, cell.kind, *zoneout)
+    return torch.ops.lstmkit.inference_stack.default(
+        x, h0, c0, weights, cell.kind, *zoneout, directions
+    )
 
 
 def library() -> ModuleType | None:

@@ -33,7 +33,7 @@ using at::Tensor;
 using Stack = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const std::optional<Tensor>&,
                                                  const std::optional<Tensor>&,
                                                  const c10::List<std::optional<Tensor>>&,
-                                                 c10::string_view, double, double);
+                                                 c10::string_view, double, double, int64_t);
 
 // A tensor that the operator may take as it is: a torch.Tensor or nn.Parameter (no subclass,
 // which may have a __torch_function__ or __torch_dispatch__ of its own), on the CPU, and with
@@ -127,7 +127,8 @@ py::object infer_whole(py::handle input, py::handle hx, py::dict parameters, py:
   Tensor output, h_n, c_n;
   {
     py::gil_scoped_release others_run;  // as torch.ops calls do: other Python threads go on
-    std::tie(output, h_n, c_n) = stack.call(steps_first, h0, c0, weights, kind, zone_h_p, zone_c_p);
+    std::tie(output, h_n, c_n) =
+        stack.call(steps_first, h0, c0, weights, kind, zone_h_p, zone_c_p, 1);
   }
   if (one_step) {
     output = output.select(0, 0);

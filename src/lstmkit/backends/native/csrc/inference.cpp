@@ -224,6 +224,9 @@ struct Worker {
 // layer norms' backward reads (see training_forward in ops.h), split by rows (by units, the
 // training step at L took 898-902 ms against 836-847: the input half and the kept gates go in
 // per-gate pieces, and with W_hh alone to stream the halved traffic does not pay for the wait).
+// Inference of whole sequences may also run the steps from the last (`reverse`: a
+// bidirectional layer's second direction), write its output into `into` (a (T, B, P) view of
+// both directions' output), and use at most `most_threads` threads (0: torch's count).
 TrainingForward run(
     const Tensor& x, const Tensor& h0_in, const Tensor& c0_in, const Tensor& w_ih,
     const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
@@ -231,7 +234,8 @@ TrainingForward run(
     const std::optional<Tensor>& ln_ih_weight, const std::optional<Tensor>& ln_ih_bias,
     const std::optional<Tensor>& ln_hh_weight, const std::optional<Tensor>& ln_hh_bias,
     const std::optional<Tensor>& ln_c_weight, const std::optional<Tensor>& ln_c_bias, Kind kind,
-    double zone_h_p, double zone_c_p, at::IntArrayRef batch_sizes, bool keep) {
+    double zone_h_p, double zone_c_p, at::IntArrayRef batch_sizes, bool keep, bool reverse = false,
+    const Tensor& into = Tensor(), int64_t most_threads = 0) {
   const int64_t steps = x.size(0), batch = x.size(1), in = x.size(2);
   const int64_t hidden = c0_in.size(-1), proj = w_hh.size(1);
   const int64_t gates = gate_blocks(kind) * hidden;
@@ -253,12 +257,15 @@ TrainingForward run(
   const Weight weight_hr = projected ? prepare(*w_hr, proj, 0, proj, plain) : Weight();
 
   const bool ragged = !batch_sizes.empty();
+  TORCH_CHECK(!(reverse || into.defined()) || !(keep || ragged),
+              "lstmkit: a reversed layer, or one written into a given output, runs inference of "
+              "whole sequences only");
   // training's buffers from the pool (pool.h), inference's output from torch's allocator
   const auto buffer = [&](at::IntArrayRef shape) {
     if (keep) return pooled(shape, at::kFloat, ragged);
     return ragged ? at::zeros(shape, options) : at::empty(shape, options);
   };
-  Tensor output = buffer({steps, batch, proj});
+  Tensor output = into.defined() ? into : buffer({steps, batch, proj});
   // c_t in slot t % 2; or, kept for the backward, every c_t and every step's activated gates
   Tensor cells = keep ? buffer({steps, batch, hidden}) : at::empty({2, batch, hidden}, options);
   // what training keeps (see training_forward): empty tensors where it keeps nothing, nothing in
@@ -282,12 +289,17 @@ TrainingForward run(
   const auto slot = [keep](int64_t t) { return keep ? t : t % 2; };
   float* const gates_p = keep ? kept_gates.data_ptr<float>() : nullptr;
   float* const out_p = output.data_ptr<float>();
+  const int64_t so0 = output.stride(0), so1 = output.stride(1);
   float* const cells_p = cells.data_ptr<float>();
   const float* const x_p = xs.const_data_ptr<float>();
   const float* const h0_p = h0.const_data_ptr<float>();
   const float* const c0_p = c0.const_data_ptr<float>();
   const float zh = static_cast<float>(zone_h_p), zc = static_cast<float>(zone_c_p);
   const int64_t sx0 = xs.stride(0), sx1 = xs.stride(1);
+  // row b of the input and of the output at the t-th step run: at time t, or reversed T - 1 - t
+  const auto when = [steps, reverse](int64_t t) { return reverse ? steps - 1 - t : t; };
+  const auto x_row = [&](int64_t t, int64_t b) { return x_p + when(t) * sx0 + b * sx1; };
+  const auto out_row = [&](int64_t t, int64_t b) { return out_p + when(t) * so0 + b * so1; };
   const int64_t hr_panels = panels(proj);
   if (batch == 0) {  // nothing to run, and no worker to share it between
     return {output,
@@ -314,7 +326,10 @@ TrainingForward run(
   // threads, in one thread and in two: H = 128 (512 KB a layer) 224-230 and 235-242 us, H = 192
   // (1.2 MB) 426-461 and 294-329, H = 256 (2 MB) 695-724 and 420-440, H = 512 (8 MB) 2700 and
   // 1090-1250 (ONNX Runtime 1056).
-  const int64_t threads = plain && 2 * weight_bytes <= level2_bytes() ? 1 : at::get_num_threads();
+  const int64_t threads = plain && 2 * weight_bytes <= level2_bytes() ? 1
+                          : most_threads > 0
+                              ? std::min<int64_t>(most_threads, at::get_num_threads())
+                              : at::get_num_threads();
   const Split split =
       keep ? Split::kRows : choose_split(kind, projected, batch, hidden, large, threads);
   const int64_t wanted =
@@ -431,8 +446,8 @@ TrainingForward run(
         const float* const bias_p = worker.bias.const_data_ptr<float>();
         for (int64_t r = 0; r < n; ++r) {
           const int64_t b = worker.rows[r];
-          worker.xr[r] = x_p + t * sx0 + b * sx1;
-          worker.hr[r] = t == 0 ? h0_p + b * proj : out_p + ((t - 1) * batch + b) * proj;
+          worker.xr[r] = x_row(t, b);
+          worker.hr[r] = t == 0 ? h0_p + b * proj : out_row(t - 1, b);
         }
         const Operand input = operand(worker.xr.data(), worker.ih, in);
         const Operand recurrent = operand(worker.hr.data(), worker.hh, proj);
@@ -472,7 +487,7 @@ TrainingForward run(
             const int64_t later = std::min(worker.after(span), steps - t - span);
             for (int64_t q = 0; q < later; ++q) {
               for (int64_t r = 0; r < count; ++r) {
-                worker.xn[q * count + r] = x_p + (t + span + q) * sx0 + worker.rows[r] * sx1;
+                worker.xn[q * count + r] = x_row(t + span + q, worker.rows[r]);
               }
             }
             worker.side = {operand(worker.xn.data(), worker.ih, in), later * count, columns, bias_p,
@@ -481,7 +496,7 @@ TrainingForward run(
           if (ahead_at == 0 && !ready) {
             for (int64_t q = 0; q < span; ++q) {
               for (int64_t r = 0; r < count; ++r) {
-                worker.xb[q * count + r] = x_p + (t + q) * sx0 + worker.rows[r] * sx1;
+                worker.xb[q * count + r] = x_row(t + q, worker.rows[r]);
               }
             }
             const Operand inputs = operand(worker.xb.data(), worker.ih, in);
@@ -517,7 +532,7 @@ TrainingForward run(
           const float* c_prev =
               (t == 0 ? c0_p + b * hidden : cells_p + (slot(t - 1) * batch + b) * hidden) + j0;
           float* c_new = cells_p + (slot(t) * batch + b) * hidden + j0;
-          float* h_out = out_p + (t * batch + b) * proj + j0;
+          float* h_out = out_row(t, b) + j0;
           const int64_t at_t = t * batch + b;
           const float sd =
               gates_forward_row(worker.cell, z[r], c_prev, c_new, projected ? worker.mw[r] : h_out,
@@ -530,14 +545,13 @@ TrainingForward run(
           const Operand projection = operand(worker.mr.data(), weight_hr, hidden);
           product(&projection, 1, n, hr_panels, nullptr, worker.hw.data(), tiling);
           for (int64_t r = 0; r < n; ++r) {
-            std::memcpy(out_p + (t * batch + worker.rows[r]) * proj, worker.hw[r],
-                        proj * sizeof(float));
+            std::memcpy(out_row(t, worker.rows[r]), worker.hw[r], proj * sizeof(float));
           }
         }
         if (zh != 0.0f) {
           const int64_t zoned = projected ? proj : width;
           for (int64_t r = 0; r < n; ++r) {
-            zone(out_p + (t * batch + worker.rows[r]) * proj + j0, worker.hr[r] + j0, zh, zoned);
+            zone(out_row(t, worker.rows[r]) + j0, worker.hr[r] + j0, zh, zoned);
           }
         }
         if (split == Split::kUnits)
@@ -554,7 +568,7 @@ TrainingForward run(
   Tensor c_n = at::empty({batch, hidden}, options);
   for (int64_t b = 0, last = steps; b < batch; ++b) {
     while (last > 0 && sizes[last - 1] <= b) --last;  // sequence b runs steps [0, last)
-    const float* h = last == 0 ? h0_p + b * proj : out_p + ((last - 1) * batch + b) * proj;
+    const float* h = last == 0 ? h0_p + b * proj : out_row(last - 1, b);
     const float* c =
         last == 0 ? c0_p + b * hidden : cells_p + (slot(last - 1) * batch + b) * hidden;
     std::memcpy(h_n.data_ptr<float>() + b * proj, h, proj * sizeof(float));
@@ -605,6 +619,28 @@ void check_layer(const char* op, const Tensor& x, const Tensor& h0_in, const Ten
   check(ln_c_bias, layernorm, {hidden}, "ln_c_bias");
 }
 
+void check_zoneout(double zone_h_p, double zone_c_p) {
+  TORCH_CHECK(0 <= zone_h_p && zone_h_p < 1 && 0 <= zone_c_p && zone_c_p < 1,
+              "lstmkit::inference: zoneout probabilities must be in [0, 1), got ", zone_h_p,
+              " and ", zone_c_p);
+}
+
+// Whether a bidirectional layer's two directions, each with weights (W_ih and W_hh) of
+// `weight_bytes`, run at once, one thread each, rather than one after the other on every
+// thread: at two threads, where each direction then runs alone on its core without a wait per
+// step, and where the weights are not large (as choose_split says: each core then streams a
+// whole direction's, not half of each). Measured on an AMD EPYC Zen 4 (1 MB level-2, 32 MB
+// level-3), inference at 2 threads, time together / apart (alternated, noisy): bidirectional
+// H = I = 256 (2 and 3 MB), B = 32, 2 layers 0.86-0.96, B = 4 0.98, B = 64 0.99, B = 128 0.86;
+// H = 128, B = 1 0.89; H = 64, B = 8 0.99; but H = 384 (4.7 MB) B = 32 1.03, H = 512 (8 MB)
+// B = 32 1.04-1.15, B = 64 1.01-1.06. LSTMKIT_NATIVE_DIRECTIONS=together or =apart forces
+// either (tests).
+bool directions_together(int64_t weight_bytes) {
+  const std::string_view choice = forced("LSTMKIT_NATIVE_DIRECTIONS");
+  if (!choice.empty()) return choice == "together";
+  return at::get_num_threads() == 2 && weight_bytes <= kUnitsWeightsL2 * level2_bytes();
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> inference(
@@ -619,9 +655,7 @@ std::tuple<Tensor, Tensor, Tensor> inference(
   check_layer("lstmkit::inference", x, h0_in, c0_in, w_ih, w_hh, b_ih, b_hh, w_hr, peephole,
               ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_c_weight, ln_c_bias, kind_name,
               kind);
-  TORCH_CHECK(0 <= zone_h_p && zone_h_p < 1 && 0 <= zone_c_p && zone_c_p < 1,
-              "lstmkit::inference: zoneout probabilities must be in [0, 1), got ", zone_h_p,
-              " and ", zone_c_p);
+  check_zoneout(zone_h_p, zone_c_p);
   const TrainingForward out = run(x, h0_in, c0_in, w_ih, w_hh, b_ih, b_hh, w_hr, peephole,
                                   ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_c_weight,
                                   ln_c_bias, kind, zone_h_p, zone_c_p, batch_sizes, false);
@@ -632,63 +666,94 @@ std::tuple<Tensor, Tensor, Tensor> inference_stack(const Tensor& x, const std::o
                                                    const std::optional<Tensor>& c0,
                                                    const c10::List<std::optional<Tensor>>& params,
                                                    c10::string_view kind_name, double zone_h_p,
-                                                   double zone_c_p) {
+                                                   double zone_c_p, int64_t directions) {
   constexpr int64_t kPerLayer = 12;  // inference's parameters, weight_ih to ln_c_bias
-  const int64_t layers = static_cast<int64_t>(params.size()) / kPerLayer;
-  TORCH_CHECK(layers >= 1 && static_cast<int64_t>(params.size()) == layers * kPerLayer &&
-                  params.get(1).has_value() && params.get(1)->dim() == 2 && x.dim() == 3,
-              "lstmkit::inference_stack takes an input (T, B, I) and 12 parameters a layer, "
-              "a 2-D weight_hh among them, got an input of ",
-              x.sizes(), " and ", params.size(), " parameters");
+  TORCH_CHECK(directions == 1 || directions == 2,
+              "lstmkit::inference_stack runs 1 or 2 directions, got ", directions);
+  const int64_t count = static_cast<int64_t>(params.size()) / kPerLayer;  // layer-directions
+  const int64_t layers = count / directions;
+  TORCH_CHECK(layers >= 1 && static_cast<int64_t>(params.size()) == count * kPerLayer &&
+                  count == layers * directions && params.get(1).has_value() &&
+                  params.get(1)->dim() == 2 && x.dim() == 3,
+              "lstmkit::inference_stack takes an input (T, B, I) and 12 parameters a "
+              "layer-direction, a 2-D weight_hh among them, got an input of ",
+              x.sizes(), " and ", params.size(), " parameters for ", directions, " directions");
   TORCH_CHECK(h0.has_value() == c0.has_value(),
               "lstmkit::inference_stack takes h0 and c0 or neither, got ",
               h0.has_value() ? "h0 alone" : "c0 alone");
-  // Without states, zeros: (L, B, P) and (L, B, H), P and H from the top layer's W_hh (all
+  check_zoneout(zone_h_p, zone_c_p);
+  // Without states, zeros: (L D, B, P) and (L D, B, H), P and H from the first W_hh (all
   // layers' are alike), made here rather than by two more calls from Python (~7 us of a call).
   const Tensor& w_hh = *params.get(1);
   const int64_t proj = w_hh.size(1);
   const Kind kind = parse_kind(std::string_view(kind_name.data(), kind_name.size()));
   const int64_t hidden = w_hh.size(0) / gate_blocks(kind);
   const auto zeros = [&](int64_t size) {
-    Tensor out = at::empty({layers, x.size(1), size}, x.options());
+    Tensor out = at::empty({count, x.size(1), size}, x.options());
     std::memset(out.data_ptr(), 0, out.nbytes());
     return out;
   };
   const Tensor h_in = h0.has_value() ? h0->contiguous() : zeros(proj);
   const Tensor c_in = c0.has_value() ? c0->contiguous() : zeros(hidden);
-  TORCH_CHECK(
-      h_in.dim() == 3 && c_in.dim() == 3 && h_in.size(0) == layers && c_in.size(0) == layers,
-      "lstmkit::inference_stack takes h0 (L, B, P) and c0 (L, B, H) for its ", layers,
-      " layers, got h0 ", h_in.sizes(), " and c0 ", c_in.sizes());
+  TORCH_CHECK(h_in.dim() == 3 && c_in.dim() == 3 && h_in.size(0) == count && c_in.size(0) == count,
+              "lstmkit::inference_stack takes h0 (L D, B, P) and c0 (L D, B, H) for its ", layers,
+              " layers of ", directions, " directions, got h0 ", h_in.sizes(), " and c0 ",
+              c_in.sizes());
   TORCH_CHECK(h_in.scalar_type() == at::kFloat && c_in.scalar_type() == at::kFloat,
               "lstmkit::inference_stack takes float32 states, got ", h_in.scalar_type(), " and ",
               c_in.scalar_type());
-  // Each layer's states as views made without the dispatcher (a select costs ~1 us, as much
-  // as a fifth of a small layer's step), its final ones copied into the stacked outputs.
+  // Each layer-direction's states as views made without the dispatcher (a select costs ~1 us,
+  // as much as a fifth of a small layer's step), its final ones copied into the stacked outputs.
   Tensor h_n = at::empty(h_in.sizes(), h_in.options());
   Tensor c_n = at::empty(c_in.sizes(), c_in.options());
-  const auto layer_of = [](const Tensor& states, int64_t layer) {
+  const auto layer_of = [](const Tensor& states, int64_t k) {
     const int64_t size = states.size(1) * states.size(2);
-    return at::from_blob(const_cast<float*>(states.const_data_ptr<float>()) + layer * size,
+    return at::from_blob(const_cast<float*>(states.const_data_ptr<float>()) + k * size,
                          {states.size(1), states.size(2)}, states.options());
   };
-  const auto copy_into = [](Tensor& states, int64_t layer, const Tensor& final) {
-    std::memcpy(states.data_ptr<float>() + layer * final.numel(), final.const_data_ptr<float>(),
+  const auto copy_into = [](Tensor& states, int64_t k, const Tensor& final) {
+    std::memcpy(states.data_ptr<float>() + k * final.numel(), final.const_data_ptr<float>(),
                 final.numel() * sizeof(float));
   };
   Tensor input = x;
   for (int64_t layer = 0; layer < layers; ++layer) {
-    const auto param = [&](int64_t i) { return params.get(layer * kPerLayer + i); };
-    const std::optional<Tensor> w_ih = param(0), w_hh = param(1);
-    TORCH_CHECK(w_ih.has_value() && w_hh.has_value(), "lstmkit::inference_stack: layer ", layer,
-                " needs weight_ih and weight_hh");
-    auto [output, h, c] =
-        inference(input, layer_of(h_in, layer), layer_of(c_in, layer), *w_ih, *w_hh, param(2),
-                  param(3), param(4), param(5), param(6), param(7), param(8), param(9), param(10),
-                  param(11), kind_name, zone_h_p, zone_c_p, {});
+    // both directions write their halves of one (T, B, 2P) output
+    Tensor output =
+        directions == 2 ? at::empty({x.size(0), x.size(1), 2 * proj}, x.options()) : Tensor();
+    const auto param = [&](int64_t k, int64_t i) { return params.get(k * kPerLayer + i); };
+    for (int64_t k = layer * directions; k < (layer + 1) * directions; ++k) {
+      TORCH_CHECK(param(k, 0).has_value() && param(k, 1).has_value(),
+                  "lstmkit::inference_stack: layer-direction ", k,
+                  " needs weight_ih and weight_hh");
+      check_layer("lstmkit::inference_stack", input, layer_of(h_in, k), layer_of(c_in, k),
+                  *param(k, 0), *param(k, 1), param(k, 2), param(k, 3), param(k, 4), param(k, 5),
+                  param(k, 6), param(k, 7), param(k, 8), param(k, 9), param(k, 10), param(k, 11),
+                  kind_name, kind);
+    }
+    // layer-direction k (direction k - layer D), on at most `threads` threads (0: all)
+    const auto forward = [&](int64_t k, int64_t threads) {
+      const int64_t direction = k - layer * directions;
+      const TrainingForward out = run(
+          input, layer_of(h_in, k), layer_of(c_in, k), *param(k, 0), *param(k, 1), param(k, 2),
+          param(k, 3), param(k, 4), param(k, 5), param(k, 6), param(k, 7), param(k, 8), param(k, 9),
+          param(k, 10), param(k, 11), kind, zone_h_p, zone_c_p, {}, false, direction == 1,
+          directions == 2 ? output.narrow(2, direction * proj, proj) : Tensor(), threads);
+      copy_into(h_n, k, std::get<1>(out));
+      copy_into(c_n, k, std::get<2>(out));
+      if (directions == 1) output = std::get<0>(out);
+    };
+    const int64_t weight_bytes = (param(layer * directions, 0)->numel() + w_hh.numel()) *
+                                 static_cast<int64_t>(sizeof(float));
+    if (directions == 2 && directions_together(weight_bytes)) {
+      at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t direction = begin; direction < end; ++direction) {
+          forward(layer * 2 + direction, 1);
+        }
+      });
+    } else {
+      for (int64_t k = layer * directions; k < (layer + 1) * directions; ++k) forward(k, 0);
+    }
     input = std::move(output);
-    copy_into(h_n, layer, h);
-    copy_into(c_n, layer, c);
   }
   return {input, h_n, c_n};
 }

@@ -34,7 +34,8 @@ TORCH_LIBRARY(lstmkit, m) {
       "int[] batch_sizes) -> (Tensor output, Tensor h_n, Tensor c_n)");
   m.def(
       "inference_stack(Tensor x, Tensor? h0, Tensor? c0, Tensor?[] params, str kind, "
-      "float zone_h_p, float zone_c_p) -> (Tensor output, Tensor h_n, Tensor c_n)");
+      "float zone_h_p, float zone_c_p, int directions=1) -> (Tensor output, Tensor h_n, "
+      "Tensor c_n)");
   m.def(
       "training_forward(Tensor x, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, Tensor? weight_ch, "

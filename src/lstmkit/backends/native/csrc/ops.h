@@ -49,15 +49,17 @@ std::tuple<Tensor, Tensor, Tensor> inference(
     const std::optional<Tensor>& ln_c_weight, const std::optional<Tensor>& ln_c_bias,
     c10::string_view kind_name, double zone_h_p, double zone_c_p, at::IntArrayRef batch_sizes);
 
-// inference of a unidirectional stack of layers, each on the output of the one below from its
-// state h0[k], c0[k] ((L, B, P) and (L, B, H); zeros where neither is given), `params` holding
-// each layer's twelve parameters in inference's order: one operator call for the whole stack
-// (streaming calls it once a step). (output of the top layer, h_n, c_n), the states (L, B, *).
+// inference of a stack of layers of `directions` directions (1, or 2: bidirectional, the
+// second reversed in time, their outputs side by side), each layer on the output of the one
+// below, layer-direction k from its state h0[k], c0[k] ((L D, B, P) and (L D, B, H); zeros where
+// neither is given), `params` holding each layer-direction's twelve parameters in inference's
+// order: one operator call for the whole stack (streaming calls it once a step). (output of the
+// top layer (T, B, D P), h_n, c_n), the states (L D, B, *).
 std::tuple<Tensor, Tensor, Tensor> inference_stack(const Tensor& x, const std::optional<Tensor>& h0,
                                                    const std::optional<Tensor>& c0,
                                                    const c10::List<std::optional<Tensor>>& params,
                                                    c10::string_view kind_name, double zone_h_p,
-                                                   double zone_c_p);
+                                                   double zone_c_p, int64_t directions);
 
 // (output, h_n, c_n, gates, cells, hhat, chat, rstd, products_ih, stats_ih): see
 // training_forward.
