@@ -525,24 +525,34 @@ def test_linear_reads_a_transposed_a_as_it_lies(threads, tile_panels, rows, dept
 
 @needs_native
 @pytest.mark.parametrize(("steps", "batch"), [(7, 5), (1, 3), (4, 0), (300, 2)])
-@pytest.mark.parametrize("with_input", [True, False], ids=["x", "no x"])
-def test_weight_gradients_equal_float64_products(threads, tile_panels, steps, batch, with_input):
-    """lstmkit::weight_gradients (training's weight gradients without layer norm): dz^T x and
-    dz^T [h0; output[:-1]] against float64 products, with one step, an empty batch and more rows
-    than a block; without x its first result is empty; opcheck."""
+@pytest.mark.parametrize("operands", ["both", "no x", "x alone"])
+def test_weight_gradients_equal_float64_products(threads, tile_panels, steps, batch, operands):
+    """lstmkit::weight_gradients (training's weight gradients): dz^T x and dz^T [h0;
+    output[:-1]] against float64 products, with one step, an empty batch and more rows than a
+    block; without x its first result is empty, without h0 and output its second (layer norm's
+    W_ih gradient, from its own dz); opcheck. Neither is refused by name."""
     torch.manual_seed(steps)
     gates, size, proj = 44, 13, 6
     dz, x = torch.randn(steps, batch, gates), torch.randn(steps, batch, size)
     h0, output = torch.randn(batch, proj), torch.randn(steps, batch, proj)
-    args = (dz, x if with_input else None, h0, output)
+    args = (
+        dz,
+        None if operands == "no x" else x,
+        *((None, None) if operands == "x alone" else (h0, output)),
+    )
     dw_ih, dw_hh = torch.ops.lstmkit.weight_gradients(*args)
     flat = dz.double().reshape(-1, gates)
     previous = torch.cat([h0.unsqueeze(0), output[:-1]]).double().reshape(-1, proj)
-    assert_close_to_scale(dw_hh, flat.t() @ previous)
-    if with_input:
-        assert_close_to_scale(dw_ih, flat.t() @ x.double().reshape(-1, size))
+    if operands == "x alone":
+        assert dw_hh.numel() == 0
     else:
+        assert_close_to_scale(dw_hh, flat.t() @ previous)
+    if operands == "no x":
         assert dw_ih.numel() == 0
+    else:
+        assert_close_to_scale(dw_ih, flat.t() @ x.double().reshape(-1, size))
+    with pytest.raises(RuntimeError, match="x or both of h0 and output"):
+        torch.ops.lstmkit.weight_gradients(dz, None, None, None)
     torch.library.opcheck(torch.ops.lstmkit.weight_gradients.default, args)
 
 

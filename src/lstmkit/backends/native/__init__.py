@@ -9,12 +9,13 @@ whole layer instead, input products included: ``torch.ops.lstmkit.inference``
 the batch is small, for the whole sequence. Training of the same float32 layers without masks
 runs that kernel too, keeping every step's gates and cell state (and layer norm's normalised
 values): ``torch.ops.lstmkit.training_forward``, whose backward is the recurrence's backward
-operator and then the input half's gradients (without layer norm, both weights' together:
-``torch.ops.lstmkit.weight_gradients``). Otherwise the input half of the gates is one
-product over all steps, ``torch.ops.lstmkit.linear`` on the same kernel for the plain
-``x W_ih^T + b`` in float32 (its autograd formula gives the input's gradient on that kernel too,
-``weight_ih``'s by ATen), else the cell's own :meth:`~lstmkit.cells.Cell.project_input`; and the
-recurrence operator runs the steps.
+operator and then the input half's gradients, the weights' on the same product kernel
+(``torch.ops.lstmkit.weight_gradients``: without layer norm both together, from one dL/dz;
+with it each from its own, W_hh's inside the backward operator). Otherwise the input half of
+the gates is one product over all steps, ``torch.ops.lstmkit.linear`` on the same kernel for
+the plain ``x W_ih^T + b`` in float32 (its autograd formula gives the input's gradient on that
+kernel too, ``weight_ih``'s by ATen), else the cell's own
+:meth:`~lstmkit.cells.Cell.project_input`; and the recurrence operator runs the steps.
 Python adds what makes the operators behave like any PyTorch operator:
 a fake (shape-only) implementation of each, for ``torch.compile`` and ``torch.export``, and the
 forward's autograd formula, which calls the backward operator. When autograd asks for
@@ -259,7 +260,9 @@ def _training_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_kept):
         db = dln_ih_b = dln_hh_b
         # dxp (this backward's own buffer) becomes the gradient of x W_ih^T
         dln_ih_w = torch.ops.lstmkit.layer_norm_backward_(dxp, products_ih, stats_ih, ln_ih_w)
-        dx, dw_ih, _ = _linear_gradients(dxp, x, w_ih, False, (needs[0], needs[3], False))
+        dx, _, _ = _linear_gradients(dxp, x, w_ih, False, (needs[0], False, False))
+        # W_ih's on the product kernel (W_hh's: recurrence_backward's, from LN_hh's gradient)
+        dw_ih = torch.ops.lstmkit.weight_gradients(dxp, x, None, None)[0] if needs[3] else None
     else:
         dln_ih_w = dln_ih_b = None
         biases = needs[5] or needs[6]
@@ -295,7 +298,7 @@ def _backward_fake(
 def _weight_gradients_fake(dz, x, h0, output):
     gates = dz.shape[2]
     dw_ih = dz.new_empty(0) if x is None else dz.new_empty(gates, x.shape[2])
-    return dw_ih, dz.new_empty(gates, h0.shape[1])
+    return dw_ih, dz.new_empty(0) if h0 is None else dz.new_empty(gates, h0.shape[1])
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -45,7 +45,7 @@ TORCH_LIBRARY(lstmkit, m) {
       "Tensor rstd, Tensor products_ih, Tensor stats_ih)");
   m.def("linear(Tensor a, Tensor weight, Tensor? bias) -> Tensor");
   m.def(
-      "weight_gradients(Tensor dz, Tensor? x, Tensor h0, Tensor output) -> (Tensor dweight_ih, "
+      "weight_gradients(Tensor dz, Tensor? x, Tensor? h0, Tensor? output) -> (Tensor dweight_ih, "
       "Tensor dweight_hh)");
   m.def(
       "layer_norm_backward_(Tensor(a!) grad, Tensor input, Tensor stats, Tensor weight) -> "

@@ -108,11 +108,12 @@ void backward_kept(const Tensor& grad_output, Tensor& dh, Tensor& dc, const Tens
 Tensor linear(const Tensor& a, const Tensor& weight, const std::optional<Tensor>& bias);
 
 // The weight gradients of a layer's two products from dz = dL/dz (T, B, G), when the recurrent
-// product's input is the layer's output (no recurrent mask): dz^T x (G, I) where x is given
-// (else an empty tensor), and dz^T [h0; output[0 .. T - 2]] (G, P). Both share each block of
-// dz^T, transposed once.
+// product's input is the layer's output (no recurrent mask): dz^T x (G, I) where x is given,
+// and dz^T [h0; output[0 .. T - 2]] (G, P) where h0 and output are (else empty tensors). Both
+// share each block of dz^T, transposed once.
 std::tuple<Tensor, Tensor> weight_gradients(const Tensor& dz, const std::optional<Tensor>& x,
-                                            const Tensor& h0, const Tensor& output);
+                                            const std::optional<Tensor>& h0,
+                                            const std::optional<Tensor>& output);
 
 // Layer norm's backward in place, float32: grad (..., G), the gradient of gain LN(input) + shift,
 // becomes that of `input` (same shape), from the input, its mean and 1 / std (stats: (2, ...),

@@ -521,22 +521,28 @@ Tensor linear(const Tensor& a_in, const Tensor& weight, const std::optional<Tens
 }
 
 std::tuple<Tensor, Tensor> weight_gradients(const Tensor& dz, const std::optional<Tensor>& x,
-                                            const Tensor& h0, const Tensor& output) {
-  TORCH_CHECK(dz.scalar_type() == at::kFloat && dz.dim() == 3 && h0.dim() == 2 &&
-                  output.dim() == 3 && output.size(0) == dz.size(0) &&
-                  output.size(1) == dz.size(1) && h0.sizes() == output[0].sizes() &&
-                  (!x.has_value() ||
-                   (x->dim() == 3 && x->size(0) == dz.size(0) && x->size(1) == dz.size(1))),
-              "lstmkit::weight_gradients takes float32 dz (T, B, G), x (T, B, I), h0 (B, P) and "
-              "output (T, B, P), got dz ",
-              dz.sizes(), ", x ", x.has_value() ? x->sizes() : at::IntArrayRef{}, ", h0 ",
-              h0.sizes(), " and output ", output.sizes());
+                                            const std::optional<Tensor>& h0,
+                                            const std::optional<Tensor>& output) {
+  const bool recurrent = h0.has_value();
+  TORCH_CHECK(
+      dz.scalar_type() == at::kFloat && dz.dim() == 3 && output.has_value() == recurrent &&
+          (recurrent || x.has_value()) &&
+          (!recurrent || (h0->dim() == 2 && output->dim() == 3 && output->size(0) == dz.size(0) &&
+                          output->size(1) == dz.size(1) && h0->sizes() == (*output)[0].sizes())) &&
+          (!x.has_value() ||
+           (x->dim() == 3 && x->size(0) == dz.size(0) && x->size(1) == dz.size(1))),
+      "lstmkit::weight_gradients takes float32 dz (T, B, G), x (T, B, I), h0 (B, P) and "
+      "output (T, B, P), x or both of h0 and output, got dz ",
+      dz.sizes(), ", x ", x.has_value() ? x->sizes() : at::IntArrayRef{}, ", h0 ",
+      recurrent ? h0->sizes() : at::IntArrayRef{}, " and output ",
+      output.has_value() ? output->sizes() : at::IntArrayRef{});
   const int64_t steps = dz.size(0), batch = dz.size(1), rows = steps * batch;
-  const int64_t proj = h0.size(1);
+  const int64_t proj = recurrent ? h0->size(1) : 0;
   const auto options = dz.options();
+  const auto none = [&options] { return at::empty({0}, options); };
   if (rows == 0 || dz.size(2) == 0) {  // no sum, or no rows of the gradients
-    return {x.has_value() ? at::zeros({dz.size(2), x->size(2)}, options) : at::empty({0}, options),
-            at::zeros({dz.size(2), proj}, options)};
+    return {x.has_value() ? at::zeros({dz.size(2), x->size(2)}, options) : none(),
+            recurrent ? at::zeros({dz.size(2), proj}, options) : none()};
   }
   // dz^T (G, T B) times [x] and [h0; output[0 .. T - 2]] (the recurrent product's inputs), both
   // packed from their rows as they lie
@@ -546,22 +552,25 @@ std::tuple<Tensor, Tensor> weight_gradients(const Tensor& dz, const std::optiona
     for (int64_t r = 0; r < t.size(0); ++r) out.push_back(p + r * t.size(1));
   };
   std::vector<Packed> weights;
-  Tensor xs, hs = h0.contiguous(), previous;
+  Tensor xs, hs, previous;
   if (x.has_value()) {
     xs = x->reshape({rows, x->size(2)}).contiguous();
     std::vector<const float*> x_rows;
     rows_of(xs, x_rows);
     weights.push_back({pack_rows(x_rows, xs.size(1)), xs.size(1), Tensor()});
   }
-  std::vector<const float*> h_rows;
-  rows_of(hs, h_rows);
-  if (steps > 1) {
-    previous = output.narrow(0, 0, steps - 1).reshape({(steps - 1) * batch, proj}).contiguous();
-    rows_of(previous, h_rows);
+  if (recurrent) {
+    hs = h0->contiguous();
+    std::vector<const float*> h_rows;
+    rows_of(hs, h_rows);
+    if (steps > 1) {
+      previous = output->narrow(0, 0, steps - 1).reshape({(steps - 1) * batch, proj}).contiguous();
+      rows_of(previous, h_rows);
+    }
+    weights.push_back({pack_rows(h_rows, proj), proj, Tensor()});
   }
-  weights.push_back({pack_rows(h_rows, proj), proj, Tensor()});
   std::vector<Tensor> out = linears(dz_t, weights);
-  return {x.has_value() ? out[0] : at::empty({0}, options), out.back()};
+  return {x.has_value() ? out[0] : none(), recurrent ? out.back() : none()};
 }
 
 }  // namespace lstmkit

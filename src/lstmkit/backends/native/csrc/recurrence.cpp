@@ -527,6 +527,8 @@ Backward recurrence_backward(
       dw_hh.addmm_(flat.narrow(0, batch, (steps - 1) * batch).t(),
                    (previous * l.recurrent).view({(steps - 1) * batch, proj}));
     }
+  } else if (drec.scalar_type() == at::kFloat) {  // on the product kernel, as the caller's
+    dw_hh = std::get<1>(weight_gradients(drec, std::nullopt, h0, output));
   } else {
     dw_hh = at::mm(drec[0].t(), h0);
     if (steps > 1) {
