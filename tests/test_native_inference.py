@@ -487,6 +487,29 @@ def test_stack_without_states_starts_from_zeros(cell):
 
 
 @needs_native
+@pytest.mark.parametrize("directions", [1, 2])
+def test_stack_refuses_bad_arguments_by_name(directions):
+    """Zoneout probabilities outside [0, 1), a direction count other than 1 or 2, and states
+    for the wrong number of layer-directions: each refused naming the operator and what it
+    got."""
+    ours, _ = twins("lstm", hidden=6, num_layers=2, bidirectional=directions == 2)
+    names = lstmkit.backends.native.LAYER_NAMES
+    layers = [ours._layer_params(k // directions, k % directions) for k in range(2 * directions)]
+    weights = [p.get(n) for p in layers for n in names]
+    x = torch.randn(5, 3, 5)
+    stack = torch.ops.lstmkit.inference_stack.default
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match=r"inference_stack: zoneout .* got 1.5 and 0"):
+            stack(x, None, None, weights, "lstm", 1.5, 0.0, directions)
+        with pytest.raises(RuntimeError, match="runs 1 or 2 directions, got 3"):
+            stack(x, None, None, weights, "lstm", 0.0, 0.0, 3)
+        count = 2 * directions + 1  # one layer-direction too many
+        states = torch.zeros(count, 3, 6)
+        with pytest.raises(RuntimeError, match=rf"takes h0 \(L D, B, P\).* got h0 \[{count}, 3"):
+            stack(x, states, states, weights, "lstm", 0.0, 0.0, directions)
+
+
+@needs_native
 def test_compile_keeps_the_inference_operator():
     torch._dynamo.reset()
     model = lstmkit.LSTM(3, 4, num_layers=2, bidirectional=True).eval()

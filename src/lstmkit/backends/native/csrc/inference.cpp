@@ -619,10 +619,10 @@ void check_layer(const char* op, const Tensor& x, const Tensor& h0_in, const Ten
   check(ln_c_bias, layernorm, {hidden}, "ln_c_bias");
 }
 
-void check_zoneout(double zone_h_p, double zone_c_p) {
-  TORCH_CHECK(0 <= zone_h_p && zone_h_p < 1 && 0 <= zone_c_p && zone_c_p < 1,
-              "lstmkit::inference: zoneout probabilities must be in [0, 1), got ", zone_h_p,
-              " and ", zone_c_p);
+// zoneout's probabilities for operator `op` (named in the message).
+void check_zoneout(const char* op, double zone_h_p, double zone_c_p) {
+  TORCH_CHECK(0 <= zone_h_p && zone_h_p < 1 && 0 <= zone_c_p && zone_c_p < 1, op,
+              ": zoneout probabilities must be in [0, 1), got ", zone_h_p, " and ", zone_c_p);
 }
 
 // Whether a bidirectional layer's two directions, each with weights (W_ih and W_hh) of
@@ -655,7 +655,7 @@ std::tuple<Tensor, Tensor, Tensor> inference(
   check_layer("lstmkit::inference", x, h0_in, c0_in, w_ih, w_hh, b_ih, b_hh, w_hr, peephole,
               ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_c_weight, ln_c_bias, kind_name,
               kind);
-  check_zoneout(zone_h_p, zone_c_p);
+  check_zoneout("lstmkit::inference", zone_h_p, zone_c_p);
   const TrainingForward out = run(x, h0_in, c0_in, w_ih, w_hh, b_ih, b_hh, w_hr, peephole,
                                   ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_c_weight,
                                   ln_c_bias, kind, zone_h_p, zone_c_p, batch_sizes, false);
@@ -681,7 +681,7 @@ std::tuple<Tensor, Tensor, Tensor> inference_stack(const Tensor& x, const std::o
   TORCH_CHECK(h0.has_value() == c0.has_value(),
               "lstmkit::inference_stack takes h0 and c0 or neither, got ",
               h0.has_value() ? "h0 alone" : "c0 alone");
-  check_zoneout(zone_h_p, zone_c_p);
+  check_zoneout("lstmkit::inference_stack", zone_h_p, zone_c_p);
   // Without states, zeros: (L D, B, P) and (L D, B, H), P and H from the first W_hh (all
   // layers' are alike), made here rather than by two more calls from Python (~7 us of a call).
   const Tensor& w_hh = *params.get(1);
