@@ -100,6 +100,18 @@ def test_one_row_a_worker_reads_w_hh_either_way(monkeypatch, threads, cell, spli
         assert_close_to_reference(ours, reference, torch.randn(9, batch, 5))
 
 
+def triplets(cell: str, size: int, hidden: int, proj_size: int):
+    """Two stacked layers with zoneout, float32 (`ours`) and its float64 reference twin, and
+    the same weights without zoneout (what training's forward runs)."""
+    options = {"cell": cell, "proj_size": proj_size, "zoneout": (0.2, 0.1)}
+    ours = lstmkit.LSTM(size, hidden, 2, **options)
+    reference = lstmkit.LSTM(size, hidden, 2, backend="reference", dtype=torch.float64, **options)
+    reference.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    plain = lstmkit.LSTM(size, hidden, 2, cell=cell, proj_size=proj_size)
+    plain.load_state_dict(ours.state_dict())
+    return ours, reference, plain
+
+
 @needs_native
 @pytest.mark.parametrize("split", ["rows", "units"])
 @pytest.mark.parametrize("cell", CELLS)
@@ -116,13 +128,7 @@ def test_input_half_beside_the_one_row_product_or_ahead_in_blocks(
     shapes = [(1, 5, 40, 0), (threads, 50, 33, 7 if cell != "layernorm" else 0)]
     for batch, size, hidden, proj_size in shapes:
         torch.manual_seed(batch)
-        options = {"cell": cell, "proj_size": proj_size, "zoneout": (0.2, 0.1)}
-        ours = lstmkit.LSTM(size, hidden, 2, **options)
-        reference = lstmkit.LSTM(size, hidden, 2, backend="reference", dtype=torch.float64,
-                                 **options)  # fmt: skip
-        reference.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
-        plain = lstmkit.LSTM(size, hidden, 2, cell=cell, proj_size=proj_size)  # training's
-        plain.load_state_dict(ours.state_dict())
+        ours, reference, plain = triplets(cell, size, hidden, proj_size)
         x = torch.randn(150, batch, size)
         hx = (torch.randn(2, batch, proj_size or hidden), torch.randn(2, batch, hidden))
         lengths = torch.randint(100, 151, (batch,))
@@ -139,6 +145,48 @@ def test_input_half_beside_the_one_row_product_or_ahead_in_blocks(
         leaves = torch.utils._pytree.tree_leaves
         for a, b in zip(leaves(runs["beside"]), leaves(runs["block"]), strict=True):
             assert torch.equal(a, b)
+
+
+@needs_native
+@pytest.mark.parametrize("split", ["rows", "units"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_many_rows_input_ahead_or_each_step_fetching_or_not(
+    monkeypatch, threads, tile_panels, cell, split
+):
+    """A worker of many rows computes its input half ahead, four steps at once, or at each step
+    with the recurrent half (LSTMKIT_NATIVE_INPUT forces either; layernorm always at each step),
+    and its row tiles fetch the panels after them into the level-2 cache or not
+    (LSTMKIT_NATIVE_FETCH): the same sums in the same order, so the same bits in inference and
+    in training's forward and backward, all equal to the reference. 30 rows give every worker
+    12 or more at up to 2 threads (row tiles, not the tiles of one or two rows); T = 11 runs
+    blocks of 4, 4 and 3, lengths a shorter last block; H = 40 and 33 have short panel groups
+    (one panel left after the tiles of two); I = 5 and 50 give the input a K shorter and longer
+    than W_hh's; a given state, zoneout and a projection."""
+    monkeypatch.setenv("LSTMKIT_NATIVE_SPLIT", split)
+    for size, hidden, proj_size in [(5, 40, 0), (50, 33, 7 if cell != "layernorm" else 0)]:
+        torch.manual_seed(hidden)
+        ours, reference, plain = triplets(cell, size, hidden, proj_size)
+        x = torch.randn(11, 30, size)
+        hx = (torch.randn(2, 30, proj_size or hidden), torch.randn(2, 30, hidden))
+        lengths = torch.randint(5, 12, (30,))
+        runs = []
+        for route in ("ahead", "each-step"):
+            for fetch in ("on", "off"):
+                monkeypatch.setenv("LSTMKIT_NATIVE_INPUT", route)
+                monkeypatch.setenv("LSTMKIT_NATIVE_FETCH", fetch)
+                assert_close_to_reference(ours.eval(), reference.eval(), x, hx, lengths)
+                with torch.no_grad():
+                    inference = ours(x, hx, lengths=lengths), ours(x)
+                x_grad = x.clone().requires_grad_()
+                plain.zero_grad(set_to_none=True)
+                output, (h_n, c_n) = plain(x_grad, hx)
+                (output.sum() + h_n.sum() + c_n.sum()).backward()
+                grads = [p.grad for p in plain.parameters()]
+                runs.append((inference, output, h_n, c_n, x_grad.grad, grads))
+        leaves = torch.utils._pytree.tree_leaves
+        for run in runs[1:]:
+            for a, b in zip(leaves(runs[0]), leaves(run), strict=True):
+                assert torch.equal(a, b)
 
 
 @needs_native

@@ -31,7 +31,7 @@ void backward_kept(const Tensor& grad_output, Tensor& dh, Tensor& dc, const Tens
   const Tensor packed_hh = pack(w_hh.t());                         // dz W_hh
   const Tensor packed_hr = projected ? pack(w_hr.t()) : Tensor();  // dL/dh' W_hr
   const int64_t p_panels = panels(proj), h_panels = panels(hidden);
-  const int tiling = tile_panels();
+  const Tiling layout = tiling();
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), batch);
   const Kind kind_of = parse_kind(kind);
   const bool layernorm = kind_of == Kind::kLayerNorm;
@@ -94,7 +94,7 @@ void backward_kept(const Tensor& grad_output, Tensor& dh, Tensor& dc, const Tens
         }
         if (projected) {
           const Operand projection{dh_read.data(), packed_hr.const_data_ptr<float>(), proj};
-          product(&projection, 1, n, h_panels, nullptr, dm_rows.data(), tiling);
+          product(&projection, 1, n, h_panels, nullptr, dm_rows.data(), layout);
         }
         for (int64_t r = 0; r < n; ++r) {
           const int64_t b = mine[r], at_t = t * batch + b;
@@ -116,7 +116,7 @@ void backward_kept(const Tensor& grad_output, Tensor& dh, Tensor& dc, const Tens
           }
         }
         const Operand recurrent{dz_read.data(), packed_hh.const_data_ptr<float>(), rows};
-        product(&recurrent, 1, n, p_panels, nullptr, dh_rows.data(), tiling);
+        product(&recurrent, 1, n, p_panels, nullptr, dh_rows.data(), layout);
       }
       for (int64_t r = 0; r < count; ++r) {
         std::memcpy(dh_p + mine[r] * proj, dh_rows[r], proj * sizeof(float));

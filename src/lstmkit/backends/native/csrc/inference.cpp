@@ -109,15 +109,6 @@ constexpr int64_t kAheadValues = 65536;  // of a worker's input half computed ah
 // 0.95-0.99 and 0.96-1.00; four 0.95-1.04 and 1.00-1.12; eight (S at 1 thread) 1.03 and 1.04.
 constexpr int64_t kLayerNormAheadRows = 2;
 
-// A core's level-2 cache in bytes, as the C library reports it (512 KB where it does not).
-int64_t level2_bytes() {
-  static const int64_t bytes = [] {
-    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return reported > 0 ? static_cast<int64_t>(reported) : int64_t{512} << 10;
-  }();
-  return bytes;
-}
-
 // Whether a worker of one row whose input half goes ahead in blocks computes the next block's
 // beside each step's recurrent product (panels.h's product_beside) rather than all of it at the
 // block's first step, its packed weights (W_ih and W_hh) being `weights_bytes`: where they stay
@@ -132,6 +123,28 @@ bool ahead_beside(int64_t weights_bytes) {
   if (choice == "beside") return true;
   if (choice == "block") return false;
   return kLanes == 16 && 2 * weights_bytes <= 3 * level2_bytes();
+}
+
+// Steps whose input half a worker of many rows computes at once, where inputs_ahead says so.
+constexpr int64_t kAheadSteps = 4;
+
+// Whether a worker of kMaxRows rows or more computes its input half ahead, kAheadSteps steps at
+// once, rather than at each step with the recurrent half, its packed weights being `both_bytes`
+// (W_ih and W_hh) and `recurrent_bytes` (W_hh): where both fill the level-2 cache and W_hh alone
+// fits in three quarters of it. Each step's product reading both evicts them from the cache, it
+// being read in a cycle; W_ih once every kAheadSteps steps leaves W_hh there between steps.
+// Measured on an Intel Xeon (family 6 model 167, 2 MB level-2), inference time ahead in blocks of
+// 4 / at each step, in one process, alternated: 1 thread, H = I = 256 (2 MB, W_hh 1 MB) B = 16
+// 0.90, 32 (M) 0.93-0.94, 64 0.97, two layers (D2) 0.91-0.93; H = 384 at 2 threads (split by
+// units, 2.4 MB a worker) 0.92. Beside those: H = 384 at 1 thread (W_hh 2.4 MB) 0.99, L 0.98, L
+// at 2 threads (W_hh 2 MB a worker) 0.98-1.02, H = 256 at 2 threads (1 MB a worker) 0.97-1.06,
+// H = 128 and 192 (1.2 MB) 0.99-1.04. LSTMKIT_NATIVE_INPUT=ahead or =each-step forces either
+// (tests).
+bool inputs_ahead(int64_t both_bytes, int64_t recurrent_bytes) {
+  const std::string_view choice = forced("LSTMKIT_NATIVE_INPUT");
+  if (choice == "ahead") return true;
+  if (choice == "each-step") return false;
+  return both_bytes >= level2_bytes() && 4 * recurrent_bytes <= 3 * level2_bytes();
 }
 
 // Weights larger than this many level-2 caches are split by units where units can run.
@@ -248,7 +261,7 @@ TrainingForward run(
   // Parameters at this call: packed weights (plain for one step), the two biases as one,
   // padded to whole panels.
   const bool plain = steps == 1;
-  const int tiling = tile_panels();
+  const Tiling layout = tiling();
   const Tensor bias_ih = contiguous(b_ih), bias_hh = contiguous(b_hh);
   const Tensor ch = contiguous(peephole), ln_ih_w = contiguous(ln_ih_weight);
   const Tensor ln_ih_b = contiguous(ln_ih_bias), ln_hh_w = contiguous(ln_hh_weight);
@@ -400,17 +413,22 @@ TrainingForward run(
       worker.mr.resize(count);
       worker.mw.resize(count);
       worker.hw.resize(count);
-      if (count < (layernorm ? kLayerNormAheadRows + 1 : kMaxRows)) {
-        worker.block =
-            std::clamp<int64_t>(kAheadValues / (count * padded), 1, std::min<int64_t>(64, steps));
+      // bytes of a packed weight of this worker's gates, per row of K
+      const int64_t row_bytes =
+          panels(blocks * width) * kPanel * static_cast<int64_t>(sizeof(float));
+      const bool few = count < (layernorm ? kLayerNormAheadRows + 1 : kMaxRows);
+      if (few ||
+          (!layernorm && !plain && inputs_ahead(row_bytes * (in + proj), row_bytes * proj))) {
+        worker.block = few ? std::clamp<int64_t>(kAheadValues / (count * padded), 1,
+                                                 std::min<int64_t>(64, steps))
+                           : std::min(kAheadSteps, steps);
         worker.ahead.resize(worker.block * count * padded);
         worker.xb.resize(worker.block * count);
         worker.ab.resize(worker.block * count);
         for (int64_t i = 0; i < worker.block * count; ++i) {
           worker.ab[i] = worker.ahead.data() + i * padded;
         }
-        const int64_t packed_bytes =  // W_ih and W_hh packed, as the worker reads them
-            panels(blocks * width) * kPanel * (in + proj) * static_cast<int64_t>(sizeof(float));
+        const int64_t packed_bytes = row_bytes * (in + proj);  // W_ih and W_hh, packed
         worker.beside =
             count == 1 && !layernorm &&
             runs_beside(operand(nullptr, worker.hh, proj), operand(nullptr, worker.ih, in)) &&
@@ -473,7 +491,7 @@ TrainingForward run(
           if (kept_ln) stats_ih_p[steps * batch + at] = sd;
         };
         const auto recurrent_norm = [&](float* const* z_rows) {
-          product(&recurrent, 1, n, columns, nullptr, worker.er.data(), tiling);
+          product(&recurrent, 1, n, columns, nullptr, worker.er.data(), layout);
           for (int64_t r = 0; r < n; ++r) {
             const int64_t at = t * batch + worker.rows[r];
             const float sd =
@@ -501,7 +519,7 @@ TrainingForward run(
             }
             const Operand inputs = operand(worker.xb.data(), worker.ih, in);
             product(&inputs, 1, span * count, columns, layernorm ? nullptr : bias_p,
-                    worker.ab.data(), tiling);
+                    worker.ab.data(), layout);
             for (int64_t q = 0; layernorm && q < span; ++q) {
               const int64_t running_q = running_prefix(worker.rows, sizes[t + q]);
               for (int64_t r = 0; r < running_q; ++r) {
@@ -517,15 +535,15 @@ TrainingForward run(
             const int64_t quota = (side_tiles(worker.side) - worker.side.done + left - 1) / left;
             product_beside(recurrent, columns, z, worker.side, quota);
           } else {
-            product(&recurrent, 1, n, columns, nullptr, z, tiling, true);
+            product(&recurrent, 1, n, columns, nullptr, z, layout, true);
           }
         } else if (layernorm) {
-          product(&input, 1, n, columns, nullptr, worker.er.data(), tiling);
+          product(&input, 1, n, columns, nullptr, worker.er.data(), layout);
           for (int64_t r = 0; r < n; ++r) input_norm(worker.zr[r], worker.er[r], t, worker.rows[r]);
           recurrent_norm(worker.zr.data());
         } else {
           const Operand both[2] = {input, recurrent};
-          product(both, 2, n, columns, bias_p, worker.zr.data(), tiling);
+          product(both, 2, n, columns, bias_p, worker.zr.data(), layout);
         }
         for (int64_t r = 0; r < n; ++r) {
           const int64_t b = worker.rows[r];
@@ -543,7 +561,7 @@ TrainingForward run(
         }
         if (projected) {
           const Operand projection = operand(worker.mr.data(), weight_hr, hidden);
-          product(&projection, 1, n, hr_panels, nullptr, worker.hw.data(), tiling);
+          product(&projection, 1, n, hr_panels, nullptr, worker.hw.data(), layout);
           for (int64_t r = 0; r < n; ++r) {
             std::memcpy(out_row(t, worker.rows[r]), worker.hw[r], proj * sizeof(float));
           }

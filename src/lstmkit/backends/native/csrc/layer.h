@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <unistd.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -54,6 +55,15 @@ int64_t running_prefix(const std::vector<int64_t>& rows, int64_t running) {
 std::string_view forced(const char* variable) {
   const char* value = std::getenv(variable);
   return value != nullptr ? value : "";
+}
+
+// A core's level-2 cache in bytes, as the C library reports it (512 KB where it does not).
+int64_t level2_bytes() {
+  static const int64_t bytes = [] {
+    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return reported > 0 ? static_cast<int64_t>(reported) : int64_t{512} << 10;
+  }();
+  return bytes;
 }
 
 }  // namespace

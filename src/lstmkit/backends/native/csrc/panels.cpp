@@ -105,12 +105,46 @@ void plain_product(const Operand& op, int64_t n, const float* init, bool accumul
 // made no difference beyond noise.
 constexpr int64_t kDepth = kLanes == 16 ? 1024 : 4096 / kPanel;
 
+// Rows [first, last) of `panels` panels of a packed weight whose first panel starts at `base`,
+// the panels `stride` floats apart: the part of a weight that the tiles after the running ones
+// read first.
+struct Slice {
+  const float* base = nullptr;
+  int64_t stride = 0;
+  int panels = 0;
+  int64_t first = 0, last = 0;
+};
+
+constexpr int64_t kLineFloats = 64 / sizeof(float);  // a cache line's
+
+// What one tile fetches into the level-2 cache for the tiles after it, a row of `panels` panels
+// (from `row` on, `count` of them) every `every` of its iterations.
+struct Fetch {
+  const float* row = nullptr;
+  int64_t stride = 0;
+  int panels = 0;
+  int64_t count = 0;
+  int64_t every = 1;
+};
+
+// Tile t's share of fetching `next` (rows first .. last), spread over its k1 - k0 iterations, of
+// `tiles` tiles that read the same panels.
+Fetch share(const Slice& next, int64_t t, int64_t tiles, int64_t k0, int64_t k1) {
+  if (next.base == nullptr) return {};
+  const int64_t rows = next.last - next.first;
+  const int64_t first = next.first + rows * t / tiles,
+                count = next.first + rows * (t + 1) / tiles - first;
+  return {next.base + first * kPanel, next.stride, next.panels, count,
+          std::max<int64_t>(1, (k1 - k0) / std::max<int64_t>(1, count))};
+}
+
 // out[r][columns of panels p .. p + kPanels) for kRows rows, r0 on: `init` (a bias padded to
 // whole panels, or null for zero; or, with `accumulate`, out itself) plus A[r][k0, k1) times
-// the weight's rows k0 .. k1. The weight's vectors are pinned into registers (simd.h's pin).
+// the weight's rows k0 .. k1. The weight's vectors are pinned into registers (simd.h's pin); it
+// fetches `fetch` on the way.
 template <int kRows, int kPanels>
 void tile(const Operand& op, int64_t k0, int64_t k1, int64_t p, int64_t r0, const float* init,
-          bool accumulate, float* const* out) {
+          bool accumulate, float* const* out, const Fetch& fetch = Fetch()) {
   constexpr int kVecs = 2 * kPanels;
   Vec acc[kRows][kVecs];
 #pragma GCC unroll 12
@@ -127,7 +161,19 @@ void tile(const Operand& op, int64_t k0, int64_t k1, int64_t p, int64_t r0, cons
 #pragma GCC unroll 12
   for (int r = 0; r < kRows; ++r) a[r] = op.rows[r0 + r];
   const float* b = op.packed + (p * op.k + k0) * kPanel;
+  const float* ahead = fetch.row;
+  int64_t left = fetch.count, wait = 1;
   for (int64_t e = k0; e < k1; ++e, b += kPanel) {
+    if (left > 0 && --wait == 0) {
+      wait = fetch.every;
+      --left;
+      for (int q = 0; q < fetch.panels; ++q) {
+        for (int64_t f = 0; f < kPanel; f += kLineFloats) {
+          __builtin_prefetch(ahead + q * fetch.stride + f, 0, 2);  // to the level-2 cache
+        }
+      }
+      ahead += kPanel;
+    }
 #pragma GCC unroll 4
     for (int q = 0; q < kPanels; ++q) {
       Vec w0 = load(b + q * op.k * kPanel), w1 = load(b + q * op.k * kPanel + kLanes);
@@ -151,12 +197,19 @@ void tile(const Operand& op, int64_t k0, int64_t k1, int64_t p, int64_t r0, cons
 // A tile of `rows` (at most kRows) rows of kPanels panels.
 template <int kRows, int kPanels = 1>
 void row_tile(int rows, const Operand& op, int64_t k0, int64_t k1, int64_t p, int64_t r0,
-              const float* init, bool accumulate, float* const* out) {
+              const float* init, bool accumulate, float* const* out, const Fetch& fetch = Fetch()) {
   if constexpr (kRows > 1) {
     if (rows < kRows)
-      return row_tile<kRows - 1, kPanels>(rows, op, k0, k1, p, r0, init, accumulate, out);
+      return row_tile<kRows - 1, kPanels>(rows, op, k0, k1, p, r0, init, accumulate, out, fetch);
   }
-  tile<kRows, kPanels>(op, k0, k1, p, r0, init, accumulate, out);
+  tile<kRows, kPanels>(op, k0, k1, p, r0, init, accumulate, out, fetch);
+}
+
+// Panels [p, p + width) (those of them that exist) of op's rows [k0, k1).
+Slice slice(const Operand& op, int64_t count_panels, int64_t p, int width, int64_t k0, int64_t k1) {
+  if (op.packed == nullptr || p >= count_panels) return {};
+  return {op.packed + p * op.k * kPanel, op.k * kPanel,
+          static_cast<int>(std::min<int64_t>(width, count_panels - p)), k0, k1};
 }
 
 // Row tiles of kPanels panels, from panel p while kPanels of them remain, each of at most
@@ -164,13 +217,19 @@ void row_tile(int rows, const Operand& op, int64_t k0, int64_t k1, int64_t p, in
 // go (8 = 4 + 4); the first panel left.
 template <int kPanels>
 int64_t row_tiles(const Operand& op, int64_t k0, int64_t k1, int64_t p, int64_t n,
-                  int64_t count_panels, const float* init, bool accumulate, float* const* out) {
+                  int64_t count_panels, const float* init, bool accumulate, float* const* out,
+                  const Slice* after = nullptr) {
   constexpr int kRows = kMaxRows / kPanels;
   const int64_t tiles = (n + kRows - 1) / kRows;
   for (; p + kPanels <= count_panels; p += kPanels) {
+    const Slice next = after == nullptr ? Slice()
+                       : p + kPanels < count_panels
+                           ? slice(op, count_panels, p + kPanels, kPanels, k0, k1)
+                           : *after;
     for (int64_t t = 0, r = 0; t < tiles; ++t) {
       const int rows = static_cast<int>((n - r) / (tiles - t));
-      row_tile<kRows, kPanels>(rows, op, k0, k1, p, r, init, accumulate, out);
+      row_tile<kRows, kPanels>(rows, op, k0, k1, p, r, init, accumulate, out,
+                               share(next, t, tiles, k0, k1));
       r += rows;
     }
   }
@@ -408,16 +467,31 @@ Operand operand(const float* const* rows, const Weight& weight, int64_t k) {
           static_cast<int64_t>(weight.plain.size())};
 }
 
-int tile_panels() {
-  const std::string_view choice = forced("LSTMKIT_NATIVE_TILE");
-  if (choice == "1") return 1;
-  if (choice == "2") return 2;
-  return kMaxRows == 12 ? 2 : 1;
+bool fetches(int64_t rows, int64_t weight_bytes) {
+  return rows > 2 && weight_bytes > level2_bytes();
+}
+
+Tiling tiling() {
+  const std::string_view panels = forced("LSTMKIT_NATIVE_TILE");
+  const std::string_view fetch = forced("LSTMKIT_NATIVE_FETCH");
+  return {panels == "1"    ? 1
+          : panels == "2"  ? 2
+          : kMaxRows == 12 ? 2
+                           : 1,
+          fetch == "on"    ? 1
+          : fetch == "off" ? 0
+                           : -1};
 }
 
 void product(const Operand* ops, int count, int64_t n, int64_t count_panels, const float* bias,
-             float* const* out, int panels_per_tile, bool onto_out) {
+             float* const* out, const Tiling& tiling, bool onto_out) {
   bool accumulate = onto_out;
+  int64_t depth = 0;
+  for (int o = 0; o < count; ++o) depth += ops[o].packed != nullptr ? ops[o].k : 0;
+  const bool fetch =
+      tiling.fetch >= 0
+          ? tiling.fetch == 1
+          : fetches(n, depth * count_panels * kPanel * static_cast<int64_t>(sizeof(float)));
   for (int o = 0; o < count; ++o) {
     const Operand& op = ops[o];
     if (op.plain != nullptr) {
@@ -436,10 +510,18 @@ void product(const Operand* ops, int count, int64_t n, int64_t count_panels, con
             tile<2, 2>(op, k0, k1, p, 0, bias, accumulate, out);
           }
         }
-      } else if (panels_per_tile == 2) {
-        p = row_tiles<2>(op, k0, k1, p, n, count_panels, bias, accumulate, out);
       }
-      row_tiles<1>(op, k0, k1, p, n, count_panels, bias, accumulate, out);
+      // what the tiles after this pass read first: the next pass's first panels, the next
+      // operand's, or the first operand's again (the next call's: a recurrence's next step)
+      const Operand& following = k1 < op.k ? op : ops[(o + 1) % count];
+      const int64_t f0 = k1 < op.k ? k1 : 0;
+      const Slice after =
+          slice(following, count_panels, 0, tiling.panels, f0, std::min(following.k, f0 + kDepth));
+      const Slice* const ahead = fetch ? &after : nullptr;
+      if (n > 2 && tiling.panels == 2) {
+        p = row_tiles<2>(op, k0, k1, p, n, count_panels, bias, accumulate, out, ahead);
+      }
+      row_tiles<1>(op, k0, k1, p, n, count_panels, bias, accumulate, out, ahead);
     }
   }
 }
@@ -468,7 +550,7 @@ std::vector<Tensor> linears(const Tensor& a, const std::vector<Packed>& weights)
   const float* const a_p = rows_of_a.const_data_ptr<float>();
   std::vector<float*> out_p;
   for (Tensor& out : outs) out_p.push_back(out.data_ptr<float>());
-  const int tiling = tile_panels();
+  const Tiling layout = tiling();
   const int64_t least = kLinearBlocksPerThread * at::get_num_threads();
   const int64_t height = std::clamp<int64_t>((m + least - 1) / least, 1, kLinearRows);
   at::parallel_for(0, (m + height - 1) / height, 1, [&](int64_t begin, int64_t end) {
@@ -487,7 +569,7 @@ std::vector<Tensor> linears(const Tensor& a, const std::vector<Packed>& weights)
         for (int64_t r = 0; r < count; ++r) out_rows[r] = out_p[w] + (r0 + r) * width;
         const Operand op{rows, weights[w].packed.const_data_ptr<float>(), k};
         product(&op, 1, count, panels(weights[w].n), pointer<float>(weights[w].init), out_rows,
-                tiling);
+                layout);
       }
     }
   });

@@ -65,22 +65,43 @@ struct Operand {
 
 Operand operand(const float* const* rows, const Weight& weight, int64_t k);
 
-// Panels per row tile where a product has more than two rows: two with AVX-512's 32 registers
-// (6 rows x 4 vectors, a weight vector feeding 6 sums and a broadcast 4, against 12 x 2: 2
-// weight loads and 12 broadcasts for 24 multiply-adds). Measured on an Intel Xeon (family 6,
-// model 167), inference time / nn.LSTM's with one panel and with two: L 1.20 -> 1.01 at 2
-// threads and 1.14 -> 1.03 at 1, M 1.07 -> 0.99, D2 1.14 -> 1.04, S 0.54 -> 0.49. One with 16
-// registers (6 rows x 2 vectors, the tile tuned on a Zen 3; two panels there, 3 rows x 4,
-// are not measured).
-// LSTMKIT_NATIVE_TILE=1 or =2 forces either (tests).
-int tile_panels();
+// How a product tiles: `panels` panels per row tile where it has more than two rows, two with
+// AVX-512's 32 registers (6 rows x 4 vectors, a weight vector feeding 6 sums and a broadcast 4,
+// against 12 x 2: 2 weight loads and 12 broadcasts for 24 multiply-adds). Measured on an Intel
+// Xeon (family 6, model 167), inference time / nn.LSTM's with one panel and with two: L 1.20 ->
+// 1.01 at 2 threads and 1.14 -> 1.03 at 1, M 1.07 -> 0.99, D2 1.14 -> 1.04, S 0.54 -> 0.49. One
+// with 16 registers (6 rows x 2 vectors, the tile tuned on a Zen 3; two panels there, 3 rows x 4,
+// are not measured). LSTMKIT_NATIVE_TILE=1 or =2 forces either (tests).
+// `fetch`: whether the row tiles fetch the panels that the tiles after them read first into the
+// level-2 cache (1), not (0), or as `fetches` says (-1); LSTMKIT_NATIVE_FETCH=on or =off forces it.
+struct Tiling {
+  int panels;
+  int fetch;
+};
+
+// The tiling of the products of a call, from the environment's forcing variables (read once).
+Tiling tiling();
+
+// Whether the row tiles of a product of `rows` rows fetch ahead, its packed weights being
+// `weight_bytes`: where more than two rows share the weights, which outgrow a core's level-2
+// cache. A tile's weight comes from the level-2 cache, where the row tiles before it left it;
+// but the first of a panel's row tiles finds it in the shared cache or memory, and the hardware's
+// prefetcher, which stops at every 4 KB page, leaves it waiting (a panel's 1024 rows span 32
+// pages). The rows each tile fetches are a share of the next panels', spread over its loop.
+// Measured on an Intel Xeon (family 6 model 167, 2 MB level-2; 4 KB pages), time fetching /
+// not, in one process, alternated: 1 thread, inference B = 8, H = 512 0.83-0.85, L 0.98-0.99,
+// D2 0.98, M (2 MB of weights) 0.99-1.01, S 1.04-1.07 (128 KB), training L 0.94-0.97; 2 threads
+// (each half the weights' rows): M and D2 (1 MB each) 1.07, L 0.98, training L 0.92, M 0.95.
+// One or two rows (weights read once a step, 8 loads in 8 multiply-adds): B = 1, H = 512, 2
+// threads 1.19.
+bool fetches(int64_t rows, int64_t weight_bytes);
 
 // out rows (n of them, each padded to whole panels, `count_panels` of them) = bias (or zero;
 // or, `onto_out`, out itself) + the sum of the operands' products, kDepth of an operand's K at a
 // time. One or two rows take several panels per tile, so that enough independent sums are in
-// flight; more rows take `panels_per_tile` (tile_panels) panels per tile, then one.
+// flight; more rows take tiling.panels panels per tile, then one.
 void product(const Operand* ops, int count, int64_t n, int64_t count_panels, const float* bias,
-             float* const* out, int panels_per_tile, bool onto_out = false);
+             float* const* out, const Tiling& tiling, bool onto_out = false);
 
 // The input half of a block of later steps, computed a few tiles at a time beside a one-row
 // recurrent product (product_beside): the rows of `op` (rows of it) times its weight (packed)
