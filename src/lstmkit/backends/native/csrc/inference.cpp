@@ -138,8 +138,9 @@ constexpr int64_t kAheadSteps = 4;
 // 0.90, 32 (M) 0.93-0.94, 64 0.97, two layers (D2) 0.91-0.93; H = 384 at 2 threads (split by
 // units, 2.4 MB a worker) 0.92. Beside those: H = 384 at 1 thread (W_hh 2.4 MB) 0.99, L 0.98, L
 // at 2 threads (W_hh 2 MB a worker) 0.98-1.02, H = 256 at 2 threads (1 MB a worker) 0.97-1.06,
-// H = 128 and 192 (1.2 MB) 0.99-1.04. LSTMKIT_NATIVE_INPUT=ahead or =each-step forces either
-// (tests).
+// H = 128 and 192 (1.2 MB) 0.99-1.04. Training's forward takes the same rule (split by rows):
+// training step ahead / each step, M 1.00 at 1 thread and 0.96-0.98 at 2, D2 0.97 and 0.95.
+// LSTMKIT_NATIVE_INPUT=ahead or =each-step forces either (tests).
 bool inputs_ahead(int64_t both_bytes, int64_t recurrent_bytes) {
   const std::string_view choice = forced("LSTMKIT_NATIVE_INPUT");
   if (choice == "ahead") return true;

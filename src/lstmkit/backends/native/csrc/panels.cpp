@@ -478,9 +478,9 @@ Tiling tiling() {
           : panels == "2"  ? 2
           : kMaxRows == 12 ? 2
                            : 1,
-          fetch == "on"    ? 1
-          : fetch == "off" ? 0
-                           : -1};
+          fetch == "on"    ? std::optional<bool>(true)
+          : fetch == "off" ? std::optional<bool>(false)
+                           : std::nullopt};
 }
 
 void product(const Operand* ops, int count, int64_t n, int64_t count_panels, const float* bias,
@@ -489,8 +489,8 @@ void product(const Operand* ops, int count, int64_t n, int64_t count_panels, con
   int64_t depth = 0;
   for (int o = 0; o < count; ++o) depth += ops[o].packed != nullptr ? ops[o].k : 0;
   const bool fetch =
-      tiling.fetch >= 0
-          ? tiling.fetch == 1
+      tiling.fetch.has_value()
+          ? *tiling.fetch
           : fetches(n, depth * count_panels * kPanel * static_cast<int64_t>(sizeof(float)));
   for (int o = 0; o < count; ++o) {
     const Operand& op = ops[o];

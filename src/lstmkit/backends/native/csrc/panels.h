@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "simd.h"
@@ -73,10 +74,10 @@ Operand operand(const float* const* rows, const Weight& weight, int64_t k);
 // with 16 registers (6 rows x 2 vectors, the tile tuned on a Zen 3; two panels there, 3 rows x 4,
 // are not measured). LSTMKIT_NATIVE_TILE=1 or =2 forces either (tests).
 // `fetch`: whether the row tiles fetch the panels that the tiles after them read first into the
-// level-2 cache (1), not (0), or as `fetches` says (-1); LSTMKIT_NATIVE_FETCH=on or =off forces it.
+// level-2 cache, where LSTMKIT_NATIVE_FETCH=on or =off forces it; empty: as `fetches` says.
 struct Tiling {
   int panels;
-  int fetch;
+  std::optional<bool> fetch;
 };
 
 // The tiling of the products of a call, from the environment's forcing variables (read once).
