@@ -74,17 +74,26 @@ Tensor joint_bias(const Tensor& b_ih, const Tensor& b_hh, int64_t hidden, int64_
   return out;
 }
 
-// z (n values) = gain LN(v) + shift + add, or (add null) z += gain LN(v) + shift, LN over n,
-// with LN(v) into `hat`. Returns 1 / std of v and, where `mean` is given, stores its mean.
+// z (n values) = gain LN(v) + shift + base, or (base null) z += gain LN(v) + shift, LN over n,
+// with LN(v) into `hat`, in one pass after the moments (z may be v). Returns 1 / std of v and,
+// where `mean` is given, stores its mean.
 float layer_norm_into(float* z, const float* v, float* hat, const float* gain, const float* shift,
-                      const float* add, int64_t n, float* mean = nullptr) {
-  const float rstd = normalise(v, hat, n, mean);
-  if (add != nullptr) {
-    for (int64_t j = 0; j < n; ++j) z[j] = gain[j] * hat[j] + shift[j] + add[j];
-  } else {
-    for (int64_t j = 0; j < n; ++j) z[j] += gain[j] * hat[j] + shift[j];
+                      const float* base, int64_t n, float* mean = nullptr) {
+  const Moments s = moments(v, n);
+  if (mean != nullptr) *mean = s.mean;
+  const float* const plus = base != nullptr ? base : z;
+  const int64_t whole = n / kLanes * kLanes;
+  const Vec m = broadcast(s.mean), r = broadcast(s.rstd);
+  for (int64_t j = 0; j < whole; j += kLanes) {
+    const Vec normalised = mul(sub(load(v + j), m), r);
+    store(hat + j, normalised);
+    store(z + j, add(fma(load(gain + j), normalised, load(shift + j)), load(plus + j)));
   }
-  return rstd;
+  for (int64_t j = whole; j < n; ++j) {
+    hat[j] = (v[j] - s.mean) * s.rstd;
+    z[j] = gain[j] * hat[j] + shift[j] + plus[j];
+  }
+  return s.rstd;
 }
 
 // new_ = p old + (1 - p) new_, n values: zoneout's expectation.

@@ -60,6 +60,7 @@ inline void lane_sums8(const Vec* v, float* out) {
   }
   lane_sums8(halves, out);
 }
+inline float sum_lanes(Vec v) { return _mm512_reduce_add_ps(v); }
 constexpr int kMaxRows = 12;  // of a product's tile: 32 registers, 24 accumulators
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int64_t kLanes = 8;
@@ -81,6 +82,11 @@ inline Vec round_nearest(Vec x) {
 inline Vec exp2_whole(Vec n) {
   const __m256i bits = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
   return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 23));
+}
+inline float sum_lanes(Vec v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 constexpr int kMaxRows = 6;  // 16 registers: 12 accumulators
 #else
@@ -134,6 +140,7 @@ inline Vec exp2_whole(Vec n) {
 inline void lane_sums8(const Vec* v, float* out) {
   for (int q = 0; q < 8; ++q) out[q] = v[q].v[0] + v[q].v[1] + v[q].v[2] + v[q].v[3];
 }
+inline float sum_lanes(Vec v) { return v.v[0] + v.v[1] + v.v[2] + v.v[3]; }
 constexpr int kMaxRows = 6;
 #endif
 
