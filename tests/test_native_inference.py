@@ -154,7 +154,7 @@ def test_many_rows_input_ahead_or_each_step_fetching_or_not(
     monkeypatch, threads, tile_panels, cell, split
 ):
     """A worker of many rows computes its input half ahead, four steps at once, or at each step
-    with the recurrent half (LSTMKIT_NATIVE_INPUT forces either; layernorm always at each step),
+    with the recurrent half (LSTMKIT_NATIVE_INPUT forces either),
     and its row tiles fetch the panels after them into the level-2 cache or not
     (LSTMKIT_NATIVE_FETCH): the same sums in the same order, so the same bits in inference and
     in training's forward and backward, all equal to the reference. 30 rows give every worker

@@ -111,11 +111,13 @@ enum class Split { kRows, kUnits };
 constexpr int64_t kMinUnits = 16;        // hidden units per worker, at least, when split by units
 constexpr int64_t kRowsPerThread = 4;    // rows per thread, at least, when split by rows
 constexpr int64_t kAheadValues = 65536;  // of a worker's input half computed ahead (256 KB)
-// Rows of a worker up to which layernorm's input half is computed ahead too (the other cells':
-// below kMaxRows): its layer norm is one more pass over the ahead rows, which pays only for the
-// shortest tiles. Measured on an AMD EPYC Zen 4, layernorm time ahead / step by step: one row (B =
-// 1 at T = 200 and B = 2 at 2 threads, H = 128) inference 0.81-0.87, training 0.92-0.96; two rows
-// 0.95-0.99 and 0.96-1.00; four 0.95-1.04 and 1.00-1.12; eight (S at 1 thread) 1.03 and 1.04.
+// Rows of a worker up to which layernorm's input half is computed ahead in long blocks (of up to
+// kAheadValues values; the other cells': below kMaxRows), with more rows kAheadSteps steps at a
+// time (inputs_ahead): its layer norm is one more pass over the ahead rows, which long blocks
+// repay only for the shortest tiles. Measured on an AMD EPYC Zen 4, layernorm time ahead / step by
+// step: one row (B = 1 at T = 200 and B = 2 at 2 threads, H = 128) inference 0.81-0.87, training
+// 0.92-0.96; two rows 0.95-0.99 and 0.96-1.00; four 0.95-1.04 and 1.00-1.12; eight (S at 1
+// thread) 1.03 and 1.04.
 constexpr int64_t kLayerNormAheadRows = 2;
 
 // Whether a worker of one row whose input half goes ahead in blocks computes the next block's
@@ -137,24 +139,29 @@ bool ahead_beside(int64_t weights_bytes) {
 // Steps whose input half a worker of many rows computes at once, where inputs_ahead says so.
 constexpr int64_t kAheadSteps = 4;
 
-// Whether a worker of kMaxRows rows or more computes its input half ahead, kAheadSteps steps at
-// once, rather than at each step with the recurrent half, its packed weights being `both_bytes`
-// (W_ih and W_hh) and `recurrent_bytes` (W_hh): where both fill the level-2 cache and W_hh alone
-// fits in three quarters of it. Each step's product reading both evicts them from the cache, it
-// being read in a cycle; W_ih once every kAheadSteps steps leaves W_hh there between steps.
-// Measured on an Intel Xeon (family 6 model 167, 2 MB level-2), inference time ahead in blocks of
-// 4 / at each step, in one process, alternated: 1 thread, H = I = 256 (2 MB, W_hh 1 MB) B = 16
-// 0.90, 32 (M) 0.93-0.94, 64 0.97, two layers (D2) 0.91-0.93; H = 384 at 2 threads (split by
-// units, 2.4 MB a worker) 0.92. Beside those: H = 384 at 1 thread (W_hh 2.4 MB) 0.99, L 0.98, L
-// at 2 threads (W_hh 2 MB a worker) 0.98-1.02, H = 256 at 2 threads (1 MB a worker) 0.97-1.06,
-// H = 128 and 192 (1.2 MB) 0.99-1.04. Training's forward takes the same rule (split by rows):
-// training step ahead / each step, M 1.00 at 1 thread and 0.96-0.98 at 2, D2 0.97 and 0.95.
+// Whether a worker of many rows (kMaxRows or more; layernorm: more than kLayerNormAheadRows)
+// computes its input half ahead, kAheadSteps steps at once, rather than at each step with the
+// recurrent half, its packed weights being `both_bytes` (W_ih and W_hh) and `recurrent_bytes`
+// (W_hh): where both fill the level-2 cache and W_hh alone fits in three quarters of it. Each
+// step's product reading both evicts them from the cache, it being read in a cycle; W_ih once every
+// kAheadSteps steps leaves W_hh there between steps. Measured on an Intel Xeon (family 6 model 167,
+// 2 MB level-2), inference time ahead in blocks of 4 / at each step, in one process, alternated: 1
+// thread, H = I = 256 (2 MB, W_hh 1 MB) B = 16 0.90, 32 (M) 0.93-0.94, 64 0.97, two layers (D2)
+// 0.91-0.93; H = 384 at 2 threads (split by units, 2.4 MB a worker) 0.92. Beside those: H = 384 at
+// 1 thread (W_hh 2.4 MB) 0.99, L 0.98, L at 2 threads (W_hh 2 MB a worker) 0.98-1.02, H = 256 at 2
+// threads (1 MB a worker) 0.97-1.06, H = 128 and 192 (1.2 MB) 0.99-1.04. Training's forward takes
+// the same rule (split by rows): training step ahead / each step, M 1.00 at 1 thread and 0.96-0.98
+// at 2, D2 0.97 and 0.95. Layer norm always: its steps run two products anyway (each normalised on
+// its own), and the input's, ahead, reads W_ih once for four steps' rows. On the same Xeon,
+// layernorm ahead / each step: inference at 1 thread M 0.90, D2 0.92, L 0.95, S 0.97, B = 8 H = 256
+// 0.79; at 2 threads M 0.88, D2 0.88, L 0.93, H = 384 0.92; training at 1 thread M 0.97, D2 0.97, L
+// 0.99, S 0.93-0.96, B = 4 H = 128 1.02; at 2 threads M 0.96, D2 0.95, L 0.99, S 0.93.
 // LSTMKIT_NATIVE_INPUT=ahead or =each-step forces either (tests).
-bool inputs_ahead(int64_t both_bytes, int64_t recurrent_bytes) {
+bool inputs_ahead(int64_t both_bytes, int64_t recurrent_bytes, bool layernorm) {
   const std::string_view choice = forced("LSTMKIT_NATIVE_INPUT");
   if (choice == "ahead") return true;
   if (choice == "each-step") return false;
-  return both_bytes >= level2_bytes() && 4 * recurrent_bytes <= 3 * level2_bytes();
+  return layernorm || (both_bytes >= level2_bytes() && 4 * recurrent_bytes <= 3 * level2_bytes());
 }
 
 // Weights larger than this many level-2 caches are split by units where units can run.
@@ -427,8 +434,7 @@ TrainingForward run(
       const int64_t row_bytes =
           panels(blocks * width) * kPanel * static_cast<int64_t>(sizeof(float));
       const bool few = count < (layernorm ? kLayerNormAheadRows + 1 : kMaxRows);
-      if (few ||
-          (!layernorm && !plain && inputs_ahead(row_bytes * (in + proj), row_bytes * proj))) {
+      if (few || (!plain && inputs_ahead(row_bytes * (in + proj), row_bytes * proj, layernorm))) {
         worker.block = few ? std::clamp<int64_t>(kAheadValues / (count * padded), 1,
                                                  std::min<int64_t>(64, steps))
                            : std::min(kAheadSteps, steps);
