@@ -221,6 +221,27 @@ def test_compile_table_holds_each_rows_ratio(tmp_path):
     assert table[-1].endswith("15 repeats; 2026-12-03: `compile.json`.")
 
 
+def test_serve_table_pairs_lstmkit_with_nn_lstm_per_model_and_clients(tmp_path):
+    def row(implementation, per_s, p99, first):
+        return {
+            "model": "M", "hidden_size": 256, "clients": 2, "implementation": implementation,
+            "requests_per_s": per_s, "p99_ms": p99, "first_ms": first, "steady_ms": 10.0,
+            "max_abs_diff_vs_serial": 0.0,
+        }  # fmt: skip
+
+    results = [row("nn.LSTM", 40.0, 50.0, 30.0), row("lstmkit", 50.0, 45.0, 12.0)]
+    settings = {"requests": 1000}
+    (tmp_path / "serve.json").write_text(
+        json.dumps({"machine": MACHINE, "settings": settings, "results": results})
+    )
+    table = render.render_region("serve", "serve.json", tmp_path).splitlines()
+    assert table[2] == (
+        "| M (H = 256) | 2 | 50.0 (40.0) | 45.0 (50.0) | 0.90 | 1.25 | 1.2 (3.0) | 0.0e+00 |"
+    )
+    assert len(table) == 5
+    assert table[-1].endswith("1000 requests; 2026-12-03: `serve.json`.")
+
+
 def test_a_run_without_bits_per_character_lists_its_evaluation(tmp_path):
     path = _run_dir(tmp_path, [(0, MACHINE)])
     run = tmp_path / path

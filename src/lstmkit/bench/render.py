@@ -30,6 +30,9 @@ Kinds:
   evaluation step they share, one row a run.
 - ``compile FILE``: ``benchmarks/compile/compile_vs_eager.py``: compiled ÷ eager per cell,
   configuration and mode.
+- ``serve FILE``: ``lstmkit bench --serve``: per model and client count, lstmkit's and
+  nn.LSTM's throughput and p99 latency, their ratios, each one's first request against the same
+  request warm, and lstmkit's largest difference from its serial outputs.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from pathlib import Path
 
 from lstmkit.bench.ort import NAME as ORT
 from lstmkit.bench.report import markdown_table
+from lstmkit.bench.serve import LSTMKIT as SERVED
 from lstmkit.bench.suite import BASELINE
 from lstmkit.bench.suite import PEER as SCRIPTED
 from lstmkit.train import checkpoint, metrics
@@ -96,6 +100,8 @@ def describe(result: dict) -> str:
     ]
     if "repeats" in settings:
         parts.append(f"{settings['repeats']} repeats")
+    if "requests" in settings:
+        parts.append(f"{settings['requests']} requests")
     if "date" in machine:
         parts.append(machine["date"][:10])
     return "; ".join(parts)
@@ -304,6 +310,36 @@ def render_compile(path: str, root: Path) -> str:
     return markdown_table(header, rows, 3) + "\n\n" + sources([(path, result)])
 
 
+def render_serve(path: str, root: Path) -> str:
+    result = load_result(root / path)
+    by = {(r["model"], r["clients"], r["implementation"]): r for r in result["results"]}
+    header = ["model", "clients", "requests/s lstmkit (nn.LSTM)", "p99 ms lstmkit (nn.LSTM)"]
+    header += ["p99 ÷ nn.LSTM", "requests/s ÷ nn.LSTM"]
+    header += [
+        "first request ÷ steady, lstmkit (nn.LSTM)",
+        "lstmkit's largest difference from serial",
+    ]
+    rows = []
+    for (model, clients, name), ours in by.items():
+        if name != SERVED:
+            continue
+        base = by[(model, clients, BASELINE)]
+        first = [f"{r['first_ms'] / r['steady_ms']:.1f}" for r in (ours, base)]
+        rows.append(
+            [
+                f"{model} (H = {ours['hidden_size']})",
+                str(clients),
+                f"{ours['requests_per_s']:.1f} ({base['requests_per_s']:.1f})",
+                f"{ours['p99_ms']:.1f} ({base['p99_ms']:.1f})",
+                _ratio(ours["p99_ms"], base["p99_ms"]),
+                _ratio(ours["requests_per_s"], base["requests_per_s"]),
+                f"{first[0]} ({first[1]})",
+                f"{ours['max_abs_diff_vs_serial']:.1e}",
+            ]
+        )
+    return markdown_table(header, rows, 1) + "\n\n" + sources([(path, result)])
+
+
 RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "suite": render_suite,
     "variant": render_variant,
@@ -312,6 +348,7 @@ RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "run": render_run,
     "curves": render_curves,
     "compile": render_compile,
+    "serve": render_serve,
 }
 
 
