@@ -635,6 +635,21 @@ def test_a_time_budget_stops_on_time_and_its_lr_reaches_final_lr(tmp_path, fake_
     assert records(run, "eval_loss")  # the last step is evaluated, whatever its number
 
 
+@pytest.mark.parametrize("times", [0, 1, 4, 10])
+def test_a_time_budget_run_evaluates_at_each_share_of_it(tmp_path, fake_clock, times):
+    """``eval_times`` evaluations over the budget, the last at its end, however many steps
+    it holds (``eval_every`` past them all); 0: the last only."""
+    run = tmp_path / "run"
+    options = ["--steps", "1000000", "--time-budget", "0.5", "--eval-every", "1000000"]
+    assert train("adding", run, *options, "--eval-times", str(times)) == 0
+    steps = [r["step"] for r in metrics.read(run) if "eval_loss" in r]
+    assert len(steps) == max(times, 1) and steps == sorted(set(steps))
+    assert steps[-1] == checkpoint.load(run).state["step"]
+    if times > 1:  # evenly: the gaps between evaluations within a few steps of each other
+        gaps = [b - a for a, b in itertools.pairwise([0, *steps])]
+        assert max(gaps) - min(gaps) <= 0.2 * max(gaps), steps
+
+
 def test_a_time_budget_holds_on_the_wall_clock(tmp_path):
     run = tmp_path / "run"
     started = time.perf_counter()

@@ -88,6 +88,11 @@ class TrainConfig:
     final_lr: float = setting(0.1, "the learning rate at the end, as a fraction of lr (cosine)")
     grad_clip: float = setting(1.0, "largest global gradient norm; 0 turns clipping off")
     eval_every: int = setting(100, "steps between evaluations, each followed by a checkpoint")
+    eval_times: int = setting(
+        10,
+        "with --time-budget, also an evaluation (and checkpoint) each time another 1/N of the "
+        "budget is spent, so that a run shows N points however fast the machine; 0 = none",
+    )
     log_every: int = setting(10, "steps between training-loss records in metrics.jsonl")
     seed: int = setting(0, "seeds the initial weights, the data order and dropout")
     device: str = setting("auto", "auto (CUDA when available), cpu or cuda")
@@ -97,6 +102,8 @@ class TrainConfig:
         """Check values beyond their types; tasks extend it with their own fields."""
         check_positive(self, "steps", "batch_size", "eval_every", "log_every")
         check_seed("seed", self.seed)
+        if self.eval_times < 0:
+            raise ConfigError(f"eval_times must be >= 0 (0 = by steps only), got {self.eval_times}")
         if self.time_budget < 0:
             raise ConfigError(f"time_budget must be >= 0 (0 = no budget), got {self.time_budget}")
         if not self.lr > 0:

@@ -145,6 +145,14 @@ def finished(config: TrainConfig, clock: Clock) -> bool:
     return clock.step >= config.steps or spent
 
 
+def budget_tick(config: TrainConfig, elapsed: float) -> int:
+    """How many times ``1 / eval_times`` of the time budget ``elapsed`` seconds hold (0
+    without a budget or ``eval_times``): an evaluation is due whenever it grows."""
+    if not (config.time_budget and config.eval_times):
+        return 0
+    return int(elapsed * config.eval_times / config.time_budget)
+
+
 def learning_rate(config: TrainConfig, done: float) -> float:
     """Cosine decay from ``lr`` at progress 0 to ``final_lr * lr`` at progress 1: a function
     of the progress alone, so a resumed run needs no scheduler state."""
@@ -478,12 +486,15 @@ def _loop(
     run: Run, run_dir: Path, log: metrics.Log, quiet: bool, stop_at: int, resumed: bool
 ) -> Outcome:
     """Train until the run is finished, ``stop_at`` or a signal; evaluate and save on the
-    way (every ``eval_every`` steps), and at the end."""
+    way (every ``eval_every`` steps, and each time another ``1 / eval_times`` of the time
+    budget is spent), and at the end."""
     config, clock, processes = run.task.config, run.clock, run.processes
     trained = nn.parallel.DistributedDataParallel(run.model) if processes.world > 1 else run.model
     shard = _shard(config, processes)
     bar, window, signals = _Progress(run, quiet), _Window(), _Signals()
     evaluated_at = clock.step if resumed else -1
+    # the budget's share at the last evaluation (agreed between processes: a checkpoint follows)
+    evaluated_tick = budget_tick(config, clock.elapsed)
     # the step of the last checkpoint, and whether it counts as finished when loaded: a run
     # that its time budget ends right after a checkpoint saves again, with the seconds spent
     saved = (clock.step, finished(config, clock)) if resumed else None
@@ -495,12 +506,12 @@ def _loop(
         saved = (clock.step, finished(config, clock))
 
     def evaluate_and_log() -> None:
-        nonlocal last, evaluated_at
+        nonlocal last, evaluated_at, evaluated_tick
         if processes.main:
             last = _evaluate(run)
             log.append({"step": clock.step, **{f"eval_{k}": v for k, v in last.items()}})
             bar.log(clock, last)
-        evaluated_at = clock.step
+        evaluated_at, evaluated_tick = clock.step, budget_tick(config, clock.elapsed)
 
     with signals.installed():
         begun, before = time.perf_counter(), clock.elapsed
@@ -518,7 +529,8 @@ def _loop(
             if clock.step % config.log_every == 0:
                 log.append(window.record(run))
                 window = _Window()
-            if clock.step % config.eval_every == 0:
+            due = budget_tick(config, clock.elapsed) > evaluated_tick
+            if clock.step % config.eval_every == 0 or due:
                 evaluate_and_log()
                 save()
         bar.close()
