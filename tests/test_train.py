@@ -33,6 +33,7 @@ from lstmkit.train.tasks import (
     DigitsConfig,
     adding_problem,
     sample_chars,
+    text_shares,
 )
 
 TINY = {
@@ -132,6 +133,72 @@ def test_charlm_builtin_corpus_reports_bits_per_character(tmp_path, capsys):
     assert 2.0 < last["eval_bpc"] < 7.0
     out = capsys.readouterr().out
     assert "sample (temperature 0.8):" in out
+
+
+PAGE = """The "x" statement
+*****************
+
+Some prose.
+
+   +-------+---------------------+
+   | Type  | Meaning             |
+   |=======|=====================|
+   | "'b'" | Binary format, base |
+   |       | 2.                  |
+   +-------+---------------------+
+   |       |                     |
+   +-------+---------------------+
+
+   target ::= identifier
+              | "(" target ")"
+   -------------------------------
+End."""
+
+
+def test_as_text_drops_layout_lines_and_keeps_each_table_cells_text():
+    from lstmkit.train.tasks import as_text
+
+    assert as_text(PAGE).split("\n") == [
+        'The "x" statement',
+        "",
+        "Some prose.",
+        "",
+        "   Type  Meaning",
+        "   \"'b'\"  Binary format, base",
+        "   2.",
+        "",
+        "   target ::= identifier",
+        '              | "(" target ")"',
+        "End.",
+    ]
+
+
+def test_text_shares_counts_ordinary_characters_and_table_lines():
+    assert text_shares("ab, c!\n+---+---+\n| x | y |\n") == (21 / 27, 2)
+    assert text_shares("- a list item\n") == (1.0, 0)
+
+
+def test_the_builtin_corpus_holds_no_table_border_or_underline():
+    from lstmkit.train.tasks import builtin_corpus
+
+    text = builtin_corpus()
+    borders = [line for line in text.split("\n") if line.strip() and set(line) <= set("|+-=*~^ ")]
+    assert borders == []
+    assert text_shares(text)[1] <= 3  # lines mostly | + - =: a traceback's two, an == chain
+    assert 400_000 < len(text) < 465_000  # the prose and code are there
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_short_charlm_runs_sample_reads_as_text(seed, tmp_path, capsys):
+    """The sample a (short) default-corpus run prints: at least 95% ordinary characters, no
+    line mostly table characters."""
+    run = tmp_path / "run"
+    assert train("charlm", run, "--steps", "30", "--seed", str(seed)) == 0
+    capsys.readouterr()
+    assert cli("sample", run, "--length", "400", "--seed", str(seed)) == 0
+    sample = capsys.readouterr().out
+    assert text_shares(sample)[0] >= 0.95, sample
+    assert text_shares(sample)[1] == 0, sample
 
 
 def test_digits_reaches_its_target_quickly(tmp_path, capsys):

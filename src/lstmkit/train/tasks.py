@@ -21,7 +21,9 @@ Data encodings:
 
 from __future__ import annotations
 
+import itertools
 import math
+import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -193,11 +195,53 @@ class CharLMConfig(LSTMConfig):
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
+# A line made of these (and spaces) only is layout: a table's border, a heading's underline, a
+# rule. A grid table's border marks its columns with "+".
+LAYOUT = frozenset("|+-=*~^ ")
+
+
+def as_text(page: str) -> str:
+    """``page`` (plain-text reStructuredText, as pydoc renders it) without its layout: lines of
+    layout characters only are dropped, and each row of a grid table (``| cell | cell |``,
+    between borders ``+----+----+``) becomes its cells' text, stripped and joined by two spaces
+    (a row whose cells are all empty goes). Every other line is kept as it is: prose, code, and
+    the grammar's ``| alternative`` lines."""
+    out, columns = [], []
+    for line in page.split("\n"):
+        stripped = line.strip()
+        if stripped and set(stripped) <= LAYOUT:
+            if stripped.startswith("+"):  # a grid table's border: where its cells begin
+                columns = [i for i, ch in enumerate(line) if ch == "+"]
+            continue
+        if columns and stripped.startswith("|") and line.find("|") == columns[0]:
+            cells = [line[a + 1 : b].strip() for a, b in itertools.pairwise(columns)]
+            if any(cells):
+                out.append(line[: columns[0]] + "  ".join(cell for cell in cells if cell))
+            continue
+        columns = []
+        out.append(line)
+    return "\n".join(out)
+
+
+def text_shares(text: str) -> tuple[float, int]:
+    """How much ``text`` (a sample) reads as text: the share of its characters that are
+    letters, digits, whitespace or ordinary punctuation (ASCII punctuation but the table
+    characters ``|``, ``+``, ``=``), and how many of its lines are mostly table characters
+    (``|``, ``+``, ``-``, ``=`` over half of the line's visible characters)."""
+    ordinary = set(string.ascii_letters + string.digits + string.whitespace)
+    ordinary |= set(string.punctuation) - set("|+=")
+    share = sum(ch in ordinary for ch in text) / max(len(text), 1)
+    visible = [line.replace(" ", "") for line in text.split("\n")]
+    layout = sum(bool(v) and 2 * sum(ch in "|+-=" for ch in v) > len(v) for v in visible)
+    return share, layout
+
+
 def builtin_corpus() -> str:
-    """Python's documentation topics, shipped with every CPython, in a fixed order."""
+    """Python's documentation topics, shipped with every CPython, in a fixed order, each as
+    text (:func:`as_text`: without table borders, underlines and rules)."""
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[key] for key in sorted(topics))
+    return "\n\n".join(as_text(topics[key]) for key in sorted(topics))
 
 
 def read_text(path: str) -> str:
