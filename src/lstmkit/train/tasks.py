@@ -178,7 +178,9 @@ class CharLMConfig(LSTMConfig):
     steps: int = 100_000  # a cap: the time budget ends the default run
     time_budget: float = 100.0  # with start-up, evaluations and the sample: ~2 minutes
     batch_size: int = 32
-    lr: float = 3e-3
+    # on the documentation as text (tables gone), 100 s on an Intel Xeon, seed 1, validation bpc
+    # at lr 3e-3 1.97, 5e-3 1.87, 8e-3 1.85, 1.2e-2 2.43 (unstable): 6e-3, half the last
+    lr: float = 6e-3
     eval_every: int = 200
     hidden_size: int = 256
     num_layers: int = 2
