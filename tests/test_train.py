@@ -741,6 +741,55 @@ def test_a_resumed_time_budget_run_spends_what_was_left(tmp_path, fake_clock):
     assert 1 <= third["elapsed"] < 1.01 and third["step"] > second["step"]
 
 
+# ------------------------------------------------------------------ TensorBoard
+
+
+def board_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of ``run``'s TensorBoard events, by tag: (step, value) in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return {
+        tag: sorted((e.step, e.value) for e in events.Scalars(tag))
+        for tag in events.Tags()["scalars"]
+    }
+
+
+def test_tensorboard_holds_metrics_jsonl_and_a_resume_writes_no_step_twice(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train("adding", run, "--tensorboard", "--stop-at", "10") == 0
+    assert f"TensorBoard: tensorboard --logdir {run / 'tensorboard'}" in capsys.readouterr().out
+    # what a run killed after its checkpoint leaves: records of steps past it, in both logs
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(run / "tensorboard")) as late:
+        late.add_scalar("train_loss", 99.0, 15)
+    (run / "metrics.jsonl").open("a").write('{"step": 15, "train_loss": 99.0}\n')
+    assert cli("train", "--resume", run, "--quiet", "--tensorboard") == 0
+    want: dict[str, list[tuple[int, float]]] = {}
+    for record in metrics.read(run):
+        for name, value in record.items():
+            if name != "step":
+                want.setdefault(name, []).append((record["step"], value))
+    got = board_scalars(run)
+    assert sorted(got) == sorted(want) and "eval_loss" in got and "lr" in got
+    for name, points in want.items():
+        assert [step for step, _ in got[name]] == [step for step, _ in points], name
+        assert [v for _, v in got[name]] == pytest.approx([v for _, v in points], rel=1e-6)
+    assert max(step for step, _ in got["train_loss"]) == 20  # the late step 15 purged
+
+
+def test_tensorboard_without_its_package_is_one_line_and_writes_nothing(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    line = _refused(capsys, "train", "--task", "adding", "--run-dir", tmp_path / "run",
+                    "--tensorboard", *TINY["adding"])  # fmt: skip
+    assert "pip install 'lstmkit[tensorboard]'" in line
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------ crash safety, signals, lock
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -52,6 +52,12 @@ def add_arguments(commands) -> None:
     train.add_argument("--config", type=Path, help="JSON file of settings (flags override it)")
     train.add_argument("--quiet", action="store_true", help="log lines instead of a bar")
     train.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write metrics.jsonl's scalars for TensorBoard into RUN_DIR/tensorboard "
+        "(needs the tensorboard extra: pip install 'lstmkit[tensorboard]')",
+    )
+    train.add_argument(
         "--stop-at", type=int, metavar="STEP", help="checkpoint and stop at STEP, to --resume later"
     )
     settings = train.add_argument_group("settings (see lstmkit.train.tasks for each task's)")
@@ -164,7 +170,14 @@ def _train(args) -> int:
     if main_process:
         print(f"{'resuming' if resume else 'training'} in {run_dir}: {task.describe()}")
     loop.keep_freed_memory()
-    outcome = loop.train(task, run_dir, resume=resume, quiet=args.quiet, stop_at=args.stop_at)
+    outcome = loop.train(
+        task,
+        run_dir,
+        resume=resume,
+        quiet=args.quiet,
+        stop_at=args.stop_at,
+        tensorboard=args.tensorboard,
+    )
     if not main_process:
         return 0
     if outcome.signal:

@@ -556,9 +556,12 @@ def train(
     resume: bool = False,
     quiet: bool = False,
     stop_at: int | None = None,
+    tensorboard: bool = False,
 ) -> Outcome:
     """Train ``task``'s model, writing into ``run_dir``, until its
-    ``steps`` are taken or its ``time_budget`` is spent.
+    ``steps`` are taken or its ``time_budget`` is spent; with ``tensorboard``, the records of
+    ``metrics.jsonl`` also as TensorBoard scalars in ``run_dir/tensorboard`` (a resumed run's
+    events after its checkpoint, a crashed run's, purged first).
 
     With ``resume``, continue from ``run_dir``'s checkpoint exactly as if never stopped.
     Returns when done, at step ``stop_at`` (to be resumed later, e.g. under a job time
@@ -570,18 +573,27 @@ def train(
         TrainError: bad input, one line; :class:`~lstmkit.train.config.RunFailed` when
             writing fails during the run (a full disk), the last checkpoint intact.
     """
+    writer = metrics.summary_writer() if tensorboard else None
     processes = start_processes(task.config.device)
     try:
         run = setup(task, processes)
         with rundir.claimed(run_dir, resume=resume, main=processes.main):
             if resume:
                 restore(run, checkpoint.load(run_dir))
-            log = metrics.Log(run_dir, processes.main)
+            board = None
+            if writer is not None and processes.main:
+                events = run_dir / metrics.TENSORBOARD
+                board = writer(str(events), purge_step=run.clock.step + 1 if resume else None)
+                print(f"TensorBoard: tensorboard --logdir {events}")
+            log = metrics.Log(run_dir, processes.main, board)
             if resume:
                 log.truncate(run.clock.step)
             if processes.main:
                 metrics.record_machine(run_dir, run.clock.step, resumed=resume)
-            return _loop(run, run_dir, log, quiet, stop_at or task.config.steps, resume)
+            try:
+                return _loop(run, run_dir, log, quiet, stop_at or task.config.steps, resume)
+            finally:
+                log.close()
     finally:
         if processes.world > 1:
             dist.destroy_process_group()

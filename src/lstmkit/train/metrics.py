@@ -10,6 +10,9 @@ and numbers for values) is skipped wherever the log is read, with one warning li
 ``--resume``), one JSON object per line with the ``step`` it started from and the CPU, torch
 version, thread count and date (:func:`lstmkit.machine.machine_info`): a run's results name
 the CPU they came from, and every one where a resumed run moved.
+
+``RUN_DIR/tensorboard`` (``lstmkit train --tensorboard``): the records of ``metrics.jsonl``
+again, as TensorBoard scalars under the same names, at the same steps.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from lstmkit.train.config import TrainError
 
 METRICS = "metrics.jsonl"
 MACHINES = "machine.jsonl"
+TENSORBOARD = "tensorboard"  # RUN_DIR/tensorboard: the same records as TensorBoard events
 
 
 def record_machine(run_dir: Path, step: int, *, resumed: bool) -> None:
@@ -79,18 +83,44 @@ def read(run_dir: Path) -> list[dict]:
     return records
 
 
-class Log:
-    """Appends records to ``run_dir/metrics.jsonl``; a no-op where not ``enabled`` (every
-    process but rank 0)."""
+def summary_writer() -> type:
+    """torch's TensorBoard ``SummaryWriter`` class.
 
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
+    Raises:
+        TrainError: the tensorboard package is not installed (one line naming the extra).
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainError(
+            "--tensorboard needs the tensorboard package: pip install 'lstmkit[tensorboard]'"
+        ) from None
+    return SummaryWriter
+
+
+class Log:
+    """Appends records to ``run_dir/metrics.jsonl``, and each value as a scalar to ``board``
+    (a ``SummaryWriter``) where one is given; a no-op where not ``enabled`` (every process but
+    rank 0)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, board=None) -> None:
         self.path = run_dir / METRICS
         self.enabled = enabled
+        self.board = board if enabled else None
 
     def append(self, record: dict) -> None:
         if self.enabled:
             with writing(self.path), open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            for name, value in record.items():
+                if name != "step":
+                    self.board.add_scalar(name, value, record["step"])
+            self.board.flush()  # a crash loses no event that metrics.jsonl holds
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
     def truncate(self, step: int) -> None:
         """Keep the records up to ``step``, the checkpoint a run resumes from: drop those a
