@@ -80,7 +80,8 @@ inline Vec sigmoid(Vec x) {
 inline Vec tanh_(Vec x) { return fma(broadcast(2.0f), sigmoid(add(x, x)), broadcast(-1.0f)); }
 
 // sum_j term(j) over j in [0, n), in 16 independent partial sums that the compiler can keep in
-// vector registers (one running sum would be a chain it may not reorder).
+// vector registers (one running sum would be a chain it may not reorder): float64's layer-norm
+// sums (float32's run on vector_sum below).
 template <typename T, typename Term>
 T lane_sum(int64_t n, Term term) {
   constexpr int64_t kLanes = 16;
@@ -166,23 +167,29 @@ inline void normalise_backward_lanes(float* __restrict__ d, const float* __restr
 // and, where `mean_out` is given, stores the mean there.
 template <typename T>
 T normalise(const T* __restrict__ v, T* __restrict__ out, int64_t n, T* mean_out = nullptr) {
-  if constexpr (std::is_same_v<T, float>) return normalise_lanes(v, out, n, mean_out);
-  const T mean = lane_sum<T>(n, [&](int64_t j) { return v[j]; }) / T(n);
-  if (mean_out != nullptr) *mean_out = mean;
-  const T var = lane_sum<T>(n, [&](int64_t j) { return (v[j] - mean) * (v[j] - mean); }) / T(n);
-  const T rstd = T(1) / std::sqrt(var + T(kLayerNormEps));
-  for (int64_t j = 0; j < n; ++j) out[j] = (v[j] - mean) * rstd;
-  return rstd;
+  if constexpr (std::is_same_v<T, float>) {
+    return normalise_lanes(v, out, n, mean_out);
+  } else {
+    const T mean = lane_sum<T>(n, [&](int64_t j) { return v[j]; }) / T(n);
+    if (mean_out != nullptr) *mean_out = mean;
+    const T var = lane_sum<T>(n, [&](int64_t j) { return (v[j] - mean) * (v[j] - mean); }) / T(n);
+    const T rstd = T(1) / std::sqrt(var + T(kLayerNormEps));
+    for (int64_t j = 0; j < n; ++j) out[j] = (v[j] - mean) * rstd;
+    return rstd;
+  }
 }
 
 // Layer norm's backward for one row: d (n values, the gradient of the normalised xhat, gain
 // already applied) becomes the gradient of the input, rstd (d - mean(d) - xhat mean(d xhat)).
 template <typename T>
 void normalise_backward(T* __restrict__ d, const T* __restrict__ xhat, T rstd, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) return normalise_backward_lanes(d, xhat, rstd, n);
-  const T mean_d = lane_sum<T>(n, [&](int64_t j) { return d[j]; }) / T(n);
-  const T mean_dx = lane_sum<T>(n, [&](int64_t j) { return d[j] * xhat[j]; }) / T(n);
-  for (int64_t j = 0; j < n; ++j) d[j] = rstd * (d[j] - mean_d - xhat[j] * mean_dx);
+  if constexpr (std::is_same_v<T, float>) {
+    normalise_backward_lanes(d, xhat, rstd, n);
+  } else {
+    const T mean_d = lane_sum<T>(n, [&](int64_t j) { return d[j]; }) / T(n);
+    const T mean_dx = lane_sum<T>(n, [&](int64_t j) { return d[j] * xhat[j]; }) / T(n);
+    for (int64_t j = 0; j < n; ++j) d[j] = rstd * (d[j] - mean_d - xhat[j] * mean_dx);
+  }
 }
 
 enum class Kind { kLstm, kPeephole, kCifg, kLayerNorm };

@@ -1,6 +1,7 @@
 // One SIMD vector of floats (AVX-512, AVX2 with FMA, or four plain floats elsewhere) and the
 // operations the kernels need on it: the products' loads, broadcasts and multiply-adds
-// (panels.cpp), and the arithmetic of the gates' exp, sigmoid and tanh (cell.h).
+// (panels.cpp), the arithmetic of the gates' exp, sigmoid and tanh, and layer norm's sums
+// (cell.h).
 #pragma once
 
 #include <cstdint>
