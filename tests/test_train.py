@@ -447,6 +447,10 @@ BAD_INPUT = {
     ),
     "hidden_size 0": (["--hidden-size", "0"], "hidden_size must be a positive int, got 0"),
     "time_budget -1": (["--time-budget", "-1"], "time_budget must be >= 0"),
+    "eval_times -1": (
+        ["--eval-times", "-1"],
+        "eval_times must be >= 0 (0 = by steps only), got -1",
+    ),
     "a fresh run where a checkpoint is": ([], "already holds a checkpoint of task 'adding'"),
 }
 if not torch.cuda.is_available():
