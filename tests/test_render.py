@@ -253,3 +253,30 @@ def test_a_run_without_bits_per_character_lists_its_evaluation(tmp_path):
         "Validation loss 0.000119, solved 0.996 after 6000 steps (adding, 1 layer of 128, "
         "batch 50, 6000 steps); Test CPU"
     )
+
+
+def test_a_forecast_run_is_its_test_table(tmp_path):
+    path = _run_dir(tmp_path, [(0, MACHINE)])
+    run = tmp_path / path
+    config = {"task": "forecast", "num_layers": 1, "hidden_size": 64, "batch_size": 64}
+    run.joinpath("config.json").write_text(json.dumps({**config, "window": 104, "horizon": 52}))
+    test = {
+        "LSTM": {"mae": 0.5, "rmse": 0.7},
+        "seasonal naive": {"mae": 2.0, "rmse": 2.5},
+        "Holt-Winters": {"mae": 1.5, "rmse": 1.75},
+    }
+    result = {"series": "S", "values": 900, "test_start": 800, "origins": 49, "test": test}
+    with pytest.raises(render.RenderError, match=r"has no forecast\.json: it did not finish"):
+        render.render_region("forecast", path, tmp_path)
+    run.joinpath("forecast.json").write_text(json.dumps(result))
+    assert render.render_region("forecast", path, tmp_path).splitlines() == [
+        "| forecast | test MAE | test RMSE | MAE ÷ seasonal naive's |",
+        "|---|--:|--:|--:|",
+        "| LSTM | 0.500 | 0.700 | 0.25 |",
+        "| seasonal naive | 2.000 | 2.500 | 1.00 |",
+        "| Holt-Winters | 1.500 | 1.750 | 0.75 |",
+        "",
+        "Series: S (900 values); test part from index 800: 49 origins, each forecast 52 steps "
+        "ahead from the 104 before it; the LSTM 1 layer of 64, 467 steps of batch 64; Test CPU, "
+        "CPU family 25, model 17 (AVX-512); torch 2.13.0+cpu; 2026-12-03: `runs/charlm/`.",
+    ]

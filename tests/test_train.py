@@ -50,6 +50,11 @@ TINY = {
         "--steps", "60", "--batch-size", "32", "--hidden-size", "32", "--eval-every", "20",
         "--log-every", "5", "--lr", "0.01",
     ],
+    "forecast": [
+        "--steps", "20", "--time-budget", "0", "--batch-size", "16", "--window", "24",
+        "--horizon", "6", "--season", "52", "--hidden-size", "16", "--eval-every", "10",
+        "--log-every", "5", "--lr", "0.01",
+    ],
 }  # fmt: skip
 
 
@@ -115,7 +120,7 @@ def _refused(capsys, *argv, status: int = 2) -> str:
 # ------------------------------------------------------------------ every task learns
 
 
-@pytest.mark.parametrize("task", ["charlm", "adding", "digits"])
+@pytest.mark.parametrize("task", sorted(TASKS))
 def test_each_task_learns(task, tmp_path, corpus, capsys):
     extra = ["--data", corpus] if task == "charlm" else []
     assert train(task, tmp_path / "run", *extra) == 0
@@ -248,7 +253,7 @@ def _assert_bit_equal(a, b, path="state"):
         assert a == b, path
 
 
-@pytest.mark.parametrize("task", ["charlm", "adding"])
+@pytest.mark.parametrize("task", ["charlm", "adding", "forecast"])
 def test_resume_is_bit_exact(task, tmp_path, corpus):
     """N steps straight == N/2 steps, resume, N/2 steps: weights, Adam and generators."""
     extra = ["--data", corpus] if task == "charlm" else []
@@ -628,7 +633,12 @@ def test_every_setting_is_documented_and_shown_by_help(capsys):
     with pytest.raises(SystemExit):
         cli("train", "--help")
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "LSTM units per layer (charlm 256, adding 128, digits 128)" in shown
+    assert "LSTM units per layer (charlm 256, adding 128, digits 128, forecast 64)" in shown
+    # a name two tasks give different meanings shows both, each with its tasks' defaults
+    assert (
+        "--seq-len SEQ_LEN characters per training window (backpropagation through time) "
+        "(charlm 128); steps per sequence, T (adding 100)"
+    ) in shown
 
 
 def test_from_mapping_accepts_ints_for_floats_and_rejects_other_tasks():

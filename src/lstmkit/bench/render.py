@@ -30,6 +30,9 @@ Kinds:
   evaluation step they share, one row a run.
 - ``compile FILE``: ``benchmarks/compile/compile_vs_eager.py``: compiled ÷ eager per cell,
   configuration and mode.
+- ``forecast DIR``: a forecasting run directory (``lstmkit train --task forecast``): the test
+  part's MAE and RMSE of the LSTM and the two baselines (``DIR/forecast.json``), each MAE ÷
+  the seasonal naive forecast's, with the series, the run's size and its machine(s).
 - ``serve FILE``: ``lstmkit bench --serve``: per model and client count, lstmkit's and
   nn.LSTM's throughput and p99 latency, their ratios, each one's first request against the same
   request warm, and lstmkit's largest difference from its serial outputs.
@@ -50,6 +53,7 @@ from lstmkit.bench.serve import LSTMKIT as SERVED
 from lstmkit.bench.suite import BASELINE
 from lstmkit.bench.suite import PEER as SCRIPTED
 from lstmkit.train import checkpoint, metrics
+from lstmkit.train.tasks import FORECAST
 
 BEGIN = re.compile(r"<!-- render (\w+) (\S+) -->\n")
 END = "<!-- /render -->"
@@ -242,15 +246,26 @@ def _starts(run: Path) -> list[dict]:
     return starts
 
 
-def render_run(directory: str, root: Path) -> str:
-    """One sentence: a training run's last evaluation, its size and where it ran."""
-    run = root / directory
-    starts = _starts(run)
-    # a committed run keeps its configuration beside its metrics; a live one in its checkpoint
+def _run_config(run: Path) -> dict:
+    """A training run's settings: a committed run keeps them beside its metrics, a live one in
+    its checkpoint."""
     saved = run / "config.json"
     config = _json(saved.read_text(), saved) if saved.is_file() else checkpoint.read_config(run)
     if config is None:
         raise RenderError(f"run {run} has no config.json and no checkpoint")
+    return config
+
+
+def _layers(config: dict) -> str:
+    layers = f"{config['num_layers']} layer" + ("s" if config["num_layers"] != 1 else "")
+    return f"{layers} of {config['hidden_size']}"
+
+
+def render_run(directory: str, root: Path) -> str:
+    """One sentence: a training run's last evaluation, its size and where it ran."""
+    run = root / directory
+    starts = _starts(run)
+    config = _run_config(run)
     evaluations = [r for r in metrics.read(run) if any(k.startswith("eval_") for k in r)]
     if not evaluations:
         raise RenderError(f"run {run} has no evaluation in its metrics")
@@ -263,11 +278,34 @@ def render_run(directory: str, root: Path) -> str:
     budget = config["time_budget"]
     length = f"{budget:.0f} s of training" if budget else f"{config['steps']} steps"
     heads = dict.fromkeys(describe({"machine": start}) for start in starts)
-    layers = f"{config['num_layers']} layer" + ("s" if config["num_layers"] != 1 else "")
     return (
-        f"{result} after {last['step']} steps ({config['task']}, {layers} of "
-        f"{config['hidden_size']}, batch {config['batch_size']}, {length}); "
-        f"{'; '.join(heads)}: `{directory}/`."
+        f"{result} after {last['step']} steps ({config['task']}, {_layers(config)}, batch "
+        f"{config['batch_size']}, {length}); {'; '.join(heads)}: `{directory}/`."
+    )
+
+
+def render_forecast(directory: str, root: Path) -> str:
+    """A forecasting run's test table (its ``forecast.json``): each method's MAE and RMSE and
+    its MAE against the seasonal naive forecast's."""
+    run = root / directory
+    heads = dict.fromkeys(describe({"machine": start}) for start in _starts(run))
+    config, path = _run_config(run), run / FORECAST
+    if not path.is_file():
+        raise RenderError(f"run {run} has no {FORECAST}: it did not finish")
+    result = _json(path.read_text(), path)
+    naive = result["test"]["seasonal naive"]["mae"]
+    rows = [
+        [name, f"{s['mae']:.3f}", f"{s['rmse']:.3f}", f"{s['mae'] / naive:.2f}"]
+        for name, s in result["test"].items()
+    ]
+    header = ["forecast", "test MAE", "test RMSE", "MAE ÷ seasonal naive's"]
+    steps = [r["step"] for r in metrics.read(run)]
+    return (
+        markdown_table(header, rows, 1)
+        + f"\n\nSeries: {result['series']} ({result['values']} values); test part from index "
+        f"{result['test_start']}: {result['origins']} origins, each forecast {config['horizon']} "
+        f"steps ahead from the {config['window']} before it; the LSTM {_layers(config)}, "
+        f"{steps[-1]} steps of batch {config['batch_size']}; {'; '.join(heads)}: `{directory}/`."
     )
 
 
@@ -349,6 +387,7 @@ RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "curves": render_curves,
     "compile": render_compile,
     "serve": render_serve,
+    "forecast": render_forecast,
 }
 
 

@@ -61,13 +61,16 @@ def add_arguments(commands) -> None:
         "--stop-at", type=int, metavar="STEP", help="checkpoint and stop at STEP, to --resume later"
     )
     settings = train.add_argument_group("settings (see lstmkit.train.tasks for each task's)")
-    texts, defaults = {}, {}
+    # each setting's help texts (tasks may mean different things by one name), each with the
+    # defaults of the tasks that mean it
+    texts: dict[str, dict[str, list[str]]] = {}
     for task in TASKS.values():
-        texts |= help_texts(task.Config)
+        own = help_texts(task.Config)
         for name in field_types(task.Config):
-            defaults.setdefault(name, []).append(f"{task.name} {getattr(task.Config, name)!r}")
+            default = f"{task.name} {getattr(task.Config, name)!r}"
+            texts.setdefault(name, {}).setdefault(own[name], []).append(default)
     for name, kind in _FIELDS.items():
-        shown = f"{texts[name]} ({', '.join(defaults[name])})"
+        shown = "; ".join(f"{text} ({', '.join(d)})" for text, d in texts[name].items())
         settings.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=shown)
 
     sample = commands.add_parser("sample", help="generate text from a charlm run")
@@ -197,7 +200,7 @@ def _train(args) -> int:
         f"done: step {outcome.step}, {shown}, {outcome.units_per_second:,.0f} {task.unit}/s; "
         f"curves in {run_dir / 'curves.png'}"
     )
-    text = task.summary(outcome.model)
+    text = task.summary(outcome.model, run_dir)
     if text:
         print(text)
     return 0

@@ -6,9 +6,27 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from torch import Tensor
+
 from lstmkit.train import metrics
 from lstmkit.train.checkpoint import atomic_write
 from lstmkit.train.config import TrainError, require
+
+
+def _pyplot():
+    require("matplotlib").use("Agg")
+    from matplotlib import pyplot
+
+    return pyplot
+
+
+def _save(plt, figure, out: Path) -> None:
+    """``figure`` as the PNG ``out``, replaced whole or not at all."""
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    atomic_write(out, buffer.getvalue())
 
 
 def _series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
@@ -37,9 +55,7 @@ def draw(run_dirs: list[Path], out: Path) -> None:
         if not records:
             raise TrainError(f"{run_dir} holds no metrics ({run_dir / metrics.METRICS})")
         runs.append(_series(records))
-    require("matplotlib").use("Agg")
-    from matplotlib import pyplot as plt
-
+    plt = _pyplot()
     # train and eval loss share the first panel; every other quantity has its own
     names = ["loss", *sorted({k for s in runs for k in s if not k.endswith("loss")})]
     figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
@@ -58,8 +74,34 @@ def draw(run_dirs: list[Path], out: Path) -> None:
         ax.set_title(name.removeprefix("eval_"))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    atomic_write(out, buffer.getvalue())
+    _save(plt, figure, out)
+
+
+def draw_forecast(
+    out: Path, series: Tensor, origins: Tensor, forecasts: dict[str, Tensor], start: int
+) -> None:
+    """The PNG ``out``: ``series`` from index ``start`` (the history, then the truth), and
+    each method's ``(len(origins), horizon)`` forecasts, one segment from each origin.
+
+    Raises:
+        OSError: ``out`` cannot be written.
+    """
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(11, 4))
+    steps = range(start, len(series))
+    ax.plot(steps, series[start:].tolist(), color="black", linewidth=1, label="series")
+    ax.axvline(int(origins[0]), color="grey", linestyle=":", label="test part begins")
+    horizon = next(iter(forecasts.values())).size(1)
+    for (name, forecast), color in zip(forecasts.items(), ("C3", "C0", "C2"), strict=False):
+        for row, origin in enumerate(origins.tolist()):
+            ax.plot(
+                range(origin, origin + horizon),
+                forecast[row].tolist(),
+                color=color,
+                linewidth=1.2,
+                label=name if row == 0 else None,
+            )
+    ax.set_xlabel("time step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(plt, figure, out)

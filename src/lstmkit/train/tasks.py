@@ -17,11 +17,16 @@ Data encodings:
   two marked values.
 - ``digits``: scikit-learn's 8x8 digit images, pixels scaled to [0, 1], read top to bottom
   as 8 steps of 8 pixels; the target is the digit, 0-9.
+- ``forecast``: a series (:mod:`lstmkit.train.series`) split in time into training,
+  validation and test parts; an example is ``(window, 1)`` past values in, the next
+  ``horizon`` values as targets, both minus the last past value and divided by the training
+  part's standard deviation.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import string
 from dataclasses import asdict, dataclass
@@ -35,12 +40,14 @@ from torch import Tensor, nn
 from lstmkit.interop import to_torch
 from lstmkit.modules import LSTM
 from lstmkit.runner import BACKEND_NAMES
+from lstmkit.train import checkpoint, plot, series
 from lstmkit.train.config import (
     ConfigError,
     TrainConfig,
     TrainError,
     check_choice,
     check_positive,
+    require,
     setting,
 )
 
@@ -122,8 +129,8 @@ class Task:
         """The settings, one line, as ``lstmkit train`` prints them when it starts."""
         return _listed(asdict(self.config))
 
-    def summary(self, model: nn.Module) -> str:
-        """Text to print when training ends."""
+    def summary(self, model: nn.Module, run_dir: Path) -> str:
+        """Text to print when training ends; files it writes go in ``run_dir``."""
         return ""
 
     def generate(
@@ -382,7 +389,7 @@ class CharLM(Task):
         del settings["vocab"]  # a hundred characters, saved in the run's config.json
         return _listed(settings)
 
-    def summary(self, model):
+    def summary(self, model, run_dir):
         generator = torch.Generator().manual_seed(self.config.seed)
         return f"sample (temperature 0.8):\n{self.generate(model, '', 300, 0.8, generator)}"
 
@@ -526,4 +533,169 @@ class Digits(Task):
         return {"loss": total / n, "accuracy": correct / n}
 
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (CharLM, Adding, Digits)}
+# ----------------------------------------------------------------------------- forecast
+
+
+@dataclass
+class ForecastConfig(LSTMConfig):
+    task: str = "forecast"
+    steps: int = 3000
+    time_budget: float = 60.0
+    batch_size: int = 64
+    lr: float = 3e-3
+    eval_every: int = 250
+    hidden_size: int = 64
+    data: str = setting("", "CSV file, a header row first; empty = weekly Mauna Loa CO2")
+    column: str = setting("", "the --data CSV's column to forecast")
+    window: int = setting(104, "past values the model reads for each forecast")
+    horizon: int = setting(52, "values forecast at once: 1 to horizon steps ahead")
+    season: int = setting(52, "the series' seasonal period in steps, for the baselines; 1 = none")
+    val_fraction: float = setting(0.15, "the part before the test part, held out for validation")
+    test_fraction: float = setting(0.15, "the series' last part, held out for the test")
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive(self, "window", "horizon", "season")
+        for name in ("val_fraction", "test_fraction"):
+            if not 0.0 < getattr(self, name) < 0.5:
+                raise ConfigError(f"{name} must be in (0, 0.5), got {getattr(self, name)}")
+        if bool(self.data) != bool(self.column):
+            raise ConfigError(
+                "--data FILE.csv and --column NAME go together (the built-in series needs "
+                f"neither); got data={self.data!r}, column={self.column!r}"
+            )
+
+
+FORECAST, PLOT = "forecast.json", "forecast.png"
+
+
+class Forecast(Task):
+    """Multi-step forecasting of a series, split in time: the first part trains, the next
+    validates, the last (``test_fraction``) tests. An example is a window of ``window`` values
+    before an origin and the ``horizon`` values from it. The model reads the window relative
+    to its last value, divided by the training part's standard deviation (fitted there only),
+    and forecasts the horizon on the same scale, so that a level the training part never
+    reached (a trend) is no extrapolation. Losses are mean squared errors on that scale; MAE
+    and RMSE are in the series' units."""
+
+    name = "forecast"
+    Config = ForecastConfig
+
+    def prepare(self):
+        config = self.config
+        require("statsmodels.tsa.holtwinters")  # the baseline, needed at the end of the run
+        if config.data:
+            self.series = series.read_column(config.data, config.column)
+            what = f"column {config.column!r} of {config.data!r}"
+        else:
+            self.series = series.co2_weekly()
+            what = "the CO2 series"
+        n = len(self.series)
+        n_test, n_val = int(n * config.test_fraction), int(n * config.val_fraction)
+        self.val_start, self.test_start = n - n_test - n_val, n - n_test
+        # a training origin needs a window before it, all of it in the training part;
+        # Holt-Winters fits two seasons at least
+        least = max(config.window + config.horizon, 2 * config.season)
+        if min(n_test, n_val) < config.horizon or self.val_start < least:
+            raise TrainError(
+                f"{what} has {n} values: too few for window={config.window}, "
+                f"horizon={config.horizon} and season={config.season} with "
+                f"val_fraction={config.val_fraction} and test_fraction="
+                f"{config.test_fraction}, which need {least} in the training part and "
+                f"{config.horizon} in each of the others"
+            )
+        self.scale = self.series[: self.val_start].std().item() or 1.0
+
+    def origins(self, start: int, end: int) -> Tensor:
+        """Every origin whose horizon lies in ``[start, end)``."""
+        return torch.arange(max(start, self.config.window), end - self.config.horizon + 1)
+
+    def examples(self, origins: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Inputs ``(N, window, 1)`` and targets ``(N, horizon)`` on the model's scale, and
+        each origin's last known value ``(N, 1)`` that both are relative to."""
+        past = self.series[origins[:, None] + torch.arange(-self.config.window, 0)]
+        future = self.series[origins[:, None] + torch.arange(self.config.horizon)]
+        last = past[:, -1:]
+        inputs = ((past - last) / self.scale).float().unsqueeze(-1)
+        return inputs, ((future - last) / self.scale).float(), last
+
+    def build_model(self):
+        return LastStep(self.config, 1, self.config.horizon)
+
+    def batch(self, generator, rows):
+        first, end = self.origins(0, self.val_start)[[0, -1]].tolist()
+        picked = torch.randint(first, end + 1, (self.config.batch_size,), generator=generator)
+        inputs, targets, _ = self.examples(picked[rows])
+        return inputs, targets
+
+    def loss(self, model, inputs, targets):
+        return F.mse_loss(model(inputs).float(), targets)
+
+    @torch.no_grad()
+    def forecast(self, model: nn.Module, origins: Tensor) -> tuple[Tensor, Tensor]:
+        """The model's forecasts at ``origins`` and the truth, both in the series' units."""
+        inputs, targets, last = self.examples(origins)
+        device = next(model.parameters()).device
+        out = torch.cat(
+            [y.float().cpu() for y, _ in _evaluate_batches(model, device, inputs, targets)]
+        )
+        truth = self.series[origins[:, None] + torch.arange(self.config.horizon)]
+        return last + out.double() * self.scale, truth
+
+    def evaluate(self, model, device):
+        predicted, truth = self.forecast(model, self.origins(self.val_start, self.test_start))
+        loss = ((predicted - truth) / self.scale).square().mean().item()
+        return {"loss": loss, **series.errors(predicted, truth)}
+
+    def summary(self, model, run_dir):
+        """The test part's MAE and RMSE of the LSTM and both baselines at every test origin,
+        written to ``run_dir/forecast.json``, and ``forecast.png``: the history, the truth
+        and each method's forecasts from the origins that cut the test part into horizons."""
+        config = self.config
+        origins = self.origins(self.test_start, len(self.series))
+        predicted, truth = self.forecast(model, origins)
+        forecasts = {
+            "LSTM": predicted,
+            "seasonal naive": series.seasonal_naive(
+                self.series, origins, config.horizon, config.season
+            ),
+            "Holt-Winters": series.holt_winters(
+                self.series, self.val_start, origins, config.horizon, config.season
+            ),
+        }
+        scores = {name: series.errors(f, truth) for name, f in forecasts.items()}
+        result = {
+            "series": (
+                f"column {config.column} of {config.data}"
+                if config.data
+                else "weekly Mauna Loa CO2, ppm (statsmodels' co2)"
+            ),
+            "values": len(self.series),
+            "test_start": self.test_start,
+            "origins": len(origins),
+            "test": scores,
+        }
+        with checkpoint.writing(run_dir / FORECAST):
+            text = json.dumps(result, indent=1) + "\n"
+            checkpoint.atomic_write(run_dir / FORECAST, text.encode())
+        shown = torch.arange(0, len(origins), config.horizon)
+        with checkpoint.writing(run_dir / PLOT):
+            plot.draw_forecast(
+                run_dir / PLOT,
+                self.series,
+                origins[shown],
+                {name: f[shown] for name, f in forecasts.items()},
+                start=self.val_start,
+            )
+        lines = [f"test part, {len(origins)} origins x {config.horizon} steps ahead:"]
+        lines += [
+            f"  {name:<15} MAE {s['mae']:.4g}  RMSE {s['rmse']:.4g}" for name, s in scores.items()
+        ]
+        naive = scores["seasonal naive"]["mae"]
+        if naive > 0:
+            lines.append(f"LSTM's MAE / seasonal naive's: {scores['LSTM']['mae'] / naive:.3f}")
+        lines.append(f"table in {run_dir / FORECAST}, plot in {run_dir / PLOT}")
+        return "\n".join(lines)
+
+
+TASKS: dict[str, type[Task]] = {task.name: task for task in (CharLM, Adding, Digits, Forecast)}
