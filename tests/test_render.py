@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -259,7 +260,8 @@ def test_a_forecast_run_is_its_test_table(tmp_path):
     path = _run_dir(tmp_path, [(0, MACHINE)])
     run = tmp_path / path
     config = {"task": "forecast", "num_layers": 1, "hidden_size": 64, "batch_size": 64}
-    run.joinpath("config.json").write_text(json.dumps({**config, "window": 104, "horizon": 52}))
+    config |= {"window": 104, "horizon": 52}
+    run.joinpath("config.json").write_text(json.dumps(config))
     test = {
         "LSTM": {"mae": 0.5, "rmse": 0.7},
         "seasonal naive": {"mae": 2.0, "rmse": 2.5},
@@ -280,3 +282,19 @@ def test_a_forecast_run_is_its_test_table(tmp_path):
         "ahead from the 104 before it; the LSTM 1 layer of 64, 467 steps of batch 64; Test CPU, "
         "CPU family 25, model 17 (AVX-512); torch 2.13.0+cpu; 2026-12-03: `runs/charlm/`.",
     ]
+    # a second seed: its LSTM row after the first; a run of another test part is refused
+    shutil.copytree(run, tmp_path / "runs" / "seed1")
+    other = tmp_path / "runs" / "seed1"
+    other.joinpath("config.json").write_text(json.dumps({**config, "seed": 1}))
+    result["test"]["LSTM"] = {"mae": 0.6, "rmse": 0.8}
+    other.joinpath("forecast.json").write_text(json.dumps(result))
+    run.joinpath("config.json").write_text(json.dumps({**config, "seed": 0}))
+    table = render.render_region("forecast", f"{path},runs/seed1", tmp_path).splitlines()
+    assert table[2:4] == [
+        "| LSTM, seed 0 | 0.500 | 0.700 | 0.25 |",
+        "| LSTM, seed 1 | 0.600 | 0.800 | 0.30 |",
+    ]
+    assert table[-1].endswith("2026-12-03: `runs/charlm/`, `runs/seed1/`.")
+    other.joinpath("forecast.json").write_text(json.dumps({**result, "test_start": 801}))
+    with pytest.raises(render.RenderError, match="forecast different series or test parts"):
+        render.render_region("forecast", f"{path},runs/seed1", tmp_path)

@@ -30,9 +30,10 @@ Kinds:
   evaluation step they share, one row a run.
 - ``compile FILE``: ``benchmarks/compile/compile_vs_eager.py``: compiled ÷ eager per cell,
   configuration and mode.
-- ``forecast DIR``: a forecasting run directory (``lstmkit train --task forecast``): the test
-  part's MAE and RMSE of the LSTM and the two baselines (``DIR/forecast.json``), each MAE ÷
-  the seasonal naive forecast's, with the series, the run's size and its machine(s).
+- ``forecast DIR,DIR,...``: forecasting runs (``lstmkit train --task forecast``) of one series
+  and split, seeds say: the test part's MAE and RMSE (``DIR/forecast.json``) of each run's
+  LSTM and of the two baselines, each MAE ÷ the seasonal naive forecast's, with the series,
+  the runs' size and their machine(s).
 - ``serve FILE``: ``lstmkit bench --serve``: per model and client count, lstmkit's and
   nn.LSTM's throughput and p99 latency, their ratios, each one's first request against the same
   request warm, and lstmkit's largest difference from its serial outputs.
@@ -284,28 +285,50 @@ def render_run(directory: str, root: Path) -> str:
     )
 
 
-def render_forecast(directory: str, root: Path) -> str:
-    """A forecasting run's test table (its ``forecast.json``): each method's MAE and RMSE and
-    its MAE against the seasonal naive forecast's."""
-    run = root / directory
-    heads = dict.fromkeys(describe({"machine": start}) for start in _starts(run))
-    config, path = _run_config(run), run / FORECAST
+def _forecast_run(run: Path) -> tuple[dict, dict, int]:
+    """A forecasting run's settings, its ``forecast.json`` and its last step."""
+    path = run / FORECAST
     if not path.is_file():
         raise RenderError(f"run {run} has no {FORECAST}: it did not finish")
-    result = _json(path.read_text(), path)
-    naive = result["test"]["seasonal naive"]["mae"]
+    return _run_config(run), _json(path.read_text(), path), metrics.read(run)[-1]["step"]
+
+
+def render_forecast(directories: str, root: Path) -> str:
+    """Comma-separated forecasting runs of one series and split (seeds, say), from their
+    ``forecast.json``: the test part's MAE and RMSE of each run's LSTM, then of the two
+    baselines (the same in every run), each MAE ÷ the seasonal naive forecast's."""
+    runs = directories.split(",")
+    loaded = [_forecast_run(root / directory) for directory in runs]
+    config, first, _ = loaded[0]
+
+    def baselines(result: dict) -> dict:
+        return {k: v for k, v in result["test"].items() if k != "LSTM"} | {
+            k: result[k] for k in ("series", "values", "test_start", "origins")
+        }
+
+    if any(baselines(result) != baselines(first) for _, result, _ in loaded):
+        raise RenderError(f"runs {directories} forecast different series or test parts")
+    naive = first["test"]["seasonal naive"]["mae"]
+
+    def row(name: str, scores: dict) -> list[str]:
+        mae, rmse = scores["mae"], scores["rmse"]
+        return [name, f"{mae:.3f}", f"{rmse:.3f}", f"{mae / naive:.2f}"]
+
     rows = [
-        [name, f"{s['mae']:.3f}", f"{s['rmse']:.3f}", f"{s['mae'] / naive:.2f}"]
-        for name, s in result["test"].items()
+        row(f"LSTM, seed {c['seed']}" if len(runs) > 1 else "LSTM", result["test"]["LSTM"])
+        for c, result, _ in loaded
     ]
+    rows += [row(name, s) for name, s in first["test"].items() if name != "LSTM"]
     header = ["forecast", "test MAE", "test RMSE", "MAE ÷ seasonal naive's"]
-    steps = [r["step"] for r in metrics.read(run)]
+    heads = dict.fromkeys(describe({"machine": m}) for d in runs for m in _starts(root / d))
+    steps = "/".join(dict.fromkeys(str(step) for _, _, step in loaded))
+    places = ", ".join(f"`{directory}/`" for directory in runs)
     return (
         markdown_table(header, rows, 1)
-        + f"\n\nSeries: {result['series']} ({result['values']} values); test part from index "
-        f"{result['test_start']}: {result['origins']} origins, each forecast {config['horizon']} "
+        + f"\n\nSeries: {first['series']} ({first['values']} values); test part from index "
+        f"{first['test_start']}: {first['origins']} origins, each forecast {config['horizon']} "
         f"steps ahead from the {config['window']} before it; the LSTM {_layers(config)}, "
-        f"{steps[-1]} steps of batch {config['batch_size']}; {'; '.join(heads)}: `{directory}/`."
+        f"{steps} steps of batch {config['batch_size']}; {'; '.join(heads)}: {places}."
     )
 
 
