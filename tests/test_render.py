@@ -298,3 +298,23 @@ def test_a_forecast_run_is_its_test_table(tmp_path):
     other.joinpath("forecast.json").write_text(json.dumps({**result, "test_start": 801}))
     with pytest.raises(render.RenderError, match="forecast different series or test parts"):
         render.render_region("forecast", f"{path},runs/seed1", tmp_path)
+
+
+def test_runs_are_one_row_each_with_their_settings_and_last_evaluation(tmp_path):
+    path = _run_dir(tmp_path, [(0, MACHINE)])
+    config = {"task": "charlm", "seed": 3, "batch_size": 8, "lr": 0.008, "time_budget": 33.0}
+    (tmp_path / path / "config.json").write_text(json.dumps(config))
+    table = render.render_region("runs", path, tmp_path).splitlines()
+    assert table[2] == "| `runs/charlm` | 3 | 8 | 0.008 | 33 s | 467 | 1.784 bpc |"
+    assert table[-1] == "Test CPU, CPU family 25, model 17 (AVX-512); torch 2.13.0+cpu; 2026-12-03."
+
+
+def test_samples_table_holds_each_runs_reading(tmp_path):
+    run = {"run": "seed0", "seed": 0, "steps": 3694, "evaluations": 13, "bpc": 1.8304}
+    run |= {"ordinary_share": 0.9968, "layout_lines": 1, "machine": MACHINE}
+    (tmp_path / "samples.json").write_text(json.dumps([run]))
+    table = render.render_region("samples", "samples.json", tmp_path).splitlines()
+    assert table[2] == "| 0 | 3694 | 13 | 1.830 | 0.997 | 1 |"
+    (tmp_path / "samples.json").write_text(json.dumps([{**run, "machine": {"cpu": "x"}}]))
+    with pytest.raises(render.RenderError, match="does not name its CPU"):
+        render.render_region("samples", "samples.json", tmp_path)

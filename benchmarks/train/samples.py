@@ -5,7 +5,8 @@ on run directories made by ``lstmkit train --run-dir DIR --seed N > DIR/output.t
 
     .venv/bin/python benchmarks/train/samples.py DIR [DIR ...] --out OUT
 
-It writes ``OUT/samples.json`` (with the machine each run started on) and ``OUT/samples.md``.
+It writes ``OUT/samples.json`` (with the machine each run started on) and ``OUT/samples.md``,
+its table as ``python -m lstmkit.bench.render`` renders it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lstmkit.bench.report import markdown_table
+from lstmkit.bench.render import render_samples
 from lstmkit.train import metrics
 from lstmkit.train.tasks import text_shares
 
@@ -50,23 +51,7 @@ def main() -> None:
     rows = [measure(run) for run in args.runs]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "samples.json").write_text(json.dumps(rows, indent=1) + "\n")
-    header = ["run", "seed", "steps", "evaluations", "validation bpc"]
-    header += ["sample: ordinary characters", "lines mostly | + - ="]
-    table = [
-        [
-            r["run"],
-            str(r["seed"]),
-            str(r["steps"]),
-            str(r["evaluations"]),
-            f"{r['bpc']:.3f}",
-            f"{r['ordinary_share']:.3f}",
-            str(r["layout_lines"]),
-        ]
-        for r in rows
-    ]
-    cpu = rows[0]["machine"]
-    text = f"{cpu['cpu']}, family {cpu['cpu_family']}, model {cpu['cpu_model']}\n\n"
-    text += markdown_table(header, table, 1) + "\n"
+    text = render_samples(str(args.out / "samples.json"), Path.cwd()) + "\n"
     (args.out / "samples.md").write_text(text)
     print(text)
 

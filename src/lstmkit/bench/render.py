@@ -26,6 +26,11 @@ Kinds:
   a second with lstmkit and with nn.LSTM, and the time ratio.
 - ``run DIR``: a training run directory (``lstmkit train --run-dir DIR``): one sentence with its
   last evaluation, its size and the machine(s) it ran on (``machine.jsonl``).
+- ``runs DIR,DIR,...``: training runs, one row each: seed, batch, learning rate, budget, the
+  steps taken and the last validation bits per character (else loss).
+- ``samples FILE``: ``benchmarks/train/samples.py``'s result: per charlm run its seed, steps,
+  evaluations and bits per character, and its printed sample's share of ordinary characters
+  and count of lines mostly table characters.
 - ``curves DIR,DIR,...``: those runs' validation bits per character (else loss) at every
   evaluation step they share, one row a run.
 - ``compile FILE``: ``benchmarks/compile/compile_vs_eager.py``: compiled ÷ eager per cell,
@@ -75,14 +80,18 @@ def load_result(path: Path) -> dict:
     return result
 
 
-def _json(text: str, path: Path) -> dict:
-    """One JSON object read from ``path``; anything else is a RenderError naming the file."""
+def _json(text: str, path: Path, kind: type = dict):
+    """One JSON object (or a ``kind``: ``list``) read from ``path``; anything else is a
+    RenderError naming the file."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         raise RenderError(f"{path} is not JSON: {error}") from error
-    if not isinstance(value, dict):
-        raise RenderError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    if not isinstance(value, kind):
+        raise RenderError(
+            f"{path} must hold a JSON {'object' if kind is dict else kind.__name__}, "
+            f"got {type(value).__name__}"
+        )
     return value
 
 
@@ -257,6 +266,13 @@ def _run_config(run: Path) -> dict:
     return config
 
 
+def _last_evaluation(run: Path) -> dict:
+    evaluations = [r for r in metrics.read(run) if any(k.startswith("eval_") for k in r)]
+    if not evaluations:
+        raise RenderError(f"run {run} has no evaluation in its metrics")
+    return evaluations[-1]
+
+
 def _layers(config: dict) -> str:
     layers = f"{config['num_layers']} layer" + ("s" if config["num_layers"] != 1 else "")
     return f"{layers} of {config['hidden_size']}"
@@ -267,10 +283,7 @@ def render_run(directory: str, root: Path) -> str:
     run = root / directory
     starts = _starts(run)
     config = _run_config(run)
-    evaluations = [r for r in metrics.read(run) if any(k.startswith("eval_") for k in r)]
-    if not evaluations:
-        raise RenderError(f"run {run} has no evaluation in its metrics")
-    last = evaluations[-1]
+    last = _last_evaluation(run)
     if "eval_bpc" in last:
         result = f"Validation **{last['eval_bpc']:.2f} bits per character**"
     else:
@@ -330,6 +343,57 @@ def render_forecast(directories: str, root: Path) -> str:
         f"steps ahead from the {config['window']} before it; the LSTM {_layers(config)}, "
         f"{steps} steps of batch {config['batch_size']}; {'; '.join(heads)}: {places}."
     )
+
+
+def render_runs(directories: str, root: Path) -> str:
+    """Comma-separated training runs, one row each: seed, batch, learning rate, time budget (or
+    steps), the steps taken and the last validation bits per character (else loss)."""
+    rows, heads = [], []
+    for directory in directories.split(","):
+        run = root / directory
+        heads += [describe({"machine": start}) for start in _starts(run)]
+        config, last = _run_config(run), _last_evaluation(run)
+        budget = config["time_budget"]
+        result = f"{last['eval_bpc']:.3f} bpc" if "eval_bpc" in last else f"{last['eval_loss']:.4g}"
+        rows.append(
+            [
+                f"`{directory}`",
+                str(config["seed"]),
+                str(config["batch_size"]),
+                f"{config['lr']:g}",
+                f"{budget:.0f} s" if budget else f"{config['steps']} steps",
+                str(last["step"]),
+                result,
+            ]
+        )
+    header = ["run", "seed", "batch", "lr", "budget", "steps taken", "validation"]
+    return markdown_table(header, rows, 1) + "\n\n" + "; ".join(dict.fromkeys(heads)) + "."
+
+
+def render_samples(path: str, root: Path) -> str:
+    """``benchmarks/train/samples.py``'s ``samples.json``: each run's seed, steps, evaluations
+    and validation bits per character, and how its printed sample reads."""
+    file = root / path
+    if not file.is_file():
+        raise RenderError(f"result file {file} does not exist")
+    runs = _json(file.read_text(), file, list)
+    for run in runs:
+        _check_cpu(run["machine"], file)
+    rows = [
+        [
+            str(r["seed"]),
+            str(r["steps"]),
+            str(r["evaluations"]),
+            f"{r['bpc']:.3f}",
+            f"{r['ordinary_share']:.3f}",
+            str(r["layout_lines"]),
+        ]
+        for r in runs
+    ]
+    header = ["seed", "steps", "evaluations", "validation bpc", "sample: ordinary characters"]
+    header.append("sample lines mostly table characters")
+    heads = dict.fromkeys(describe({"machine": r["machine"]}) for r in runs)
+    return markdown_table(header, rows, 1) + f"\n\n{'; '.join(heads)}: `{path}`."
 
 
 def render_curves(directories: str, root: Path) -> str:
@@ -411,6 +475,8 @@ RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "compile": render_compile,
     "serve": render_serve,
     "forecast": render_forecast,
+    "runs": render_runs,
+    "samples": render_samples,
 }
 
 
