@@ -318,3 +318,28 @@ def test_samples_table_holds_each_runs_reading(tmp_path):
     (tmp_path / "samples.json").write_text(json.dumps([{**run, "machine": {"cpu": "x"}}]))
     with pytest.raises(render.RenderError, match="does not name its CPU"):
         render.render_region("samples", "samples.json", tmp_path)
+
+
+def test_triton_compile_table_says_each_hidden_sizes_modes_and_problems(tmp_path):
+    def row(kernel, mode, sizes, **result):
+        kept = {"compiled": True, "spill_stores": 0, "shared_fits": True, "programs_per_sm": 1}
+        kept["co_resident"] = True
+        return {"target": "sm_90", "kernel": kernel, "cell": "lstm", "dtype": "fp32"} | {
+            "mode": mode,
+            "sizes": sizes,
+            **kept,
+            **result,
+        }
+
+    rows = [
+        row("forward", "registers", [[32, 8, 1]], spill_stores=64),
+        row("backward", "registers", [[32, 8, 1]], compiled=False),
+        row("forward", "barrier", [[128, 8, 8]], co_resident=False),
+        row("forward", "host", [[1024, 8, 16]], spill_stores=40),  # no time loop
+    ]
+    result = {"machine": MACHINE, "settings": {"triton": "3.9.0"}, "rows": rows}
+    (tmp_path / "compile.json").write_text(json.dumps(result))
+    table = render.render_region("triton", "compile.json", tmp_path).splitlines()
+    assert table[0] == "| target | cell | dtype | H 32 | H 128 | H 1024 |"
+    assert table[2] == "| sm_90 | lstm | fp32 | R fails, spills | B not resident | H ok |"
+    assert table[-1].startswith("Triton 3.9.0; compiled on Test CPU")

@@ -31,6 +31,10 @@ Kinds:
 - ``samples FILE``: ``benchmarks/train/samples.py``'s result: per charlm run its seed, steps,
   evaluations and bits per character, and its printed sample's share of ordinary characters
   and count of lines mostly table characters.
+- ``triton FILE``: ``python -m lstmkit.backends.triton_check``: per GPU target, cell and dtype,
+  at each hidden size, the modes the triton backend's rule chose and whether their kernels
+  compile without spills in a time loop, within shared memory and, for the barrier mode, with
+  every program resident.
 - ``curves DIR,DIR,...``: those runs' validation bits per character (else loss) at every
   evaluation step they share, one row a run.
 - ``compile FILE``: ``benchmarks/compile/compile_vs_eager.py``: compiled ÷ eager per cell,
@@ -465,6 +469,52 @@ def render_serve(path: str, root: Path) -> str:
     return markdown_table(header, rows, 1) + "\n\n" + sources([(path, result)])
 
 
+def _kernel_state(row: dict) -> str:
+    """What stands between a compiled kernel and a clean launch: nothing (``ok``), or its
+    failure, spills (in a kernel that loops over time), shared memory over a block's limit, or
+    a barrier launch whose programs are not all resident."""
+    if not row["compiled"]:
+        return "fails"
+    if row["programs_per_sm"] == 0 or not row["shared_fits"]:
+        return "shared"
+    if row["mode"] == "barrier" and not row["co_resident"]:
+        return "not resident"
+    if row["mode"] != "host" and row["spill_stores"]:
+        return "spills"
+    return "ok"
+
+
+def render_triton(path: str, root: Path) -> str:
+    """``python -m lstmkit.backends.triton_check``'s ``compile.json``: per target, cell and
+    dtype, at each hidden size, the modes the rule chose (R registers, B barrier, H host, over
+    the batch sizes) and what their kernels' compiled form says (``ok``, ``spills`` in a time
+    loop, ``fails`` to compile, ``shared`` memory over the limit, barrier ``not resident``)."""
+    result = load_result(root / path)
+    rows = result["rows"]
+    hidden = sorted({size[0] for r in rows for size in r["sizes"]})
+    states: dict[tuple, dict[int, set]] = {}
+    for r in rows:
+        key = (r["target"], r["cell"], r["dtype"])
+        for h in {size[0] for size in r["sizes"]}:
+            cell = states.setdefault(key, {}).setdefault(h, set())
+            cell.add((r["mode"][0].upper(), _kernel_state(r)))
+    table = []
+    for (target, cell, dtype), by_hidden in states.items():
+        entries = []
+        for h in hidden:
+            found = by_hidden.get(h, set())
+            modes = "".join(sorted({mode for mode, _ in found}))
+            problems = sorted({state for _, state in found} - {"ok"})
+            entries.append(f"{modes} {', '.join(problems) or 'ok'}" if found else "refused")
+        table.append([target, cell, dtype, *entries])
+    header = ["target", "cell", "dtype", *(f"H {h}" for h in hidden)]
+    triton = result["settings"]["triton"]
+    return (
+        markdown_table(header, table, 3 + len(hidden))
+        + f"\n\nTriton {triton}; compiled on {describe(result)}: `{path}`."
+    )
+
+
 RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "suite": render_suite,
     "variant": render_variant,
@@ -477,6 +527,7 @@ RENDERERS: dict[str, Callable[[str, Path], str]] = {
     "forecast": render_forecast,
     "runs": render_runs,
     "samples": render_samples,
+    "triton": render_triton,
 }
 
 

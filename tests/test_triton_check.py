@@ -1,0 +1,63 @@
+"""``python -m lstmkit.backends.triton_check``: the kernels the triton backend's rule chooses,
+compiled for a GPU this machine does not have, and the occupancy arithmetic on the result."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("triton")
+
+from lstmkit.backends import triton as backend
+from lstmkit.backends import triton_check as check
+
+H200 = check.TARGETS["sm_90"]
+
+
+def test_the_kernels_are_the_rules_choice():
+    kernels, programs = check.kernels_for("lstm", "fp32", 8, 1024, H200.sms)
+    plan = backend._plan(8, 1024, 1024, False, 4, H200.sms)
+    assert [k.kernel for k in kernels] == ["forward", "forward+save", "backward"]
+    assert {(k.mode, k.block_b, k.block_h, k.block_k) for k in kernels} == {
+        (plan.mode, plan.block_b, plan.block_h, plan.block_k)
+    }
+    assert programs == plan.slices  # one block of the batch
+    assert check.kernels_for("layernorm", "fp32", 8, 512, H200.sms) == ([], 0)  # refused
+
+
+@pytest.mark.parametrize(
+    ("registers", "shared", "warps", "expected"),
+    [
+        (255, 0, 8, 1),  # 255 x 256 threads: 65,280 of 65,536 registers
+        (128, 100 * 1024, 4, 2),  # registers allow 4, shared memory 2
+        (32, 0, 4, 16),  # warps: 64 / 4
+        (16, 0, 1, 32),  # the block limit
+        (200, 300 * 1024, 4, 0),  # more shared memory than an SM has
+    ],
+)
+def test_programs_per_sm(registers, shared, warps, expected):
+    assert check.programs_per_sm(H200, registers, shared, warps) == expected
+
+
+def test_a_host_mode_kernel_compiles_for_sm_90_and_reports_its_resources():
+    (forward, *_), programs = check.kernels_for("lstm", "fp32", 8, 1024, H200.sms)
+    result = check.compile_isolated(forward, H200, programs)
+    assert result["compiled"], result
+    assert 0 < result["registers"] <= 255 and result["spill_stores"] >= 0
+    per_sm = check.programs_per_sm(H200, result["registers"], result["shared"], 4)
+    assert result["programs_per_sm"] == per_sm >= 1 and result["co_resident"]
+
+
+def test_a_compiler_that_aborts_the_process_is_a_result(monkeypatch):
+    def abort(kernel, target, programs):
+        os.write(2, b"Assertion `x' failed.\n")
+        os.abort()
+
+    monkeypatch.setattr(check, "compile_one", abort)
+    (forward, *_), _ = check.kernels_for("lstm", "fp32", 8, 1024, H200.sms)
+    result = check.compile_isolated(forward, H200, 1)
+    assert result == {
+        "compiled": False,
+        "error": "the compiler died (exit -6): Assertion `x' failed.",
+    }
