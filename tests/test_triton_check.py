@@ -61,3 +61,15 @@ def test_a_compiler_that_aborts_the_process_is_a_result(monkeypatch):
         "compiled": False,
         "error": "the compiler died (exit -6): Assertion `x' failed.",
     }
+
+
+@pytest.mark.parametrize("cell", ["lstm", "layernorm"])
+def test_the_float32_backward_compiles_for_sm_90(cell):
+    """Its ``(BLOCK_B, 1)`` row mask once made LLVM's SLP vectorizer abort the process on
+    sm_90 with full-precision float32 products (benchmarks/gpu-compile)."""
+    kernels, programs = check.kernels_for(cell, "fp32", 8, 32, H200.sms)
+    backward = kernels[-1]
+    assert (backward.kernel, backward.mode) == ("backward", "registers")
+    result = check.compile_isolated(backward, H200, programs)
+    assert result["compiled"], result
+    assert result["spill_stores"] == 0

@@ -543,7 +543,10 @@ def lstm_backward(
             dh_prev += _dot(dz_f.to(dot_ty), w_f, acc_ty, PRECISION, UPCAST)
             dh_prev += _dot(dz_g.to(dot_ty), w_g, acc_ty, PRECISION, UPCAST)
             dh_prev += _dot(dz_o.to(dot_ty), w_o, acc_ty, PRECISION, UPCAST)
-            dh = tl.where(keep, dh_prev, dh)
+            # the mask spelled out to (BLOCK_B, BLOCK_OUT): with the (BLOCK_B, 1) one, LLVM's
+            # SLP vectorizer aborts on sm_90 when the products are full-precision float32
+            # (benchmarks/gpu-compile); padding columns keep their zeros either way
+            dh = tl.where(keep & col_ok[None, :], dh_prev, dh)
     if RECURRENT != "host":
         _put(dh_state, rows, cols, out_size, in_batch, col_ok, dh)
     _put(dc_state, rows, units, hidden, in_batch, unit_ok, dc)
