@@ -73,3 +73,12 @@ def test_the_float32_backward_compiles_for_sm_90(cell):
     result = check.compile_isolated(backward, H200, programs)
     assert result["compiled"], result
     assert result["spill_stores"] == 0
+
+
+def test_a_large_batch_backward_fits_shared_memory_on_sm_90():
+    """At B = 64 the backward once took 64-row tiles and asked 272 KB of shared memory, more
+    than the 227 KB a program may have: the launch would fail."""
+    kernels, programs = check.kernels_for("lstm", "fp32", 64, 64, H200.sms)
+    result = check.compile_isolated(kernels[-1], H200, programs)
+    assert result["compiled"], result
+    assert result["shared_fits"] and result["programs_per_sm"] >= 1 and result["co_resident"]

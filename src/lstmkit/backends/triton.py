@@ -59,6 +59,11 @@ AVAILABLE = importlib.util.find_spec("triton") is not None
 # Bytes of weights one program keeps on chip (registers / shared memory) for a whole launch.
 # Not measured yet (no GPU in the session that wrote this): benchmarks/gpu.py is the way to.
 ON_CHIP_BYTES = 96 * 1024
+# Rows of the batch per program: 16, the smallest side of tl.dot. Compiled for sm_90 and sm_80
+# (python -m lstmkit.backends.triton_check, benchmarks/gpu-compile), tiles of 64 rows spilled
+# in most kernels that loop over time and their backward asked for 186-402 KB of shared memory,
+# more than a program may have; at 16 rows neither.
+BLOCK_B = 16
 _GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NAMES = (*cells.NN_PARAMETERS, "weight_ch")
 KINDS = frozenset({"lstm", "peephole", "layernorm"})  # of the cells this backend runs
@@ -106,7 +111,7 @@ def _plan(batch: int, hidden: int, out_size: int, proj: bool, itemsize: int, pro
     """The :class:`Plan` of a layer, or ``None`` when it cannot run (a projection whose weights
     do not fit one program). ``itemsize``: bytes of a weight element; ``programs``: how many
     can be resident at once (the SM count)."""
-    block_b = min(64, _pow2(batch))
+    block_b = BLOCK_B
     block_k, block_all = _pow2(out_size), _pow2(hidden)
     if (4 + proj) * block_k * block_all * itemsize <= ON_CHIP_BYTES:
         return Plan(block_b, block_all, block_k, block_k, 1, "registers")

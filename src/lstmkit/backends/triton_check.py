@@ -16,6 +16,7 @@ It writes ``OUT/compile.json`` and ``OUT/compile.md`` (default ``benchmarks/gpu-
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import os
@@ -90,9 +91,26 @@ def kernels_for(cell: str, dtype: str, batch: int, hidden: int, sms: int) -> tup
     return kernels, -(-batch // plan.block_b) * plan.slices
 
 
+def _compilable():
+    """The kernel module as a GPU compiler takes it: the one imported, unless Triton's
+    interpreter defined it (a process that set ``TRITON_INTERPRET``, the test suite), then a
+    fresh copy defined with the interpreter off. Called in :func:`compile_isolated`'s child,
+    which may turn the interpreter off for itself."""
+    module = backend.kernels()
+    if not module.INTERPRETED:
+        return module
+    import triton
+
+    triton.knobs.runtime.interpret = False
+    spec = importlib.util.spec_from_file_location("lstmkit_compiled_kernels", module.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    return fresh
+
+
 def _signature(kernel: Kernel) -> tuple[object, dict[str, str], dict[str, object]]:
     """The Triton function, its argument types and its compile-time values."""
-    kernels = backend.kernels()
+    kernels = _compilable()
     dot = _TRITON_TYPES[DTYPES[kernel.dtype]]
     flags = {
         "BLOCK_B": kernel.block_b,
