@@ -16,6 +16,7 @@ It writes ``OUT/compile.json`` and ``OUT/compile.md`` (default ``benchmarks/gpu-
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib.util
 import itertools
 import json
@@ -232,6 +233,7 @@ def compile_isolated(kernel: Kernel, target: Target, programs: int) -> dict:
     with tempfile.TemporaryFile() as log:
 
         def child() -> None:
+            faulthandler.disable()  # an abort's report goes to the log, not a stream of its own
             os.dup2(log.fileno(), 2)
             send.send(compile_one(kernel, target, programs))
 
