@@ -82,3 +82,25 @@ def test_a_large_batch_backward_fits_shared_memory_on_sm_90():
     result = check.compile_isolated(kernels[-1], H200, programs)
     assert result["compiled"], result
     assert result["shared_fits"] and result["programs_per_sm"] >= 1 and result["co_resident"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--hidden", "0"], "argument --hidden: invalid positive int value: '0'"),
+        (["--cells", "gru"], "argument --cells: invalid choice: 'gru'"),
+    ],
+)
+def test_bad_arguments_are_refused_before_compiling(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        check.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_an_unwritable_out_is_one_line_before_compiling(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert check.main(["--out", str(tmp_path / "file" / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("triton_check: error: cannot write into --out")

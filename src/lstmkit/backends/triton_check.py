@@ -288,18 +288,40 @@ def table(rows: list[dict]) -> str:
     return markdown_table(header, lines, 7)
 
 
+def _size(text: str) -> int:
+    """A hidden or batch size from the command line: a positive int."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+_size.__name__ = "positive int"  # what argparse names in its one-line error
+
+
+def _fail(message: str) -> int:
+    print(f"triton_check: error: {message}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lstmkit.backends.triton_check")
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
-    parser.add_argument("--cells", nargs="+", default=sorted(backend.KINDS))
+    cells = sorted(backend.KINDS)
+    parser.add_argument("--cells", nargs="+", default=cells, choices=cells)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--hidden", nargs="+", type=int, default=list(HIDDEN))
-    parser.add_argument("--batch", nargs="+", type=int, default=list(BATCH))
+    parser.add_argument("--hidden", nargs="+", type=_size, default=list(HIDDEN))
+    parser.add_argument("--batch", nargs="+", type=_size, default=list(BATCH))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/gpu-compile"))
     args = parser.parse_args(argv)
     if not backend.AVAILABLE:
-        print("triton_check: error: the triton package is not installed", file=sys.stderr)
-        return 1
+        return _fail("the triton package is not installed (pip install triton)")
+    try:  # before minutes of compiling, not after
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return _fail(f"cannot write into --out {str(args.out)!r}: {error.strerror or error}")
+    if not os.access(args.out, os.W_OK):
+        return _fail(f"cannot write into --out {str(args.out)!r}: permission denied")
     import triton
 
     rows = []
@@ -314,7 +336,6 @@ def main(argv: list[str] | None = None) -> int:
         "triton": triton.__version__,
         "targets": {n: asdict(TARGETS[n]) for n in args.targets},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     info = {**machine.cpu_info(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     result = {"machine": info, "settings": settings, "rows": rows}
     (args.out / "compile.json").write_text(json.dumps(result, indent=1) + "\n")
