@@ -218,39 +218,11 @@ def test_bad_data_is_one_line_and_writes_nothing(case, csv_file, tmp_path, capsy
     assert not run.exists()
 
 
-def test_a_bad_value_names_its_line(csv_file, tmp_path, capsys):
+@pytest.mark.parametrize("value", ["", "nan"])
+def test_a_bad_value_names_its_line(value, csv_file, tmp_path, capsys):
     lines = csv_file.read_text().splitlines()
-    lines[7] = "2000-6,,x"  # an empty cell
+    lines[7] = f"2000-6,{value},x"  # an empty cell, or a number that is no value
     csv_file.write_text("\n".join(lines))
-    assert (
-        cli(
-            "train",
-            "--task",
-            "forecast",
-            "--data",
-            csv_file,
-            "--column",
-            "sales",
-            "--run-dir",
-            tmp_path / "run",
-        )
-        == 2
-    )
-    assert "holds '' at line 8" in capsys.readouterr().err
-    lines[7] = "2000-6,nan,x"
-    csv_file.write_text("\n".join(lines))
-    assert (
-        cli(
-            "train",
-            "--task",
-            "forecast",
-            "--data",
-            csv_file,
-            "--column",
-            "sales",
-            "--run-dir",
-            tmp_path / "run",
-        )
-        == 2
-    )
-    assert "holds 'nan' at line 8" in capsys.readouterr().err
+    argv = ["train", "--task", "forecast", "--data", csv_file, "--column", "sales"]
+    assert cli(*argv, "--run-dir", tmp_path / "run") == 2
+    assert f"holds {value!r} at line 8" in capsys.readouterr().err

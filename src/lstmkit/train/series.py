@@ -78,12 +78,18 @@ def _steps(horizon: int) -> Tensor:
     return torch.arange(1, horizon + 1)
 
 
+def _a_season_before(origins: Tensor, horizon: int, season: int) -> Tensor:
+    """``(origins, horizon)`` indices: for step ``h`` from origin ``o`` (value ``o + h - 1``),
+    the index a whole number of seasons earlier, the fewest that reach back before ``o``."""
+    steps = _steps(horizon)
+    back = season * torch.div(steps + season - 1, season, rounding_mode="floor")
+    return origins[:, None] + steps - 1 - back
+
+
 def seasonal_naive(series: Tensor, origins: Tensor, horizon: int, season: int) -> Tensor:
     """Each origin's forecast: the value a whole number of seasons before each step, the
     fewest seasons that reach back before the origin (``season`` 1 repeats the last value)."""
-    steps = _steps(horizon)
-    back = season * torch.div(steps + season - 1, season, rounding_mode="floor")
-    return series[origins[:, None] + steps - 1 - back]
+    return series[_a_season_before(origins, horizon, season)]
 
 
 def holt_winters(
@@ -126,8 +132,9 @@ def holt_winters(
     trend = torch.from_numpy(run.trend)[now]
     forecast = level + steps * trend
     if season > 1:
-        back = season * torch.div(steps - 1, season, rounding_mode="floor") + season
-        forecast = forecast + torch.from_numpy(run.season)[now + steps - back]
+        forecast = (
+            forecast + torch.from_numpy(run.season)[_a_season_before(origins, horizon, season)]
+        )
     return forecast
 
 

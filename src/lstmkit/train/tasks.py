@@ -612,11 +612,15 @@ class Forecast(Task):
         """Every origin whose horizon lies in ``[start, end)``."""
         return torch.arange(max(start, self.config.window), end - self.config.horizon + 1)
 
+    def ahead(self, origins: Tensor) -> Tensor:
+        """The ``(N, horizon)`` values from each origin on, in the series' units."""
+        return self.series[origins[:, None] + torch.arange(self.config.horizon)]
+
     def examples(self, origins: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Inputs ``(N, window, 1)`` and targets ``(N, horizon)`` on the model's scale, and
         each origin's last known value ``(N, 1)`` that both are relative to."""
         past = self.series[origins[:, None] + torch.arange(-self.config.window, 0)]
-        future = self.series[origins[:, None] + torch.arange(self.config.horizon)]
+        future = self.ahead(origins)
         last = past[:, -1:]
         inputs = ((past - last) / self.scale).float().unsqueeze(-1)
         return inputs, ((future - last) / self.scale).float(), last
@@ -641,8 +645,7 @@ class Forecast(Task):
         out = torch.cat(
             [y.float().cpu() for y, _ in _evaluate_batches(model, device, inputs, targets)]
         )
-        truth = self.series[origins[:, None] + torch.arange(self.config.horizon)]
-        return last + out.double() * self.scale, truth
+        return last + out.double() * self.scale, self.ahead(origins)
 
     def evaluate(self, model, device):
         predicted, truth = self.forecast(model, self.origins(self.val_start, self.test_start))
