@@ -207,22 +207,36 @@ def _schedule(sizes: Tensor, counters: Tensor, t0: int, t1: int, batch: int, w_h
     return sizes, counters, t0, t1, batch, w_hh.size(0) // 4, w_hh.size(1)
 
 
-def _blocks(
-    plan: Plan, x: Tensor, dot: torch.dtype, w_hr: Tensor | None, kind: str
-) -> dict[str, object]:
-    """The compile-time arguments both kernels take, and their warp count."""
+def _blocks(plan: Plan, precision: str, upcast: bool, proj: bool, kind: str) -> dict[str, object]:
+    """The compile-time arguments both kernels take, and their warp count
+    (``python -m lstmkit.backends.triton_check`` compiles the kernels with them too)."""
     return {
         "BLOCK_B": plan.block_b,
         "BLOCK_H": plan.block_h,
         "BLOCK_OUT": plan.block_out,
         "RECURRENT": plan.mode,
-        "PROJ": w_hr is not None,
+        "PROJ": proj,
         "PEEPHOLE": kind == "peephole",
         "LAYERNORM": kind == "layernorm",
-        "PRECISION": _precision(x, dot),
-        "UPCAST": _upcast(dot),
+        "PRECISION": precision,
+        "UPCAST": upcast,
         "num_warps": plan.num_warps,
     }
+
+
+def _forward_blocks(plan: Plan, has_bias: bool, training: bool) -> dict[str, object]:
+    """The compile-time arguments the forward kernel takes besides :func:`_blocks`'."""
+    return {
+        "BLOCK_K": plan.block_k,
+        "HAS_BIAS": has_bias,
+        "EPS": cells.LAYER_NORM_EPS,
+        "SAVE": training,
+    }
+
+
+def _backward_blocks(plan: Plan) -> dict[str, object]:
+    """The compile-time argument the backward kernel takes besides :func:`_blocks`'."""
+    return {"BLOCK_ALL": plan.block_k if plan.mode == "barrier" else plan.block_h}
 
 
 def _steps(plan: Plan, steps: int, backward: bool) -> list[tuple[int, int]]:
@@ -327,11 +341,8 @@ class TritonLSTM(torch.autograd.Function):
                 norms,
                 stats,
                 *_schedule(sizes, counters, t0, t1, batch, w_hh),
-                **_blocks(plan, x, dot, w_hr, kind),
-                BLOCK_K=plan.block_k,
-                HAS_BIAS=bias is not None,
-                EPS=cells.LAYER_NORM_EPS,
-                SAVE=training,
+                **_blocks(plan, _precision(x, dot), _upcast(dot), w_hr is not None, kind),
+                **_forward_blocks(plan, bias is not None, training),
             )
         ctx.plan, ctx.batch_sizes, ctx.has_bias, ctx.dot = plan, batch_sizes, b_ih is not None, dot
         ctx.kind, ctx.rerun = kind, rerun
@@ -391,8 +402,8 @@ class TritonLSTM(torch.autograd.Function):
                 dr,
                 dys,
                 *_schedule(sizes, counters, t0, t1, batch, w_hh),
-                **_blocks(plan, x, dot, w_hr, ctx.kind),
-                BLOCK_ALL=plan.block_k if plan.mode == "barrier" else plan.block_h,
+                **_blocks(plan, _precision(x, dot), _upcast(dot), w_hr is not None, ctx.kind),
+                **_backward_blocks(plan),
             )
             if plan.mode == "host":  # dh_{t-1} = dz_t W_hh on the rows still running at t
                 running = ctx.batch_sizes[t0] if ctx.batch_sizes else batch

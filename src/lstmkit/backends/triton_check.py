@@ -113,27 +113,21 @@ def _signature(kernel: Kernel) -> tuple[object, dict[str, str], dict[str, object
     """The Triton function, its argument types and its compile-time values."""
     kernels = _compilable()
     dot = _TRITON_TYPES[DTYPES[kernel.dtype]]
-    flags = {
-        "BLOCK_B": kernel.block_b,
-        "BLOCK_H": kernel.block_h,
-        "BLOCK_OUT": kernel.block_out,
-        "RECURRENT": kernel.mode,
-        "PROJ": False,
-        "PEEPHOLE": kernel.cell == "peephole",
-        "LAYERNORM": kernel.cell == "layernorm",
-        "PRECISION": "ieee",
-        "UPCAST": False,
-    }
+    # the backend's own compile-time arguments (a plan's slices do not reach them)
+    plan = backend.Plan(
+        kernel.block_b, kernel.block_h, kernel.block_k, kernel.block_out, 1, kernel.mode
+    )
+    flags = backend._blocks(plan, "ieee", False, False, kernel.cell)
+    del flags["num_warps"]  # an option of the launch, not an argument
     if kernel.kernel == "backward":
         fn = kernels.lstm_backward
-        flags["BLOCK_ALL"] = kernel.block_k if kernel.mode == "barrier" else kernel.block_h
+        flags |= backend._backward_blocks(plan)
         # the tensors the backend passes in the storage dtype of the products (dot) or of
         # the float32 accumulation
         in_dot = {"grad_out", "w_hh", "w_hr", "extra", "dz", "dr"}
     else:
         fn = kernels.lstm_forward
-        flags |= {"BLOCK_K": kernel.block_k, "HAS_BIAS": True, "EPS": 1e-5}
-        flags["SAVE"] = kernel.kernel == "forward+save"
+        flags |= backend._forward_blocks(plan, True, kernel.kernel == "forward+save")
         in_dot = {"xp", "w_hh", "w_hr", "extra", "h0", "out"}
     types = {}
     for name in fn.arg_names:
